@@ -1,0 +1,32 @@
+# Two set-up commands: `make demo` and `make test` (each installs first, into .venv).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= test
+
+.PHONY: install demo test test-all clean
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first (it lies on this machine's disk); the CUDA build is ~5 GB.
+	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.5,<2.15"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: install
+	rm -rf demo-out
+	$(BIN)/flowmap convert builtin:digits-sit --depth 4 --out demo-out/digits-dmf4
+	$(BIN)/flowmap sample demo-out/digits-dmf4 --nfe 4 --num-samples 100 --out demo-out/samples
+	@echo "sample grid: demo-out/samples/grid.png"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

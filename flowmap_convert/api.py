@@ -1,0 +1,35 @@
+"""The public functions behind the CLI: convert and load (sample, search_depth, finetune live in their modules)."""
+
+from __future__ import annotations
+
+from . import __version__
+from .config import check_depth
+from .errors import FlowmapError
+
+
+def load(source: str, **options):
+    """Load any supported source as a FlowMap in canonical convention (exported dir, Hub id, file, URL, builtin)."""
+    from .adapters import load_source
+
+    model, _ = load_source(str(source), **options)
+    return model.eval()
+
+
+def convert(source: str, depth: int | None = None, **options):
+    """Load `source` and rewire it as a decoupled flow map split at `depth` (default: 2/3 of the blocks)."""
+    from .adapters import load_source
+
+    model, info = load_source(str(source), **options)
+    n = model.config.num_blocks
+    if model.config.conditioning == "meanflow":
+        if depth is not None:
+            raise FlowmapError("this checkpoint is already a MeanFlow model with its own (t - r) embedder; drop --depth.")
+        return model.eval()
+    if depth is None:
+        depth = model.config.depth if model.config.conditioning == "decoupled" else max(1, round(2 * n / 3))
+    check_depth(depth, n)
+    out = model.with_depth(depth)
+    prov = dict(info)
+    prov["flowmap_version"] = __version__
+    out.config = out.config.replace(provenance=prov)
+    return out.eval()

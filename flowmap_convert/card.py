@@ -1,0 +1,61 @@
+"""Model cards (README.md) for exported flow maps."""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = False) -> str:
+    """A Hub-style model card: front matter, what the model is, how it was made, how to sample it."""
+    prov = cfg.provenance or {}
+    lines = [
+        "---",
+        "library_name: flowmap-convert",
+        "tags: [flow-map, meanflow, decoupled-meanflow]",
+        "---",
+        "",
+        f"# Flow map from `{prov.get('source', 'unknown source')}`",
+        "",
+    ]
+    if cfg.conditioning == "decoupled":
+        lines.append(
+            f"A decoupled flow map (Decoupled MeanFlow, arXiv 2510.24474): blocks 0..{cfg.depth - 1} see the current time t, "
+            f"blocks {cfg.depth}..{cfg.num_blocks - 1} and the head see the next time r. At r = t it returns the source velocity."
+        )
+    elif cfg.conditioning == "meanflow":
+        lines.append("A MeanFlow model (MF-RAE, arXiv 2511.13019) with an embedder of t - r.")
+    else:
+        lines.append("A base flow model (velocity field) in flowmap's canonical convention.")
+    lines += [
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| architecture | {cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_blocks} blocks, {cfg.num_heads} heads, patch {cfg.patch_size} |",
+        f"| input | {cfg.in_channels} x {cfg.input_size} x {cfg.input_size} ({cfg.latent.kind} latent space) |",
+        f"| classes | {cfg.num_classes} (null label {cfg.num_classes}) |",
+        f"| depth | {cfg.depth if cfg.depth is not None else '-'} |",
+    ]
+    for key in ("source", "revision", "file", "sha256", "weights", "family", "flowmap_version"):
+        if key in prov:
+            lines.append(f"| {key} | `{prov[key]}` |")
+    if cfg.training:
+        lines += ["", "## Training recipe", "", "```json"]
+        import json
+
+        lines += [json.dumps(cfg.training, indent=2, sort_keys=True), "```"]
+    if has_grid:
+        lines += ["", "## Samples", "", "![samples](grid.png)"]
+    if probes:
+        lines += ["", "## Probe results", "", probes]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "flowmap sample PATH_OR_REPO --nfe 1 --out samples/",
+        "```",
+        "",
+        "Convention: t = 1 is noise, t = 0 is data, x_t = (1 - t) x0 + t eps, x_r = x_t + (r - t) u(x_t, t, r).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""`flowmap` command line: a thin typer layer over the public API (parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import FlowmapError
+
+app = typer.Typer(
+    name="flowmap",
+    help="Convert pretrained flow-matching / diffusion transformers into few-step flow maps, fine-tune and sample them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """Print one clear line on stderr and exit with code 2 (user error)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def guarded(fn):
+    """Run a command body, turning user errors into a one-line message and exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlowmapError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def parse_int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+    """'1,2,4' -> [1, 2, 4]; a clear error otherwise."""
+    if text is None or text == "":
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise FlowmapError(f"{what} must be a comma-separated list of integers, got {text!r}.") from None
+
+
+# Options shared by every command that reads a source.
+SourceArg = Annotated[str, typer.Argument(help="Hub repo id (e.g. sihyun-yu/REPA), https:// URL, local file or directory, or builtin:NAME.")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
+FilenameOpt = Annotated[Optional[str], typer.Option("--filename", help="File inside the Hub repo (default: picked by pattern and printed).")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override family detection: repa, sit, dit, dmf, rae, mf-rae, flowmap.")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="Which weights of a training checkpoint: ema, model, or auto (ema when present).")]
+HeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads (default: from the hidden size).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow full pickle loading of .pt files (runs code from the file: only for files you trust).")]
+Sha256Opt = Annotated[Optional[str], typer.Option("--sha256", help="Expected sha256 of the downloaded file.")]
+
+
+def source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256) -> dict:
+    """Collect the shared source options into load_source keyword arguments."""
+    return dict(revision=revision, filename=filename, family=family, weights=weights, num_heads=num_heads, trust_pickle=trust_pickle, sha256=sha256)
+
+
+@app.command()
+@guarded
+def convert(
+    source: SourceArg = "builtin:digits-sit",
+    depth: Annotated[Optional[int], typer.Option("--depth", "-d", help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (config.json, model.safetensors, README.md).")] = Path("flowmap-out"),
+    revision: RevisionOpt = None,
+    filename: FilenameOpt = None,
+    family: FamilyOpt = None,
+    weights: WeightsOpt = "auto",
+    num_heads: HeadsOpt = None,
+    trust_pickle: TrustOpt = False,
+    sha256: Sha256Opt = None,
+):
+    """Convert a pretrained flow model into a decoupled flow map and export it.
+
+    Examples:
+
+      flowmap convert sihyun-yu/REPA --depth 20 --out repa-dmf20
+
+      flowmap convert builtin:digits-sit --depth 4 --out digits-d4
+
+      flowmap convert ./checkpoints/0400000.pt --weights ema --depth 18
+    """
+    from .api import convert as convert_fn
+    from .io import export
+
+    model = convert_fn(source, depth=depth, **source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256))
+    export(model, out)
+    cfg, prov = model.config, model.config.provenance
+    lines = [
+        f"family      {prov.get('family', '?')}",
+        f"parameters  {model.num_parameters():,}",
+        f"depth       {cfg.depth} of {cfg.num_blocks}: blocks 0..{cfg.depth - 1} see t, blocks {cfg.depth}..{cfg.num_blocks - 1} + head see r" if cfg.depth else f"conditioning {cfg.conditioning}",
+        f"weights     {prov.get('weights', '-')}",
+        f"source      {prov.get('source', source)}" + (f" @ {prov['revision']}" if prov.get("revision") else ""),
+        f"sha256      {prov.get('sha256', '-')}",
+        f"written     {out}",
+    ]
+    console.print("\n".join(lines), highlight=False)
+
+
+@app.command()
+@guarded
+def sample(
+    model: Annotated[str, typer.Argument(help="Exported flowmap directory, Hub id, checkpoint or builtin:NAME.")] = "builtin:digits-sit",
+    nfe: Annotated[int, typer.Option("--nfe", help="Network evaluations per sample (Heun: (nfe + 1) // 2 steps).")] = 1,
+    sampler: Annotated[str, typer.Option("--sampler", help="euler (flow-map jumps, or plain Euler for base models), heun, restart or ctm.")] = "euler",
+    gamma: Annotated[float, typer.Option("--gamma", help="CTM re-noising strength in [0, 1).")] = 0.0,
+    shift: Annotated[Optional[float], typer.Option("--shift", help="Time-grid shift t' = s t / (1 + (s - 1) t) (default: the model's).")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option("--cfg-scale", help="Classifier-free guidance scale (1 = off; default: the model's).")] = None,
+    guidance_low: Annotated[float, typer.Option("--guidance-low", help="Guide only where t >= this.")] = 0.0,
+    guidance_high: Annotated[float, typer.Option("--guidance-high", help="Guide only where t <= this.")] = 1.0,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="How many samples (default: one per listed class, else 16).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i).")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for PNGs, grid.png and samples.json.")] = Path("samples"),
+    npz: Annotated[bool, typer.Option("--npz", help="Also write an ADM-compatible samples.npz (arr_0: uint8 NHWC).")] = False,
+    no_png: Annotated[bool, typer.Option("--no-png", help="Skip the per-sample PNG files (grid.png is still written).")] = False,
+    family: FamilyOpt = None,
+    revision: RevisionOpt = None,
+):
+    """Sample images from a flow map (or a base flow model) in a few network evaluations.
+
+    Examples:
+
+      flowmap sample flowmap-out --nfe 1 --out samples
+
+      flowmap sample builtin:digits-sit --nfe 32 --sampler euler --num-samples 100 --npz
+
+      flowmap sample repa-dmf20 --nfe 4 --sampler ctm --gamma 0.3 --classes 207,360,387
+    """
+    import torch
+
+    from .api import load
+    from .export_samples import write_samples
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlowmapError(f"--device {device} was asked for but CUDA is not available; use --device cpu.")
+    net = load(model, family=family, revision=revision)
+    from .sample import sample as sample_fn
+
+    images, _, labels, settings = sample_fn(
+        net,
+        nfe=nfe,
+        classes=parse_int_list(classes, "--classes"),
+        num_samples=num_samples,
+        seed=seed,
+        sampler=sampler,
+        shift=shift,
+        cfg_scale=cfg_scale,
+        guidance_interval=(guidance_low, guidance_high),
+        gamma=gamma,
+        batch_size=batch_size,
+        device=device,
+        progress=sys.stderr.isatty(),
+        return_latents=True,
+    )
+    meta = {"model": model, **settings.to_dict(), "num_samples": len(images), "classes": labels.tolist()}
+    write_samples(images, out, meta, png=not no_png, npz=npz)
+    console.print(f"wrote {len(images)} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models in every convention, built in temp dirs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def tiny_config(**overrides):
+    """A 4-block DiT over 1x16x16 pixels with 10 classes and a null row."""
+    from flowmap_convert.config import LatentSpace, ModelConfig
+
+    base = dict(
+        input_size=16, in_channels=1, patch_size=2, hidden_size=64, num_blocks=4, num_heads=4, mlp_ratio=2.0,
+        num_classes=10, class_embed_rows=11,
+        latent=LatentSpace(kind="identity", channels=1, size=16, image_channels=1, image_size=16),
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def randomize(model, seed: int = 0, std: float = 0.05):
+    """Give every trainable weight random values so zero-init layers do not hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    from flowmap_convert.model import FlowMap
+
+    torch.manual_seed(0)
+    return randomize(FlowMap(tiny_config())).eval()

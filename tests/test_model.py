@@ -1,0 +1,73 @@
+"""The canonical FlowMap: the r = t invariant at every depth, decoupling, time handling, logvar head."""
+
+import pytest
+import torch
+
+from flowmap_convert.errors import FlowmapError
+from flowmap_convert.model import FlowMap
+
+from conftest import randomize, tiny_config
+
+
+def test_r_equals_t_is_the_velocity_at_every_depth(tiny_model):
+    x, t, y = torch.randn(5, 1, 16, 16), torch.rand(5), torch.tensor([0, 3, 9, 10, 4])
+    v = tiny_model.velocity(x, t, y)
+    for depth in range(1, 5):
+        u = tiny_model.with_depth(depth)(x, t, t, y)
+        assert (u - v).abs().max().item() <= 1e-5
+
+
+def test_decoder_sees_r_and_encoder_sees_t(tiny_model):
+    x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    t, r = torch.full((2,), 0.8), torch.full((2,), 0.3)
+    fm2 = tiny_model.with_depth(2)
+    # Reference computed by hand from the blocks: encoder blocks on c(t), the rest and the head on c(r).
+    net = tiny_model.net
+    h = net.x_embedder(x) + net.pos_embed
+    ct, cr = net.cond(t, y), net.cond(r, y)
+    for i, blk in enumerate(net.blocks):
+        h = blk(h, ct if i < 2 else cr)
+    ref = net.unpatchify(net.final_layer(h, cr))
+    assert torch.allclose(fm2(x, t, r, y), ref, atol=1e-6)
+    # depth N: only the head sees r, so the output differs from the velocity but the blocks do not.
+    assert not torch.allclose(tiny_model.with_depth(4)(x, t, r, y), tiny_model.velocity(x, t, y))
+
+
+def test_with_depth_shares_weights_and_rejects_bad_depths(tiny_model):
+    fm = tiny_model.with_depth(3)
+    assert fm.net is tiny_model.net
+    for bad in (0, 5, -1):
+        with pytest.raises(FlowmapError, match="out of range"):
+            tiny_model.with_depth(bad)
+
+
+def test_time_shapes_are_normalised(tiny_model):
+    x, y = torch.randn(3, 1, 16, 16), torch.tensor([1, 2, 3])
+    a = tiny_model(x, 0.5, 0.25, y)
+    b = tiny_model(x, torch.full((3, 1, 1, 1), 0.5), torch.full((3,), 0.25), y)
+    assert torch.equal(a, b)
+    with pytest.raises(FlowmapError, match="times"):
+        tiny_model(x, torch.rand(2), None, y)
+
+
+def test_reversed_convention_flips_time_and_sign():
+    canon = randomize(FlowMap(tiny_config()))
+    rev = FlowMap(tiny_config(time_convention="reversed"))
+    rev.load_state_dict(canon.state_dict())
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([0.2, 0.7]), torch.tensor([1, 5])
+    assert torch.allclose(rev.velocity(x, t, y), -canon.velocity(x, 1 - t, y))
+
+
+def test_logvar_head_is_zero_initialised_and_depends_on_t_and_r():
+    m = FlowMap(tiny_config(logvar=True))
+    t, r = torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.5])
+    assert torch.equal(m.logvar(t, r), torch.zeros(2, 1, 1, 1))
+    torch.nn.init.normal_(m.logvar_linear.weight)
+    lv = m.logvar(t, r)
+    assert lv.shape == (2, 1, 1, 1) and lv[0] != lv[1]
+
+
+def test_unconditional_needs_a_null_row():
+    m = FlowMap(tiny_config(class_embed_rows=10))
+    with pytest.raises(FlowmapError, match="null-class"):
+        m(torch.randn(1, 1, 16, 16), 0.5)
