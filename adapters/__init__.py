@@ -1,7 +1,12 @@
 """Source adapters: resolve a source, read it safely, detect its family and build a canonical FlowMap.
 
-`load_source(source, ...)` is the single entry point; it returns `(model, info)` where `model` is a base
-FlowMap (or an already-decoupled one for DMF / exported sources) and `info` is the provenance dict.
+Pipeline (DESIGN.md): resolve -> download/cache -> read state dict safely -> detect family -> build -> load strictly.
+`load_source(source, ...)` is the single entry point and returns `(model, info)`: `model` is a FlowMap in the
+canonical convention (a base velocity model, or already a flow map for DMF / MF-RAE / exported sources) and
+`info` its provenance (source, revision, file, sha256, weights, family).
+
+Family modules register themselves in FAMILIES with `@register("name")` on a class providing
+`detect(sd) -> bool` (from keys and shapes alone) and `build(sd, options) -> FlowMap`.
 """
 
 from __future__ import annotations
@@ -9,9 +14,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FlowmapError
-from ..io import is_model_dir, read_model_dir, sha256_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+FAMILIES: dict[str, object] = {}
+# Order matters for detection: more specific families first (e.g. dmf before repa before sit).
+DETECTION_ORDER: list[str] = []
+
+
+def register(name: str):
+    """Class decorator adding a family adapter to the registry under `name`."""
+
+    def deco(cls):
+        FAMILIES[name] = cls()
+        if name not in DETECTION_ORDER:
+            DETECTION_ORDER.append(name)
+        return cls
+
+    return deco
 
 
 def builtin_path(name: str) -> Path:
@@ -25,6 +44,8 @@ def builtin_path(name: str) -> Path:
 
 def load_source(source: str, **options):
     """Build a FlowMap from an exported directory or a builtin model (other families: see the adapter modules)."""
+    from ..io import is_model_dir, read_model_dir, sha256_file
+
     path = builtin_path(source.split(":", 1)[1]) if source.startswith("builtin:") else Path(source)
     if path.is_dir() and is_model_dir(path):
         model = read_model_dir(path)
