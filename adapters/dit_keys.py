@@ -119,6 +119,16 @@ def infer_dit_config(sd: dict[str, torch.Tensor], options: dict[str, Any], args:
     )
 
 
+def check_linear_velocity(args: dict[str, Any], family: str) -> None:
+    """Refuse training args that say the model is not a linear-path velocity model (cosine/GVP/VP paths, eps/score)."""
+    path = str(args.get("path_type", "linear") or "linear").lower()
+    pred = str(args.get("prediction", "v") or "v").lower()
+    if path != "linear":
+        raise FlowmapError(f"this {family} checkpoint was trained on the {path!r} path; flowmap converts linear-path models only (x_t = (1 - t) x0 + t eps).")
+    if pred not in ("v", "velocity"):
+        raise FlowmapError(f"this {family} checkpoint predicts {pred!r}, not a velocity; flowmap converts velocity-prediction models only.")
+
+
 def latent_for(channels: int, input_size: int) -> LatentSpace:
     """SD-VAE latents for 4-channel ImageNet models (REFERENCE §8); pixels otherwise."""
     if channels == 4:

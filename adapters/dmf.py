@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import check_depth
 from . import note, register
-from .dit_keys import build_and_load, has_dit_keys, infer_dit_config
+from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config
 
 RELEASED_DEPTH = {(1152, 28): 20}  # (hidden, blocks) -> dmf_depth of the released DMF-XL/2 models
 
@@ -40,6 +40,7 @@ class DmfFamily:
     def build(self, sd, options):
         """Decoupled FlowMap at the requested (or default) depth."""
         args = options.get("args") or {}
+        check_linear_velocity(args, "DMF")
         fields = infer_dit_config(sd, options, args)
         depth = options.get("depth")
         if depth is None:

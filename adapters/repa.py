@@ -11,7 +11,7 @@ import re
 
 from ..errors import FlowmapError
 from . import note, register
-from .dit_keys import build_and_load, has_dit_keys, infer_dit_config, is_learn_sigma
+from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config, is_learn_sigma
 
 LEGACY_RE = re.compile(r"^decoder_blocks\.(\d+)\.(.*)$")
 
@@ -54,11 +54,12 @@ class RepaFamily:
     def hint(self, meta) -> bool:
         """REPA training args (encoder, projection loss) or a file named after REPA."""
         args = meta.get("args") or {}
-        return any(k in args for k in ("enc_type", "proj_coeff", "encoder_depth")) or "repa" in meta.get("name", "").lower()
+        return any(k in args for k in ("enc_type", "proj_coeff", "encoder_depth", "repa_depth")) or "repa" in meta.get("name", "").lower()
 
     def build(self, sd, options):
         """Drop projectors, undo legacy naming, infer the architecture and load strictly."""
         args = options.get("args") or {}
+        check_linear_velocity(args, "REPA")
         sd = drop_projectors(sd)
         enc = options.get("encoder_depth") or args.get("encoder_depth")
         sd = rename_legacy(sd, int(enc) if enc is not None else None)

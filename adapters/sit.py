@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from . import register
-from .dit_keys import build_and_load, has_dit_keys, infer_dit_config
+from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config
 
 RELEASE_RE = re.compile(r"SiT-(S|B|L|XL)-\d+-\d+x\d+")  # released file names, e.g. SiT-XL-2-256x256.pt
 
@@ -37,5 +37,6 @@ class SitFamily:
 
     def build(self, sd, options):
         """Infer the architecture and load strictly; forward translates time and sign."""
+        check_linear_velocity(options.get("args") or {}, "SiT")
         fields = infer_dit_config(sd, options, options.get("args"))
         return build_and_load({**fields, "time_convention": "reversed"}, sd, options.get("what", "SiT checkpoint"))

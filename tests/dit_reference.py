@@ -33,8 +33,8 @@ def _cond(sd, t_src, y):
 
 
 def _qk_norm(sd, prefix, q, kind):
-    if kind == "layernorm":  # timm LayerNorm over the head dim
-        return F.layer_norm(q, q.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps=1e-6)
+    if kind == "layernorm":  # timm Attention's default norm_layer nn.LayerNorm over the head dim: eps 1e-5
+        return F.layer_norm(q, q.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps=1e-5)
     if kind == "rms":  # DMF RMSNorm: x * rsqrt(mean x^2 + eps) * scale
         return q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * sd[prefix + ".scale"]
     return q

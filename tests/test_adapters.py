@@ -232,3 +232,13 @@ def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path, mon
     model, info = load_source(save_pt(sd, tmp_path / "SiT-B-2-256x256.pt"), num_heads=4)
     assert info["family"] == "sit"
     assert adapters.choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "fake-dit"
+
+
+def test_non_linear_or_non_velocity_training_args_are_refused(tmp_path):
+    sd = make_sd(seed=15)
+    cosine = save_pt({"ema": sd, "args": argparse.Namespace(enc_type="dinov2-vit-b", path_type="cosine")}, tmp_path / "cos.pt")
+    with pytest.raises(FlowmapError, match="'cosine' path"):
+        load_source(cosine, num_heads=4)
+    noise = save_pt({"ema": sd, "args": argparse.Namespace(model="SiT-B/2", path_type="Linear", prediction="noise")}, tmp_path / "eps.pt")
+    with pytest.raises(FlowmapError, match="predicts 'noise'"):
+        load_source(noise, num_heads=4)
