@@ -174,3 +174,46 @@ def test_plain_http_is_refused_without_the_test_switch(monkeypatch):
         resolve("http://127.0.0.1:1/x.pt")
     with pytest.raises(FlowmapError, match="use an https"):
         resolve("ftp://example.org/x.pt")
+
+
+def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_path, monkeypatch):
+    """The hook the diffusers-style families use: claims_layout (Hub file list) + claims_dir/build_dir (local dir)."""
+    from safetensors.torch import load_file, save_file
+
+    from flowmap_convert import adapters
+
+    seen = {}
+
+    class FakeDiffusers:
+        def detect(self, sd):
+            return False
+
+        def claims_layout(self, files):
+            return ["transformer/*", "model_index.json"] if "model_index.json" in files else None
+
+        def claims_dir(self, path):
+            return (path / "model_index.json").is_file() and (path / "transformer").is_dir()
+
+        def build_dir(self, path, options):
+            seen["path"] = path
+            sd = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+            return adapters.FAMILIES["repa"].build(sd, {"num_heads": 4}), "plain"
+
+    monkeypatch.setitem(adapters.FAMILIES, "fake-diffusers", FakeDiffusers())
+    monkeypatch.setattr(adapters, "DETECTION_ORDER", [*adapters.DETECTION_ORDER, "fake-diffusers"])
+    sd = make_sd(seed=40)
+    local = tmp_path / "pipe"
+    (local / "transformer").mkdir(parents=True)
+    (local / "model_index.json").write_text("{}")
+    save_file(sd, str(local / "transformer" / "diffusion_pytorch_model.safetensors"))
+    model, info = load_source(str(local))
+    assert info["family"] == "fake-diffusers" and velocity_matches(model, sd)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    add_snapshot(hub[0], "acme/pipe", COMMIT_A, {
+        "model_index.json": b"{}",
+        "transformer/diffusion_pytorch_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+        "vae/diffusion_pytorch_model.safetensors": b"not needed",
+    })
+    model, info = load_source("acme/pipe")
+    assert info["family"] == "fake-diffusers" and info["revision"] == COMMIT_A and velocity_matches(model, sd)
+    assert COMMIT_A in str(seen["path"])
