@@ -15,6 +15,7 @@ import torch
 from ..config import LatentSpace
 from ..dit import SIZES, heads_for_hidden
 from ..errors import FlowmapError
+from . import note
 
 REQUIRED = (
     "x_embedder.proj.weight",
@@ -117,6 +118,14 @@ def infer_dit_config(sd: dict[str, torch.Tensor], options: dict[str, Any], args:
         qk_norm=qk_norm,
         latent=latent_for(channels, input_size),
     )
+
+
+def drop_projectors(sd: dict) -> dict:
+    """Remove REPA's projector MLPs (training-only heads aligned with DINOv2 features)."""
+    dropped = [k for k in sd if k.startswith("projectors.")]
+    if dropped:
+        note(f"dropped {len(dropped)} REPA projector tensors (projectors.*): they are training-only alignment heads")
+    return {k: v for k, v in sd.items() if not k.startswith("projectors.")}
 
 
 def check_linear_velocity(args: dict[str, Any], family: str) -> None:
