@@ -252,3 +252,10 @@ def test_connection_errors_read_as_network_problems():
     from flowmap_convert.adapters.sources import _hub_error
 
     assert "cannot reach the Hugging Face Hub" in str(_hub_error(ConnectionError("down"), "acme/repo", None, None))
+
+
+def test_alias_family_must_match_the_weights(hub, monkeypatch):
+    cache, sds = hub
+    add_snapshot(cache, "kyungmnlee/DMF", COMMIT_B, {"dmf_xl_2_256.pt": pt_bytes(make_sd(seed=41, learn_sigma=True))}, refs=("other",))
+    with pytest.raises(FlowmapError, match="does not look like a dmf checkpoint.*sit"):
+        load_source("kyungmnlee/DMF", revision="other", num_heads=4)
