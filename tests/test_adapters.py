@@ -260,3 +260,15 @@ def test_dmf_refuses_a_learn_sigma_head_and_detection_order_is_specific_first(tm
     path = save_pt(make_sd(learn_sigma=True, logvar=True, seed=16), tmp_path / "dmf_sigma.pt")
     with pytest.raises(FlowmapError, match="learn_sigma head"):
         load_source(path, num_heads=4)
+
+
+def test_half_precision_files_load_as_fp32_and_frozen_tables_stay_frozen(tmp_path):
+    sd = make_sd(seed=17)
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in sd.items()}, str(path))
+    model, _ = load_source(str(path), num_heads=4)
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
+    assert not model.net.pos_embed.requires_grad and model.net.blocks[0].attn.qkv.weight.requires_grad
+    x, t, y = inputs()
+    ref = ref_forward({k: v.half().float() for k, v in sd.items()}, x, t, y, heads=4)
+    assert maxerr(model.velocity(x, t, y), ref) <= TOL
