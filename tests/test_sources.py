@@ -259,3 +259,14 @@ def test_alias_family_must_match_the_weights(hub, monkeypatch):
     add_snapshot(cache, "kyungmnlee/DMF", COMMIT_B, {"dmf_xl_2_256.pt": pt_bytes(make_sd(seed=41, learn_sigma=True))}, refs=("other",))
     with pytest.raises(FlowmapError, match="does not look like a dmf checkpoint.*sit"):
         load_source("kyungmnlee/DMF", revision="other", num_heads=4)
+
+
+def test_an_exported_flowmap_on_the_hub_loads_with_its_depth(hub, tmp_path):
+    import flowmap_convert as fm
+    from flowmap_convert.io import export
+
+    cache, sds = hub
+    out = export(fm.convert(str(resolve("acme/tiny-sit", filename="model.pt").path), depth=2, num_heads=4), tmp_path / "exp")
+    add_snapshot(cache, "acme/exported", COMMIT_A, {p.name: p.read_bytes() for p in out.iterdir()})
+    model, info = load_source("acme/exported")
+    assert info["family"] == "flowmap" and model.config.depth == 2 and velocity_matches(model, sds["v2"])
