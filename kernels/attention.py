@@ -149,6 +149,19 @@ def _recompute_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return sdpa_attention(q, k, v, scale)
 
 
+# Dispatch keys through which torch.func wraps every tensor op, factories included.
+_FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.FuncTorchDynamicLayerBackMode
+)
+
+
+def _plain(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Strip torch.func wrappers (they have no storage a Triton kernel could read); the data is shared."""
+    while x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x
+
+
 class AttentionWithJVP(torch.autograd.Function):
     """SDPA forward/backward plus a fused Triton forward-mode rule; the tangent is stop-gradient."""
 
@@ -170,9 +183,11 @@ class AttentionWithJVP(torch.autograd.Function):
         """Output tangent from the Triton kernel, reusing the forward's O (skips one P V product)."""
         from .triton_jvp import attention_fwd_jvp
 
-        q, k, v, o = ctx.saved_tensors
-        with torch.no_grad():  # stop-gradient: the tangent is never differentiated
-            _, t = attention_fwd_jvp(q, k, v, tq, tk, tv, scale=ctx.scale, out=o)
+        q, k, v, o = (_plain(x) for x in ctx.saved_tensors)
+        # Stop-gradient: the tangent is never differentiated. Functorch's layers are
+        # switched off so the kernel's output buffers are plain tensors too.
+        with torch.no_grad(), torch._C._ExcludeDispatchKeyGuard(_FUNCTORCH_KEYS):
+            _, t = attention_fwd_jvp(q, k, v, _plain(tq), _plain(tk), _plain(tv), scale=ctx.scale, out=o)
         return t
 
     @staticmethod
