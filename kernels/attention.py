@@ -63,8 +63,10 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    """Whether Triton's CPU interpreter is requested (same rule as the kernel module)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether triton runs in its CPU interpreter in this process (fixed when triton is first imported)."""
+    from .triton_jvp import interpreting
+
+    return interpreting()
 
 
 def resolve_backend(backend: str | None = None, device: torch.device | str = "cpu", has_tangent: bool = False) -> str:
@@ -222,8 +224,7 @@ def attention(
     if not triton_available():
         raise RuntimeError("attention backend 'triton' needs the triton package; install it or use backend='math'.")
     if not q.is_cuda and not _interpreting():
-        raise RuntimeError(
-            f"attention backend 'triton' needs CUDA tensors (got {q.device.type}); "
-            "set TRITON_INTERPRET=1 to run it in Triton's CPU interpreter, or use backend='math'."
-        )
+        from .triton_jvp import check_triton_usable
+
+        check_triton_usable(q.device)  # raises, naming TRITON_INTERPRET
     return AttentionWithJVP.apply(q, k, v, scale)

@@ -21,11 +21,11 @@ ever stored, so memory is linear in the sequence length.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 # Interpreter launches use one small tile so CPU tests stay fast.
 _INTERPRET_BLOCK_M = 32
@@ -33,8 +33,13 @@ _INTERPRET_BLOCK_N = 32
 
 
 def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is requested (env TRITON_INTERPRET, read now)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether triton runs in its CPU interpreter in this process.
+
+    Triton fixes the mode when it is first imported: ``triton.language``'s own jitted
+    helpers (tl.sum, tl.max, ...) are built then from env TRITON_INTERPRET, so that
+    variable must be set before ``import triton``; changing it later has no effect.
+    """
+    return isinstance(tl.sum, InterpretedFunction)
 
 
 def _attn_fwd_jvp_kernel(
@@ -153,22 +158,23 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_KERNELS: dict[str, object] = {}
+_KERNELS: dict[bool, object] = {}
 
 
 def _kernel(interpret: bool):
-    """The jitted kernel for this mode, built lazily: triton.jit reads TRITON_INTERPRET when it decorates."""
-    mode = "interpret" if interpret else "compiled"
-    if mode not in _KERNELS:
-        jitted = triton.jit(_attn_fwd_jvp_kernel)
+    """The jitted kernel for triton's mode, built on first use in that same mode."""
+    if interpret not in _KERNELS:
+        with triton.knobs.runtime.scope():  # triton.jit reads this knob when it decorates
+            triton.knobs.runtime.interpret = interpret
+            jitted = triton.jit(_attn_fwd_jvp_kernel)
         if not interpret:  # autotuning under the interpreter would run every config on the CPU
             jitted = triton.autotune(
                 configs=_autotune_configs(),
                 key=["L_Q", "L_K", "D_PAD", "HAS_O"],
                 prune_configs_by={"early_config_prune": _prune_configs},
             )(jitted)
-        _KERNELS[mode] = jitted
-    return _KERNELS[mode]
+        _KERNELS[interpret] = jitted
+    return _KERNELS[interpret]
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +194,8 @@ def check_triton_usable(device: torch.device) -> None:
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"attention backend 'triton' needs CUDA tensors (got {device.type}); "
-            "set TRITON_INTERPRET=1 to run it in Triton's CPU interpreter, or use backend='math'."
+            "set TRITON_INTERPRET=1 before triton is first imported to run it in Triton's CPU interpreter, "
+            "or use backend='math'."
         )
 
 
