@@ -91,9 +91,11 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
 def describe(backend: str | None = None, device: torch.device | str | None = None) -> str:
     """One line for --dry-run logs saying which implementation runs, with and without a tangent."""
     name = _check_backend(backend or _default_backend)
-    devices = [torch.device(device)] if device is not None else (
-        [torch.device("cuda"), torch.device("cpu")] if name == "auto" else [torch.device("cuda" if name == "triton" else "cpu")]
-    )
+    if device is None and name in ("math", "sdpa"):
+        return f"attention[{name}]: {name}"
+    if device is None and name == "triton":
+        return "attention[triton]: triton-jvp (tangent) / sdpa (no tangent)"
+    devices = [torch.device(device)] if device is not None else [torch.device("cuda"), torch.device("cpu")]
     parts = []
     for dev in devices:
         with_t = resolve_backend(name, dev, has_tangent=True)

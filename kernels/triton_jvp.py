@@ -21,15 +21,18 @@ ever stored, so memory is linear in the sequence length.
 """
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-# Interpreter launches use one small tile so CPU tests stay fast.
+# Interpreter launches use one small tile so CPU tests stay fast (autotuning there
+# would run every config on the CPU); compiled launches without autotuning use FIXED.
 _INTERPRET_BLOCK_M = 32
 _INTERPRET_BLOCK_N = 32
+_FIXED = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 def interpreting() -> bool:
@@ -158,23 +161,33 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_KERNELS: dict[bool, object] = {}
+_KERNELS: dict[str, object] = {}
 
 
 def _kernel(interpret: bool):
     """The jitted kernel for triton's mode, built on first use in that same mode."""
-    if interpret not in _KERNELS:
+    mode = "interpret" if interpret else "compiled"
+    if mode not in _KERNELS:
         with triton.knobs.runtime.scope():  # triton.jit reads this knob when it decorates
             triton.knobs.runtime.interpret = interpret
-            jitted = triton.jit(_attn_fwd_jvp_kernel)
-        if not interpret:  # autotuning under the interpreter would run every config on the CPU
-            jitted = triton.autotune(
-                configs=_autotune_configs(),
-                key=["L_Q", "L_K", "D_PAD", "HAS_O"],
-                prune_configs_by={"early_config_prune": _prune_configs},
-            )(jitted)
-        _KERNELS[interpret] = jitted
-    return _KERNELS[interpret]
+            _KERNELS[mode] = triton.jit(_attn_fwd_jvp_kernel)
+    return _KERNELS[mode]
+
+
+def _autotuned_kernel():
+    """The compiled kernel behind an autotuner keyed on (L_Q, L_K, D_PAD, HAS_O) and the input dtype."""
+    if "autotuned" not in _KERNELS:
+        _KERNELS["autotuned"] = triton.autotune(
+            configs=_autotune_configs(),
+            key=["L_Q", "L_K", "D_PAD", "HAS_O"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+        )(_kernel(False))
+    return _KERNELS["autotuned"]
+
+
+def autotune_enabled() -> bool:
+    """Autotune compiled launches unless env FLOWMAP_TRITON_AUTOTUNE=0 (tests use one fixed config)."""
+    return os.environ.get("FLOWMAP_TRITON_AUTOTUNE", "1").strip() != "0"
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -240,12 +253,15 @@ def attention_fwd_jvp(
         H, L_Q, L_K, D, scale,
     )
     consts = dict(D_PAD=d_pad, HAS_O=has_o, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    kernel = _kernel(interpret)
     if interpret:
         grid = (triton.cdiv(L_Q, _INTERPRET_BLOCK_M), B * H)
-        kernel[grid](*args, **consts, BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
-    else:
+        _kernel(True)[grid](*args, **consts, BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
+    elif autotune_enabled():
         with torch.cuda.device(q.device):
             grid = lambda meta: (triton.cdiv(L_Q, meta["BLOCK_M"]), B * H)  # noqa: E731
-            kernel[grid](*args, **consts)
+            _autotuned_kernel()[grid](*args, **consts)
+    else:
+        with torch.cuda.device(q.device):
+            grid = (triton.cdiv(L_Q, _FIXED["BLOCK_M"]), B * H)
+            _kernel(False)[grid](*args, **consts, **_FIXED)
     return o, t_out

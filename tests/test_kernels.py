@@ -16,6 +16,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton` (see above)
+os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "0")  # one fixed config on CUDA; the bf16 test re-enables it
 
 import pytest  # noqa: E402
 from torch.autograd import forward_ad as fwAD  # noqa: E402
@@ -278,7 +279,8 @@ def test_default_backend_setter_and_describe():
     if triton_available():
         assert describe("auto") == "attention[auto]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent) / math (CPU)"
     assert describe("auto", device="cpu") == "attention[auto]: math (CPU)"
-    assert describe("math") == "attention[math]: math (CPU)"
+    assert describe("math") == "attention[math]: math"
+    assert describe("triton", device="cuda") == "attention[triton]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent)"
 
 
 def test_default_backend_from_environment():
@@ -299,6 +301,15 @@ def test_bad_shapes_are_rejected():
         attention(x, x, x)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA exit path")
+def test_benchmark_exits_2_without_cuda():
+    """benchmarks/attention_jvp.py ends with one line on stderr and exit code 2 when there is no GPU."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "attention_jvp.py")
+    out = subprocess.run([sys.executable, script, "--out", os.devnull], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in out.stderr
+
+
 # ---------------------------------------------------------------- CUDA
 
 
@@ -306,8 +317,9 @@ def test_bad_shapes_are_rejected():
 @pytest.mark.skipif(not (HAS_CUDA and triton_available()), reason="needs CUDA and triton")
 @pytest.mark.parametrize("D", [64, 72, 128])
 @pytest.mark.parametrize("L", [7, 65, 1024])
-def test_cuda_bf16_meanflow_pattern(D, L):
-    """Compiled kernel in bf16 on CUDA: the same MeanFlow-pattern check, through backend auto."""
+def test_cuda_bf16_meanflow_pattern(monkeypatch, D, L):
+    """Compiled, autotuned kernel in bf16 on CUDA: the same MeanFlow-pattern check, through backend auto."""
+    monkeypatch.setenv("FLOWMAP_TRITON_AUTOTUNE", "1")
     xs, ref = make_inputs(torch.bfloat16, L, D, B=2, H=2, device="cuda")
     g = torch.Generator().manual_seed(1)
     w_o, w_t = (torch.randn(ref[0].shape, generator=g, dtype=torch.float64) for _ in range(2))
