@@ -213,7 +213,12 @@ def attention(
     backend: str | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Non-causal attention of (B, H, L, D) tensors; backend None uses the module default (see set_default_backend)."""
+    """Non-causal attention of (B, H, L, D) tensors; backend None uses the module default (see set_default_backend).
+
+    Works under torch.func.jvp and torch.autograd.forward_ad on every backend but
+    'sdpa'. With 'triton' (and 'auto' on CUDA) the tangent is stop-gradient; see the
+    module docstring.
+    """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects (B, H, L, D) tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     name = _check_backend(backend or _default_backend)

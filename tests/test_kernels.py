@@ -195,6 +195,15 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error():
     assert "TRITON_INTERPRET=1" in out.stderr
 
 
+@needs_triton
+@pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="interpreter-only limitation")
+def test_interpreter_refuses_bf16():
+    """The interpreter has no bf16 tl.dot: a clear error instead of wrong numbers."""
+    xs, _ = make_inputs(torch.bfloat16, 7, 64)
+    with pytest.raises(RuntimeError, match="no bf16 tl.dot"):
+        torch.func.jvp(lambda a: attention(a, xs[1], xs[2], backend="triton"), (xs[0],), (xs[3],))
+
+
 # ---------------------------------------------------------------- math and sdpa backends
 
 
