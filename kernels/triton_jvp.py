@@ -59,14 +59,15 @@ def _attn_fwd_jvp_kernel(
     scale,  # softmax scale
     D_PAD: tl.constexpr,  # head dim padded to a power of two (tl.arange needs it)
     HAS_O: tl.constexpr,  # O is given (from the primal forward): skip the P V product
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" is unused for half types
+    DOT_PRECISION: tl.constexpr,  # "ieee" keeps fp32 inputs exact (no TF32); ignored for fp16/bf16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """One program: BLOCK_M query rows of one (batch, head), streaming every key block once."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit base offsets: B*H*L*D may exceed 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, D_PAD)
