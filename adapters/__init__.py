@@ -133,6 +133,8 @@ def load_source(source: str, **options):
     build_opts = {**options, "args": ckpt.args, "what": str(path)}
     model = FAMILIES[name].build(ckpt.state_dict, build_opts)
     info = {**res.info, "weights": ckpt.weights, "family": name}
+    if ckpt.steps is not None:
+        info["train_steps"] = ckpt.steps
     model.config = model.config.replace(provenance=info)
     return model, info
 

@@ -55,7 +55,7 @@ def test_repa_training_dict_with_namespace_projectors_and_layernorm_qk(tmp_path,
     model, info = load_source(path, num_heads=4)
     err = capsys.readouterr().err
     assert "projectors" in err and "family repa" in err and "weights: ema" in err
-    assert info["weights"] == "ema" and info["family"] == "repa" and len(info["sha256"]) == 64
+    assert info["weights"] == "ema" and info["family"] == "repa" and len(info["sha256"]) == 64 and info["train_steps"] == 4000
     assert model.config.qk_norm == "layernorm" and model.config.latent.kind == "sd-vae" and model.config.latent.image_size == 64
     v_src = ref_forward(ema, x, t, y, heads=4, qk="layernorm")
     for depth in (1, 2, 3, 4):
