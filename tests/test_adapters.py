@@ -272,3 +272,14 @@ def test_half_precision_files_load_as_fp32_and_frozen_tables_stay_frozen(tmp_pat
     x, t, y = inputs()
     ref = ref_forward({k: v.half().float() for k, v in sd.items()}, x, t, y, heads=4)
     assert maxerr(model.velocity(x, t, y), ref) <= TOL
+
+
+def test_a_dmf_file_without_logvar_is_read_as_dmf_when_named_so(tmp_path):
+    sd = make_sd(seed=18)  # DMFT weights minus logvar_linear look exactly like a REPA SiT
+    model, info = load_source(save_pt(sd, tmp_path / "dmf_xl_2_256.pt"), num_heads=4)
+    assert info["family"] == "dmf" and model.config.conditioning == "decoupled" and not model.config.logvar
+    x, t, y = inputs()
+    r = torch.tensor([0.2, 0.2, 0.0])
+    assert maxerr(model(x, t, r, y), ref_forward(sd, x, t, y, heads=4, r_src=r, depth=model.config.depth)) <= TOL
+    _, info = load_source(save_pt(sd, tmp_path / "plain.pt"), num_heads=4)
+    assert info["family"] == "repa"  # no name, no args: the canonical velocity reading
