@@ -78,8 +78,8 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
             raise FlowmapError(f"{alias} checkpoints are not supported by this flowmap installation; upgrade with `pip install -U flowmap-convert`.")
         if fits(alias):
             return alias, "weights + source alias"
-        fits = ", ".join(candidates) or "no known family"
-        raise FlowmapError(f"the file does not look like a {alias} checkpoint (its weights fit: {fits}); pass --family to force one.")
+        fitting = ", ".join(candidates) or "no known family"
+        raise FlowmapError(f"the file does not look like a {alias} checkpoint (its weights fit: {fitting}); pass --family to force one.")
     if not candidates:
         sample = ", ".join(sorted(sd)[:5])
         raise FlowmapError(f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model.")
