@@ -94,9 +94,13 @@ def infer_dit_config(sd: dict[str, torch.Tensor], options: dict[str, Any], args:
             norm_width = int(sd[key].shape[0])  # the head dimension hd = D / H
     if heads is None:
         if norm_width:
-            heads = hidden // norm_width
+            heads = hidden // norm_width  # the QK-norm weight has one entry per head dimension
+        elif heads_from_args(args):
+            heads = heads_from_args(args)
         else:
-            heads = heads_from_args(args) or heads_for_hidden(hidden)
+            heads = heads_for_hidden(hidden)
+            if hidden not in {d for d, _, _ in SIZES.values()}:
+                note(f"hidden size {hidden} is not a standard DiT size: assuming {heads} heads of 64; pass --num-heads if that is wrong")
     heads = int(heads)
     if heads < 1 or hidden % heads:
         raise FlowmapError(f"--num-heads {heads} does not divide the hidden size {hidden}; pass a head count that does.")

@@ -68,6 +68,18 @@ TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow full pickl
 Sha256Opt = Annotated[Optional[str], typer.Option("--sha256", help="Expected sha256 of the downloaded file.")]
 
 
+def check_out_dir(out: Path) -> None:
+    """An --out whose nearest existing ancestor is not a directory, or that is a non-flowmap directory, fails now."""
+    probe = Path(out).absolute()
+    if probe.exists() and (not probe.is_dir() or (any(probe.iterdir()) and not (probe / "config.json").exists() and not (probe / "samples.json").exists())):
+        raise FlowmapError(f"{out} exists and is not a flowmap output; remove it or choose another --out.")
+    parent = probe.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FlowmapError(f"cannot write to {out} ({parent} is a file, not a directory); choose a writable --out directory.")
+
+
 def source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256) -> dict:
     """Collect the shared source options into load_source keyword arguments."""
     return dict(revision=revision, filename=filename, family=family, weights=weights, num_heads=num_heads, trust_pickle=trust_pickle, sha256=sha256)
@@ -105,6 +117,7 @@ def convert(
     from .api import convert as convert_fn
     from .io import export
 
+    check_out_dir(out)  # fail before a long download/conversion, not after
     opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
     if encoder_depth is not None:
         opts["encoder_depth"] = encoder_depth

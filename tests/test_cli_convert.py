@@ -123,3 +123,13 @@ def test_real_process_errors_offline_and_unwritable_out(files, tmp_path):
     r = run_cli("convert", files["good"], "--num-heads", "4", "--depth", "2", "--out", bad_out, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot write to" in r.stderr
     assert not (tmp_path / "o1").exists()
+
+
+def test_bad_out_fails_before_any_loading_and_leaves_foreign_files_alone(files):
+    foreign = files["tmp"] / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    for out, message in ((files["blocker"] / "x" / "out", "is a file, not a directory"), (foreign, "is not a flowmap output")):
+        result = CliRunner().invoke(app, ["convert", str(files["good"]), "--out", str(out)])
+        assert result.exit_code == 2 and message in result.stderr and "family" not in result.stderr  # nothing was loaded
+    assert (foreign / "cat.jpg").read_bytes() == b"meow" and [p.name for p in foreign.iterdir()] == ["cat.jpg"]
