@@ -55,3 +55,7 @@ def load_source(source: str, **options):
         info["family"] = "flowmap"
         return model, info
     raise FlowmapError(f"cannot find a model at {source!r}; pass a flowmap directory, a checkpoint file, a Hub repo id or builtin:NAME.")
+
+
+# Family modules register themselves on import (one line per module keeps merges trivial).
+from . import dit as _dit  # noqa: E402,F401  DiT original + diffusers (issue 3)
