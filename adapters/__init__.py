@@ -59,3 +59,4 @@ def load_source(source: str, **options):
 
 # Family modules register themselves on import (one line per module keeps merges trivial).
 from . import dit as _dit  # noqa: E402,F401  DiT original + diffusers (issue 3)
+from . import rae as _rae  # noqa: E402,F401  RAE DiT^DH + MF-RAE (issue 3)
