@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_vae
 from reference_models import alpha_bar_at, dit_eps, tau_of
 
 from flowmap_convert.adapters import FAMILIES
@@ -214,8 +214,7 @@ def diffusers_repo(tmp_path_factory):
         for blk in blocks[1:]:
             blk.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
     tr.save_pretrained(root / "transformer")
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=4, sample_size=64)
-    vae.save_pretrained(root / "vae")
+    tiny_vae().save_pretrained(root / "vae")
     (root / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
     return root, tr.eval()
 
