@@ -6,11 +6,20 @@ canonical convention (a base velocity model, or already a flow map for DMF / MF-
 `info` its provenance (source, revision, file, sha256, weights, family).
 
 Family modules register themselves in FAMILIES with `@register("name")` on a class providing
-`detect(sd) -> bool` (from keys and shapes alone) and `build(sd, options) -> FlowMap`.
+  detect(sd) -> bool             from keys and shapes alone
+  build(sd, options) -> FlowMap  options: num_heads, depth, encoder_depth, args (training args dict), what, ...
+and optionally
+  hint(meta) -> bool             non-weight evidence (meta: args, name, family hint) that breaks detection ties
+  tie_winner: bool               when several families fit and no hint decides, the first fitting family wins
+                                 only if it sets this (else the user is asked for --family)
+  claims_dir(path) -> bool       a local directory layout this family reads itself (e.g. diffusers transformer/)
+  build_dir(path, options) -> (FlowMap, weights_used)
+  claims_layout(files) -> list[str] | None   Hub download patterns for such a layout, from the repo's file list
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import FlowmapError
@@ -33,6 +42,11 @@ def register(name: str):
     return deco
 
 
+def note(message: str) -> None:
+    """A one-line note on stderr (what was picked, detected, dropped); stdout stays for results."""
+    print(f"flowmap: {message}", file=sys.stderr, flush=True)
+
+
 def builtin_path(name: str) -> Path:
     """Directory of a model shipped inside the package (`builtin:NAME`)."""
     p = BUILTIN_DIR / name
@@ -42,21 +56,80 @@ def builtin_path(name: str) -> Path:
     return p
 
 
+def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str, str]:
+    """(family name, why) from --family, else detection by weights with hints breaking ties."""
+    if family:
+        family = family.lower()
+        if family not in FAMILIES:
+            raise FlowmapError(f"unknown --family {family!r}; known families: {', '.join(sorted(FAMILIES))}.")
+        return family, "--family"
+    candidates = [n for n in DETECTION_ORDER if FAMILIES[n].detect(sd)]
+    if not candidates:
+        sample = ", ".join(sorted(sd)[:5])
+        raise FlowmapError(f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model.")
+    hinted = [n for n in candidates if n == meta.get("family_hint") or (getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta))]
+    if len(hinted) == 1:
+        return hinted[0], "weights + " + ("source alias" if hinted[0] == meta.get("family_hint") else "file name / training args")
+    if len(candidates) == 1:
+        return candidates[0], "weights"
+    if getattr(FAMILIES[candidates[0]], "tie_winner", False):
+        return candidates[0], f"weights; could also be {', '.join(candidates[1:])}"
+    raise FlowmapError(
+        f"the weights fit the {' and '.join(candidates)} families, which read them differently; pass --family {candidates[0]} (or another of them)."
+    )
+
+
 def load_source(source: str, **options):
-    """Build a FlowMap from an exported directory or a builtin model (other families: see the adapter modules)."""
+    """Resolve, read, detect and build any supported source; returns (FlowMap in canonical convention, provenance)."""
     from ..io import is_model_dir, read_model_dir, sha256_file
+    from .checkpoint import WEIGHT_SUFFIXES, read_checkpoint
+    from .sources import check_sha256, resolve
 
-    path = builtin_path(source.split(":", 1)[1]) if source.startswith("builtin:") else Path(source)
-    if path.is_dir() and is_model_dir(path):
-        model = read_model_dir(path)
-        info = dict(model.config.provenance)
-        info.setdefault("source", source)
-        info.setdefault("sha256", sha256_file(path / "model.safetensors"))
-        info["family"] = "flowmap"
-        return model, info
-    raise FlowmapError(f"cannot find a model at {source!r}; pass a flowmap directory, a checkpoint file, a Hub repo id or builtin:NAME.")
+    family = options.get("family")
+    res = resolve(str(source), revision=options.get("revision"), filename=options.get("filename"), sha256=options.get("sha256"), allow_http=options.get("allow_http"))
+    path = res.path
+    if path.is_dir():
+        if is_model_dir(path):  # our own export: config.json says everything
+            if family not in (None, "flowmap"):
+                raise FlowmapError(f"{source} is an exported flowmap directory; drop --family {family} (or pass --family flowmap).")
+            model = read_model_dir(path)
+            info = dict(model.config.provenance)
+            info.setdefault("source", str(source))
+            digest = sha256_file(path / "model.safetensors")
+            check_sha256(path / "model.safetensors", options.get("sha256"), digest)
+            info["sha256"] = digest
+            if info.get("family") not in (None, "flowmap"):
+                info.setdefault("source_family", info["family"])
+            info["family"] = "flowmap"
+            info["loaded_from"] = str(source)
+            note(f"loaded exported flowmap model from {source}")
+            return model, info
+        claims = [n for n in DETECTION_ORDER if getattr(FAMILIES[n], "claims_dir", None) and FAMILIES[n].claims_dir(path)]
+        if family and family in claims or (not family and claims):
+            name = family or claims[0]
+            model, used = FAMILIES[name].build_dir(path, dict(options))
+            info = {**res.info, "weights": used, "family": name}
+            model.config = model.config.replace(provenance=info)
+            note(f"family {name} (directory layout); weights: {used}")
+            return model, info
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES))
+        if len(files) != 1:
+            raise FlowmapError(f"{source} is a directory with {len(files)} checkpoint files and no flowmap config.json; pass the checkpoint file itself.")
+        path = files[0]
+        res.info.update(file=path.name, sha256=check_sha256(path, options.get("sha256")))
+        res.name = path.name
+    ckpt = read_checkpoint(path, weights=options.get("weights") or "auto", trust_pickle=bool(options.get("trust_pickle")))
+    meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
+    name, why = choose_family(ckpt.state_dict, meta, family)
+    note(f"family {name} ({why}); weights: {ckpt.weights}{' (EMA)' if ckpt.weights == 'ema' else ''}")
+    build_opts = {**options, "args": ckpt.args, "what": str(path)}
+    model = FAMILIES[name].build(ckpt.state_dict, build_opts)
+    info = {**res.info, "weights": ckpt.weights, "family": name}
+    model.config = model.config.replace(provenance=info)
+    return model, info
 
 
-# Family modules register themselves on import (one line per module keeps merges trivial).
+# Built-in families, most specific first (the families engineer appends dit, dit-diffusers, rae, mf-rae).
+from . import dmf, repa, sit  # noqa: E402,F401
 from . import dit as _dit  # noqa: E402,F401  DiT original + diffusers (issue 3)
 from . import rae as _rae  # noqa: E402,F401  RAE DiT^DH + MF-RAE (issue 3)

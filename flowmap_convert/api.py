@@ -19,7 +19,7 @@ def convert(source: str, depth: int | None = None, **options):
     """Load `source` and rewire it as a decoupled flow map split at `depth` (default: 2/3 of the blocks)."""
     from .adapters import load_source
 
-    model, info = load_source(str(source), **options)
+    model, info = load_source(str(source), depth=depth, **options)
     n = model.config.num_blocks
     if model.config.conditioning == "meanflow":
         if depth is not None:

@@ -86,6 +86,7 @@ def convert(
     num_heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
     sha256: Sha256Opt = None,
+    encoder_depth: Annotated[Optional[int], typer.Option("--encoder-depth", help="REPA legacy checkpoints only: blocks before `decoder_blocks.0` (default: from the training args).")] = None,
 ):
     """Convert a pretrained flow model into a decoupled flow map and export it.
 
@@ -96,11 +97,18 @@ def convert(
       flowmap convert builtin:digits-sit --depth 4 --out digits-d4
 
       flowmap convert ./checkpoints/0400000.pt --weights ema --depth 18
+
+      flowmap convert willisma/SiT --family sit --depth 20 --out sit-dmf20
+
+      flowmap convert https://example.org/model.safetensors --sha256 <hex> --depth 8
     """
     from .api import convert as convert_fn
     from .io import export
 
-    model = convert_fn(source, depth=depth, **source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256))
+    opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
+    if encoder_depth is not None:
+        opts["encoder_depth"] = encoder_depth
+    model = convert_fn(source, depth=depth, **opts)
     export(model, out)
     cfg, prov = model.config, model.config.provenance
     lines = [
@@ -109,10 +117,11 @@ def convert(
         f"depth       {cfg.depth} of {cfg.num_blocks}: blocks 0..{cfg.depth - 1} see t, blocks {cfg.depth}..{cfg.num_blocks - 1} + head see r" if cfg.depth else f"conditioning {cfg.conditioning}",
         f"weights     {prov.get('weights', '-')}",
         f"source      {prov.get('source', source)}" + (f" @ {prov['revision']}" if prov.get("revision") else ""),
+        f"file        {prov['file']}" if prov.get("file") else None,
         f"sha256      {prov.get('sha256', '-')}",
         f"written     {out}",
     ]
-    console.print("\n".join(lines), highlight=False)
+    console.print("\n".join(line for line in lines if line), highlight=False)
 
 
 @app.command()

@@ -32,9 +32,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
         if qk_norm == "rms":  # DMF's RMSNorm: parameter `scale`, eps 1e-6
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
-        elif qk_norm == "layernorm":  # timm LayerNorm as in REPA's qk_norm=True
-            self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-            self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        elif qk_norm == "layernorm":  # timm Attention(qk_norm=True) as in REPA: norm_layer=nn.LayerNorm, default eps 1e-5
+            self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
         else:
             self.q_norm = self.k_norm = nn.Identity()
 

@@ -1,0 +1,147 @@
+"""Shared reading of DiT-style state dicts (DiT, SiT, REPA, DMF): infer the architecture from keys and shapes.
+
+Key patterns and shapes: REFERENCE §1.2. Everything `ModelConfig` needs is read from the weights; only the head
+count is not stored, so it comes from `--num-heads`, the training args' model name (`SiT-XL/2`), the QK-norm
+width, or the standard table by hidden size (`dit.heads_for_hidden`), in that order.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..config import LatentSpace
+from ..dit import SIZES, heads_for_hidden
+from ..errors import FlowmapError
+
+REQUIRED = (
+    "x_embedder.proj.weight",
+    "t_embedder.mlp.0.weight",
+    "y_embedder.embedding_table.weight",
+    "final_layer.linear.weight",
+    "pos_embed",
+)
+BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def has_dit_keys(sd: dict[str, torch.Tensor]) -> bool:
+    """True when the state dict carries the DiT-family backbone keys (blocks may still be legacy-named)."""
+    return all(k in sd for k in REQUIRED) and any(BLOCK_RE.match(k) or k.startswith("decoder_blocks.") for k in sd)
+
+
+def num_blocks(sd: dict[str, torch.Tensor]) -> int:
+    """1 + the largest `blocks.{i}` index."""
+    idx = [int(m.group(1)) for k in sd if (m := BLOCK_RE.match(k))]
+    if not idx:
+        raise FlowmapError("the checkpoint has no `blocks.{i}` keys; it is not a DiT-style model (check --family).")
+    return max(idx) + 1
+
+
+def is_learn_sigma(sd: dict[str, torch.Tensor]) -> bool:
+    """The head emits 2C channels per pixel (DiT/SiT learn_sigma)."""
+    c, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
+    return sd["final_layer.linear.weight"].shape[0] == p * p * 2 * c
+
+
+def heads_from_args(args: dict[str, Any]) -> int | None:
+    """Head count from a training args model name such as 'SiT-XL/2' or 'DMFT-XL/2'."""
+    name = str(args.get("model", "") or "")
+    m = re.search(r"-(S|B|M|L|XL)/\d+$", name)
+    return SIZES[m.group(1)][2] if m else None
+
+
+def infer_dit_config(sd: dict[str, torch.Tensor], options: dict[str, Any], args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ModelConfig fields of a DiT-style state dict (already renamed to `blocks.{i}` and stripped of extras)."""
+    missing = [k for k in REQUIRED if k not in sd]
+    if missing:
+        raise FlowmapError(f"the checkpoint lacks DiT keys {missing[:3]}; it is not a DiT/SiT/REPA/DMF model (check --family).")
+    args = args or {}
+    w = sd["x_embedder.proj.weight"]
+    if w.dim() != 4 or w.shape[2] != w.shape[3]:
+        raise FlowmapError(f"x_embedder.proj.weight has shape {tuple(w.shape)}, not [D, C, p, p]; the checkpoint is not a DiT-style model.")
+    hidden, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    tokens = int(sd["pos_embed"].shape[-2])
+    grid = int(round(tokens**0.5))
+    if grid * grid != tokens:
+        raise FlowmapError(f"pos_embed has {tokens} tokens, not a square grid; the checkpoint is not a DiT-style image model.")
+    out_rows = int(sd["final_layer.linear.weight"].shape[0])
+    if out_rows % (patch * patch):
+        raise FlowmapError(f"final_layer.linear has {out_rows} rows, not a multiple of patch^2={patch * patch}; the checkpoint is damaged.")
+    out_channels = out_rows // (patch * patch)
+    if out_channels not in (channels, 2 * channels):
+        raise FlowmapError(f"the head emits {out_channels} channels for {channels} input channels; expected {channels} or {2 * channels} (learn_sigma).")
+    n = num_blocks(sd)
+    rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
+    # The class table has K + 1 rows when a null label exists (class dropout > 0, REFERENCE §13); training
+    # args name K when present, otherwise the standard layout (null row last) is assumed.
+    num_classes = int(args.get("num_classes", rows - 1) or rows - 1)
+    if num_classes not in (rows, rows - 1):
+        num_classes = rows - 1
+    mlp_hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in sd else 4 * hidden
+    if "blocks.0.attn.q_norm.scale" in sd:
+        qk_norm = "rms"  # DMF RMSNorm (param `scale`)
+    elif "blocks.0.attn.q_norm.weight" in sd:
+        qk_norm = "layernorm"  # timm LayerNorm (REPA/DMF-SiT qk_norm=True)
+    else:
+        qk_norm = "none"
+    heads = options.get("num_heads")
+    norm_width = None
+    for key in ("blocks.0.attn.q_norm.scale", "blocks.0.attn.q_norm.weight"):
+        if key in sd:
+            norm_width = int(sd[key].shape[0])  # the head dimension hd = D / H
+    if heads is None:
+        if norm_width:
+            heads = hidden // norm_width
+        else:
+            heads = heads_from_args(args) or heads_for_hidden(hidden)
+    heads = int(heads)
+    if heads < 1 or hidden % heads:
+        raise FlowmapError(f"--num-heads {heads} does not divide the hidden size {hidden}; pass a head count that does.")
+    if norm_width is not None and hidden // heads != norm_width:
+        raise FlowmapError(f"the QK-norm width {norm_width} implies {hidden // norm_width} heads, not {heads}; drop --num-heads or pass {hidden // norm_width}.")
+    input_size = grid * patch
+    return dict(
+        arch="dit",
+        input_size=input_size,
+        in_channels=channels,
+        patch_size=patch,
+        hidden_size=hidden,
+        num_blocks=n,
+        num_heads=heads,
+        mlp_ratio=mlp_hidden / hidden,
+        num_classes=num_classes,
+        class_embed_rows=rows,
+        learn_sigma=out_channels == 2 * channels,
+        qk_norm=qk_norm,
+        latent=latent_for(channels, input_size),
+    )
+
+
+def check_linear_velocity(args: dict[str, Any], family: str) -> None:
+    """Refuse training args that say the model is not a linear-path velocity model (cosine/GVP/VP paths, eps/score)."""
+    path = str(args.get("path_type", "linear") or "linear").lower()
+    pred = str(args.get("prediction", "v") or "v").lower()
+    if path != "linear":
+        raise FlowmapError(f"this {family} checkpoint was trained on the {path!r} path; flowmap converts linear-path models only (x_t = (1 - t) x0 + t eps).")
+    if pred not in ("v", "velocity"):
+        raise FlowmapError(f"this {family} checkpoint predicts {pred!r}, not a velocity; flowmap converts velocity-prediction models only.")
+
+
+def latent_for(channels: int, input_size: int) -> LatentSpace:
+    """SD-VAE latents for 4-channel ImageNet models (REFERENCE §8); pixels otherwise."""
+    if channels == 4:
+        return LatentSpace(kind="sd-vae", channels=4, size=input_size, image_channels=3, image_size=8 * input_size, repo="stabilityai/sd-vae-ft-ema", scale=0.18215)
+    return LatentSpace(kind="identity", channels=channels, size=input_size, image_channels=channels, image_size=input_size)
+
+
+def build_and_load(cfg_fields: dict[str, Any], sd: dict[str, torch.Tensor], what: str):
+    """Instantiate a FlowMap from config fields and load the canonical state dict strictly."""
+    from ..config import ModelConfig
+    from ..io import load_canonical_state_dict
+    from ..model import FlowMap
+
+    model = FlowMap(ModelConfig(**cfg_fields))
+    load_canonical_state_dict(model, sd, what)
+    return model.eval()

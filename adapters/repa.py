@@ -1,0 +1,69 @@
+"""REPA SiT checkpoints (sihyun-yu/REPA; also DMF's base SiT-XL/2+REPA): canonical time, v = eps - x0.
+
+Released files are plain state dicts, training files `{'model','ema','opt','args','steps'}` (REFERENCE §3.1).
+REPA's `projectors.*` (the representation-alignment MLPs) are not part of the velocity model and are dropped
+with a note; legacy `decoder_blocks.{i}` keys become `blocks.{i + encoder_depth}` (REPA utils.load_legacy_checkpoints).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import FlowmapError
+from . import note, register
+from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config, is_learn_sigma
+
+LEGACY_RE = re.compile(r"^decoder_blocks\.(\d+)\.(.*)$")
+
+
+def rename_legacy(sd: dict, encoder_depth: int | None) -> dict:
+    """`decoder_blocks.{i}.*` -> `blocks.{i + encoder_depth}.*` (the old split encoder/decoder naming)."""
+    if not any(LEGACY_RE.match(k) for k in sd):
+        return sd
+    if encoder_depth is None:
+        raise FlowmapError("this REPA checkpoint uses legacy `decoder_blocks.*` keys and carries no encoder_depth; pass --encoder-depth (REPA's default is 8).")
+    enc = sum(1 for k in sd if re.match(r"^blocks\.\d+\.attn\.qkv\.weight$", k))
+    if enc != encoder_depth:
+        raise FlowmapError(f"the legacy checkpoint has {enc} encoder blocks but encoder_depth is {encoder_depth}; pass --encoder-depth {enc}.")
+    out = {}
+    for k, v in sd.items():
+        m = LEGACY_RE.match(k)
+        out[f"blocks.{int(m.group(1)) + encoder_depth}.{m.group(2)}" if m else k] = v
+    note(f"renamed legacy decoder_blocks.* to blocks.{encoder_depth}.. (encoder_depth {encoder_depth})")
+    return out
+
+
+def drop_projectors(sd: dict) -> dict:
+    """Remove REPA's projector MLPs (training-only heads aligned with DINOv2 features)."""
+    dropped = [k for k in sd if k.startswith("projectors.")]
+    if dropped:
+        note(f"dropped {len(dropped)} REPA projector tensors (projectors.*): they are training-only alignment heads")
+    return {k: v for k, v in sd.items() if not k.startswith("projectors.")}
+
+
+@register("repa")
+class RepaFamily:
+    """REPA / DMF-SiT velocity models: canonical convention, no learn_sigma, optional timm-LayerNorm QK-norm."""
+
+    tie_winner = True  # a plain canonical DiT-style file is read as REPA unless something says otherwise
+
+    def detect(self, sd) -> bool:
+        """DiT keys, a C-channel head and no DMF log-variance head."""
+        return has_dit_keys(sd) and "logvar_linear.weight" not in sd and not is_learn_sigma(sd)
+
+    def hint(self, meta) -> bool:
+        """REPA training args (encoder, projection loss) or a file named after REPA."""
+        args = meta.get("args") or {}
+        return any(k in args for k in ("enc_type", "proj_coeff", "encoder_depth", "repa_depth")) or "repa" in meta.get("name", "").lower()
+
+    def build(self, sd, options):
+        """Drop projectors, undo legacy naming, infer the architecture and load strictly."""
+        args = options.get("args") or {}
+        check_linear_velocity(args, "REPA")
+        sd = drop_projectors(sd)
+        enc = options.get("encoder_depth") or args.get("encoder_depth")
+        sd = rename_legacy(sd, int(enc) if enc is not None else None)
+        fields = infer_dit_config(sd, options, args)
+        if fields["learn_sigma"]:
+            raise FlowmapError("this checkpoint has a learn_sigma head (2C output channels), which REPA models do not have; use --family sit or --family dit.")
+        return build_and_load({**fields, "time_convention": "canonical"}, sd, options.get("what", "REPA checkpoint"))

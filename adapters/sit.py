@@ -1,0 +1,42 @@
+"""Original SiT checkpoints (willisma/SiT): reversed time (t=1 data) and velocity x0 - eps (REFERENCE §4).
+
+The released SiT-XL/2 has a learn_sigma head (2C channels). The head is kept whole: final_layer.linear rows are
+ordered (p, q, c) with c fastest, so unpatchifying all 2C channels and keeping the first C (the model's
+`raw[:, :C]`) is exactly SiT's `x.chunk(2, dim=1)[0]`. The convention is translated by
+ModelConfig.time_convention = "reversed": t_sit = 1 - t and v = -v_sit.
+"""
+
+from __future__ import annotations
+
+import re
+
+from . import register
+from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config
+
+RELEASE_RE = re.compile(r"SiT-(S|B|L|XL)-\d+-\d+x\d+")  # released file names, e.g. SiT-XL-2-256x256.pt
+
+
+@register("sit")
+class SitFamily:
+    """SiT velocity models in the reversed-time convention, with or without learn_sigma."""
+
+    tie_winner = False  # a learn_sigma head is also DiT's: without a hint the user must say which
+
+    def detect(self, sd) -> bool:
+        """Any DiT-style backbone without a DMF log-variance head (weights alone cannot tell SiT from REPA/DiT)."""
+        return has_dit_keys(sd) and "logvar_linear.weight" not in sd
+
+    def hint(self, meta) -> bool:
+        """SiT training args (a path type but none of REPA's or DMF's options) or a SiT release file name."""
+        args = meta.get("args") or {}
+        name = meta.get("name", "")
+        if args:
+            own = "path_type" in args and not any(k in args for k in ("enc_type", "proj_coeff", "dmf_depth"))
+            return own or str(args.get("model", "")).startswith("SiT-") and "enc_type" not in args and "dmf_depth" not in args
+        return bool(RELEASE_RE.search(name))
+
+    def build(self, sd, options):
+        """Infer the architecture and load strictly; forward translates time and sign."""
+        check_linear_velocity(options.get("args") or {}, "SiT")
+        fields = infer_dit_config(sd, options, options.get("args"))
+        return build_and_load({**fields, "time_convention": "reversed"}, sd, options.get("what", "SiT checkpoint"))

@@ -1,0 +1,410 @@
+"""Resolve a source string to a file or directory on disk, with provenance.
+
+Accepted sources, tried in this order:
+  builtin:NAME                    a model shipped inside the package
+  https://...                     downloaded once into $FLOWMAP_CACHE/url (default ~/.cache/flowmap/url), sha256 checked
+  a local file or directory       used in place
+  an alias (adapters/aliases.json) e.g. sihyun-yu/REPA -> the REPA SiT-XL/2 file in kyungmnlee/DMF
+  owner/name[/path/in/repo]       a Hugging Face Hub repo (with --revision / --filename), through huggingface_hub's cache
+
+Hub and URL failures become one-sentence FlowmapErrors naming the fix. `HF_HUB_OFFLINE=1` (or `FLOWMAP_OFFLINE=1`)
+reads only what is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import FlowmapError
+from . import note
+from .checkpoint import WEIGHT_SUFFIXES
+
+ALIASES_FILE = Path(__file__).with_name("aliases.json")
+REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+TRUE = ("1", "on", "yes", "true")
+
+
+@dataclass
+class Resolved:
+    """A source found on disk: `path` is a file or a directory; `info` is its provenance."""
+
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)  # source, revision (commit when known), file, sha256
+    family_hint: str | None = None  # from the alias table
+    name: str = ""  # file name, used as a family hint (e.g. SiT-XL-2-256x256.pt)
+
+
+def is_offline() -> bool:
+    """True when HF_HUB_OFFLINE or FLOWMAP_OFFLINE is set: only cached files are used."""
+    return any(os.environ.get(k, "").strip().lower() in TRUE for k in ("HF_HUB_OFFLINE", "FLOWMAP_OFFLINE"))
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache directory, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def url_cache_dir() -> Path:
+    """Where URL downloads are kept: $FLOWMAP_CACHE/url or ~/.cache/flowmap/url."""
+    root = os.environ.get("FLOWMAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flowmap")
+    return Path(root) / "url"
+
+
+def load_aliases() -> dict[str, dict[str, Any]]:
+    """The alias table, keyed by lower-case name."""
+    data = json.loads(ALIASES_FILE.read_text())
+    return {k.lower(): v for k, v in data.items() if not k.startswith("_")}
+
+
+def sha256_of(path: Path) -> str:
+    """Streamed sha256 of a file."""
+    from ..io import sha256_file
+
+    return sha256_file(path)
+
+
+def check_sha256(path: Path, expected: str | None, digest: str | None = None) -> str:
+    """Hash `path` and compare with `expected` (if given); returns the hex digest."""
+    digest = digest or sha256_of(path)
+    if expected and digest.lower() != expected.strip().lower():
+        raise FlowmapError(f"{path.name} has sha256 {digest}, not the expected {expected}; the file is not the one asked for (re-download it or fix --sha256).")
+    return digest
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def resolve(source: str, revision: str | None = None, filename: str | None = None, sha256: str | None = None, allow_http: bool | None = None) -> Resolved:
+    """Find `source` on disk (downloading or reading caches as needed) and describe where it came from."""
+    source = str(source).strip()
+    if not source:
+        raise FlowmapError("no source given; pass a Hub repo id, an https:// URL, a local path or builtin:NAME.")
+    if source.startswith("builtin:"):
+        from . import builtin_path
+
+        _no_hub_options(source, revision, filename)
+        return Resolved(builtin_path(source.split(":", 1)[1]), {"source": source}, name=source)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", source, re.I):
+        _no_hub_options(source, revision, filename)
+        path = fetch_url(source, sha256=sha256, allow_http=allow_http)
+        return Resolved(path, {"source": source, "file": path.name, "sha256": _recorded_sha(path)}, name=_url_name(source))
+    local = Path(os.path.expanduser(source))
+    if local.exists():
+        _no_hub_options(source, revision, filename)
+        info: dict[str, Any] = {"source": source}
+        if local.is_file():
+            info["file"] = local.name
+            info["sha256"] = check_sha256(local, sha256)
+        return Resolved(local, info, name=local.name)
+    aliases = load_aliases()
+    if source.lower() in aliases:
+        return resolve_alias(source, aliases[source.lower()], revision, filename, sha256)
+    if _looks_local(source):
+        raise FlowmapError(f"no such file or directory: {source}; check the path.")
+    if REPO_RE.match(source):
+        parts = source.split("/")
+        repo, inner = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        if inner and filename and inner != filename:
+            raise FlowmapError(f"the source names the file {inner!r} and --filename names {filename!r}; give the file once.")
+        return resolve_hub(repo, revision, inner or filename, sha256, source=source)
+    raise FlowmapError(f"cannot understand the source {source!r}; pass a Hub repo id (owner/name), an https:// URL, a local path or builtin:NAME.")
+
+
+def _no_hub_options(source: str, revision: str | None, filename: str | None) -> None:
+    """--revision / --filename only make sense for Hub repos."""
+    if revision or filename:
+        raise FlowmapError(f"--revision and --filename apply to Hub repos, but {source!r} is not one; drop them.")
+
+
+def _looks_local(source: str) -> bool:
+    """Paths users clearly meant as files: absolute, ./ ../ ~, or a bare name with a checkpoint suffix."""
+    if source.startswith(("/", "./", "../", "~", ".\\")) or (len(source) > 1 and source[1] == ":"):
+        return True
+    return source.lower().endswith(WEIGHT_SUFFIXES) and source.count("/") < 2
+
+
+# --------------------------------------------------------------------------------------------- aliases
+def resolve_alias(source: str, entry: dict[str, Any], revision, filename, sha256) -> Resolved:
+    """Follow an alias: its Hub copy first (picked by name or pattern), then its URL."""
+    family = entry.get("family")
+    if entry.get("manual"):
+        raise FlowmapError(f"{source}: {entry['manual']}.")
+    hub = entry.get("hub")
+    hub_error: FlowmapError | None = None
+    if hub:
+        try:
+            repo = hub["repo"]
+            name = filename or hub.get("filename")
+            if name is None:
+                files, commit = hub_files(repo, revision)
+                pattern = re.compile(hub["pattern"])
+                matches = sorted(f for f in files if pattern.search(f))
+                if not matches:
+                    raise FlowmapError(f"no file in {repo} matches the {source} pattern; pass --filename (files: {', '.join(sorted(files)[:6])}).")
+                name = matches[0]
+                extra = f" (also matched: {', '.join(matches[1:])})" if len(matches) > 1 else ""
+                note(f"{source} -> {repo}/{name}{extra}")
+                revision = commit or revision
+            res = resolve_hub(repo, revision, name, sha256, source=source)
+            res.family_hint = family
+            return res
+        except FlowmapError as e:
+            if not entry.get("url") or filename or revision:
+                raise
+            hub_error = e
+    if entry.get("url"):
+        url = entry["url"]
+        if hub_error is not None:
+            note(f"the Hub copy of {source} was not found ({hub_error}); trying {urlparse(url).netloc}")
+        try:
+            path = fetch_url(url, sha256=sha256 or entry.get("sha256"), name=entry.get("url_filename"))
+        except FlowmapError:
+            if hub_error is not None:
+                raise hub_error from None
+            raise
+        info = {"source": source, "url": url, "file": path.name, "sha256": _recorded_sha(path)}
+        return Resolved(path, info, family_hint=family, name=entry.get("url_filename") or path.name)
+    raise FlowmapError(f"the alias {source} has no location; pass a file path or a Hub repo id instead.")
+
+
+# --------------------------------------------------------------------------------------------- Hub
+def _hub_error(exc: BaseException, repo: str, revision: str | None, filename: str | None) -> FlowmapError:
+    """Translate huggingface_hub / network exceptions into one actionable sentence."""
+    from huggingface_hub import errors as he
+
+    rev = f" at revision {revision!r}" if revision else ""
+    if isinstance(exc, he.GatedRepoError):
+        return FlowmapError(f"{repo} is gated; accept its terms on huggingface.co and log in with `hf auth login`.")
+    if isinstance(exc, he.RepositoryNotFoundError):
+        return FlowmapError(f"Hub repo {repo} does not exist or is private; check the name or log in with `hf auth login`.")
+    if isinstance(exc, he.RevisionNotFoundError):
+        return FlowmapError(f"{repo} has no revision {revision!r}; pass an existing branch, tag or commit with --revision.")
+    if isinstance(exc, he.LocalEntryNotFoundError) or isinstance(exc, he.OfflineModeIsEnabled):
+        what = f"{repo}/{filename}" if filename else repo
+        if is_offline():
+            return FlowmapError(f"{what}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access.")
+        return FlowmapError(f"cannot download {what}{rev} (no connection to the Hub and no cached copy); check the network or set HF_HUB_CACHE to a cache that has it.")
+    if isinstance(exc, he.EntryNotFoundError):
+        return FlowmapError(f"{repo}{rev} has no file {filename!r}; pass an existing --filename.")
+    if isinstance(exc, he.HFValidationError):
+        return FlowmapError(f"{repo!r} is not a valid Hub repo id or revision ({exc}); check the spelling.")
+    if isinstance(exc, (he.HfHubHTTPError, ConnectionError, TimeoutError, OSError)):
+        return FlowmapError(f"cannot reach the Hugging Face Hub for {repo} ({type(exc).__name__}); check the network, or use HF_HUB_OFFLINE=1 with a cached copy.")
+    return FlowmapError(f"Hub access to {repo} failed ({type(exc).__name__}: {exc}); check the repo id, revision and network.")
+
+
+def cached_snapshot(repo: str, revision: str | None) -> tuple[str, Path] | None:
+    """(commit, snapshot dir) of a repo revision in the local Hub cache, or None."""
+    root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
+    rev = revision or "main"
+    if COMMIT_RE.match(rev):
+        commit = rev
+    else:
+        ref = root / "refs" / rev
+        if not ref.is_file():
+            return None
+        commit = ref.read_text().strip()
+    snap = root / "snapshots" / commit
+    return (commit, snap) if snap.is_dir() else None
+
+
+def hub_files(repo: str, revision: str | None) -> tuple[list[str], str | None]:
+    """Files of a Hub repo revision and its commit: from the Hub when online, else from the cached snapshot."""
+    if not is_offline():
+        from huggingface_hub import HfApi
+
+        try:
+            info = HfApi().model_info(repo, revision=revision)
+            return [s.rfilename for s in (info.siblings or [])], info.sha
+        except Exception as e:  # noqa: BLE001 - translated below, or fall back to the cache when unreachable
+            err = _hub_error(e, repo, revision, None)
+            if "cannot reach" not in str(err) and "cannot download" not in str(err):
+                raise err from None
+    snap = cached_snapshot(repo, revision)
+    if snap is None:
+        rev = f" at revision {revision!r}" if revision else ""
+        if is_offline():
+            raise FlowmapError(f"{repo}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access.")
+        raise FlowmapError(f"cannot list {repo}{rev}: the Hub is unreachable and nothing is cached; check the network.")
+    commit, path = snap
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    return files, commit
+
+
+def _commit_of(path: Path) -> str | None:
+    """The commit hash in a huggingface_hub cache path (…/snapshots/<commit>/…)."""
+    parts = Path(path).parts
+    if "snapshots" in parts:
+        i = parts.index("snapshots")
+        if i + 1 < len(parts) and COMMIT_RE.match(parts[i + 1]):
+            return parts[i + 1]
+    return None
+
+
+def hub_download(repo: str, filename: str, revision: str | None) -> Path:
+    """hf_hub_download with the cache and offline mode read from the environment now."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline()))
+    except Exception as e:  # noqa: BLE001 - every Hub failure becomes a user error
+        raise _hub_error(e, repo, revision, filename) from None
+
+
+def hub_snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
+    """snapshot_download of the files matching `patterns` (a directory layout claimed by a family)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline(), allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(e, repo, revision, None) from None
+
+
+def resolve_hub(repo: str, revision: str | None, filename: str | None, sha256: str | None, source: str) -> Resolved:
+    """A Hub file (named, or the single weights file / claimed layout of the repo)."""
+    if filename is None:
+        files, commit = hub_files(repo, revision)
+        patterns = _layout_patterns(files)
+        if patterns is not None:  # an exported flowmap dir or a layout a family claims (e.g. diffusers transformer/)
+            path = hub_snapshot(repo, commit or revision, patterns)
+            info = {"source": source, "revision": _commit_of(path) or commit or revision, "file": ",".join(patterns)}
+            return Resolved(path, info, name=repo.split("/")[-1])
+        weights = [f for f in files if f.lower().endswith(WEIGHT_SUFFIXES)]
+        if len(weights) != 1:
+            listed = ", ".join(weights[:6]) or "none"
+            raise FlowmapError(f"{repo} holds {len(weights)} weight files ({listed}); pick one with --filename.")
+        filename = weights[0]
+        note(f"{repo}: using its only weights file {filename}")
+        revision = commit or revision
+    path = hub_download(repo, filename, revision)
+    info = {"source": source, "repo": repo, "revision": _commit_of(path) or revision, "file": filename, "sha256": check_sha256(path, sha256)}
+    if revision and not COMMIT_RE.match(revision):
+        info["ref"] = revision
+    return Resolved(path, info, name=Path(filename).name)
+
+
+def _layout_patterns(files: list[str]) -> list[str] | None:
+    """Download patterns for a directory-shaped repo: a flowmap export, or a layout a family claims."""
+    from . import FAMILIES
+
+    if "config.json" in files and "model.safetensors" in files:
+        return ["config.json", "model.safetensors", "README.md"]
+    for fam in FAMILIES.values():
+        claim = getattr(fam, "claims_layout", None)
+        patterns = claim(files) if claim else None
+        if patterns:
+            return list(patterns)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- URLs
+def _url_name(url: str) -> str:
+    """A safe file name for a URL (its last path segment)."""
+    base = os.path.basename(urlparse(url).path) or "download"
+    return re.sub(r"[^\w.-]", "_", base)[:80]
+
+
+def _recorded_sha(path: Path) -> str:
+    """The sha256 recorded next to a cached download (computed if missing)."""
+    side = path.with_name(path.name + ".sha256")
+    if side.is_file():
+        return side.read_text().split()[0]
+    return sha256_of(path)
+
+
+def _http_allowed(allow_http: bool | None) -> bool:
+    """Plain http is for tests against a loopback server only (parameter or FLOWMAP_ALLOW_HTTP=1)."""
+    if allow_http is not None:
+        return allow_http
+    return os.environ.get("FLOWMAP_ALLOW_HTTP", "").strip().lower() in TRUE
+
+
+def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allow_http: bool | None = None) -> Path:
+    """Download `url` once into the URL cache (atomically, sha256 recorded and checked); returns the file."""
+    import urllib.error
+    import urllib.request
+
+    parsed = urlparse(url)
+    if parsed.scheme == "http":
+        if not (_http_allowed(allow_http) and parsed.hostname in ("127.0.0.1", "localhost", "::1")):
+            raise FlowmapError(f"refusing plain-http download {url}; use an https:// URL.")
+    elif parsed.scheme != "https":
+        raise FlowmapError(f"unsupported URL scheme {parsed.scheme!r} in {url}; use an https:// URL or a local path.")
+    cache = url_cache_dir()
+    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name or _url_name(url)}"
+    side = target.with_name(target.name + ".sha256")
+    if target.is_file():
+        recorded = side.read_text().split()[0] if side.is_file() else sha256_of(target)
+        if not sha256 or recorded.lower() == sha256.strip().lower():
+            return target
+        note(f"cached {target.name} does not match --sha256; downloading again")
+    if is_offline():
+        raise FlowmapError(f"{url} is not in the download cache ({cache}) and offline mode is on; unset HF_HUB_OFFLINE/FLOWMAP_OFFLINE or pass a local file.")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=cache)
+    except OSError as e:
+        raise FlowmapError(f"cannot write to the download cache {cache} ({e.strerror}); set FLOWMAP_CACHE to a writable directory.") from None
+    tmp = Path(tmp_name)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            req = urllib.request.Request(url, headers={"User-Agent": "flowmap-convert"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                total = int(resp.headers.get("Content-Length") or 0)
+                with _progress(target.name, total) as advance:
+                    while block := resp.read(1 << 20):
+                        out.write(block)
+                        h.update(block)
+                        advance(len(block))
+        digest = h.hexdigest()
+        if sha256 and digest != sha256.strip().lower():
+            raise FlowmapError(f"the download of {url} has sha256 {digest}, not the expected {sha256}; it was deleted (check --sha256 or the URL).")
+        os.replace(tmp, target)
+        side.write_text(f"{digest}  {url}\n")
+        note(f"downloaded {url} -> {target} (sha256 {digest})")
+        return target
+    except urllib.error.HTTPError as e:
+        raise FlowmapError(f"the server answered {e.code} for {url}; check the URL.") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise FlowmapError(f"cannot download {url} ({reason}); check the network, or download the file yourself and pass its path.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _progress:
+    """A rich download bar on a terminal, silent otherwise; yields an `advance(n)` callable."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.bar = label, total, None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
+            self.bar.start()
+            task = self.bar.add_task(self.label, total=self.total or None)
+            return lambda n: self.bar.advance(task, n)
+        return lambda n: None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
