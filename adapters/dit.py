@@ -164,30 +164,84 @@ def build_dit(sd: dict, options: dict, diffusers_config: dict | None = None):
 
 @register("dit")
 class DiTFamily:
-    """Original DiT `.pt` (by name hint or --family dit) and diffusers DiTTransformer2DModel weights."""
+    """Original DiT `.pt` state dicts and diffusers DiTTransformer2DModel weights / pipeline directories."""
 
     name = "dit"
+    tie_winner = False  # an original DiT file has exactly SiT's keys: the name, args or --family decide
 
     def detect(self, sd: dict) -> bool:
-        """Diffusers layout only: an original DiT state dict has exactly SiT's keys (see `detect_name`)."""
-        return is_diffusers_dit(sd)
+        """Diffusers DiT keys, or a §1.2 state dict with a learn_sigma head (shared with original SiT)."""
+        return is_diffusers_dit(sd) or is_original_dit(sd)
+
+    def hint(self, meta: dict) -> bool:
+        """DiT release names (`DiT-XL-2-256x256.pt`), DiT training args (`model='DiT-XL/2'`) or diffusers weights."""
+        args = meta.get("args") or {}
+        if args:
+            return str(args.get("model", "")).startswith("DiT-")
+        name = str(meta.get("name", ""))
+        return bool(NAME_HINT.search(name)) or name.startswith("diffusion_pytorch_model.")
 
     def detect_name(self, filename: str) -> bool:
-        """Original DiT release names (`DiT-XL-2-256x256.pt`) are the only way to tell DiT from SiT files."""
+        """Original DiT release names are the only way to tell DiT from SiT files without args."""
         return bool(NAME_HINT.search(str(filename)))
 
     def build(self, sd: dict, options: dict):
-        """FlowMap (ddpm-eps convention) from either layout; options may carry `diffusers_config`."""
+        """FlowMap (ddpm-eps convention) from either layout; diffusers weights need their transformer config."""
         options = dict(options or {})
         if is_diffusers_dit(sd):
-            return build_dit(diffusers_to_canonical(sd), options, options.get("diffusers_config") or {"sample_size": options.get("input_size")})
-        if not is_original_dit(sd) and not ("final_layer.linear.weight" in sd and "x_embedder.proj.weight" in sd):
-            raise FlowmapError("this checkpoint does not have DiT's keys (x_embedder, blocks, final_layer); check --family.")
+            cfg = options.get("diffusers_config")
+            if cfg is None and options.get("what"):
+                near = Path(options["what"]).parent / "config.json"  # transformer/config.json beside the weights
+                cfg = json.loads(near.read_text()) if near.is_file() else None
+            if cfg is None:
+                raise FlowmapError("diffusers DiT weights need their transformer/config.json (sample_size, heads); pass the pipeline directory or the transformer/ folder instead of the weights file.")
+            return build_dit(diffusers_to_canonical(sd), options, cfg)
+        if not is_original_dit(sd):
+            raise FlowmapError("this checkpoint is not a DiT (x_embedder, blocks, final_layer with a 2C learn_sigma head); check --family.")
         return build_dit(sd, options)
+
+    def claims_dir(self, path) -> bool:
+        """A diffusers pipeline directory (or its transformer/ folder) whose transformer is a DiT."""
+        folder = find_diffusers_transformer(path)
+        if folder is None:
+            return False
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return cfg.get("_class_name") in DIT_CLASSES or cfg.get("norm_type") == "ada_norm_zero"
+
+    def build_dir(self, path, options: dict):
+        """(FlowMap, weights file used) from a diffusers DiT directory."""
+        folder = find_diffusers_transformer(path)
+        used = next(n for n in WEIGHT_NAMES if (folder / n).is_file())
+        return load_diffusers_dir(path, **options), f"{folder.name}/{used}"
+
+    def claims_layout(self, files: list[str]) -> list[str] | None:
+        """Hub download patterns for a diffusers DiT repo: model_index, transformer/ and vae/ (safetensors preferred)."""
+        if "transformer/config.json" not in files:
+            return None
+        out = ["model_index.json", "transformer/config.json"]
+        for sub in ("transformer", "vae"):
+            names = [f"{sub}/{n}" for n in WEIGHT_NAMES if f"{sub}/{n}" in files]
+            if sub == "transformer" and not names:
+                return None
+            out += names[:1]
+            if sub == "vae" and names:
+                out.append("vae/config.json")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- diffusers repos
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # older configs name the generic class (§5.2)
+_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}")
+
+
+def hub_id_of(path: str | Path) -> str | None:
+    """'owner/name' when `path` lies in a Hugging Face cache snapshot, else None (keeps exported configs portable)."""
+    m = _SNAPSHOT.search(str(Path(path).resolve()))
+    return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
 def find_diffusers_transformer(path: str | Path) -> Path | None:
@@ -236,8 +290,15 @@ def load_diffusers_dir(path: str | Path, **options):
     root = Path(path)
     vae = None
     if (root / "vae" / "config.json").is_file():
-        vae = (options.get("vae_source") or str(root), "vae")
+        vae = (options.get("vae_source") or hub_id_of(root) or str(root.resolve()), "vae")
     opts = {**options, "diffusers_config": cfg, "what": str(find_diffusers_transformer(path))}
     if vae:
         opts["vae_repo"] = vae
-    return DiTFamily().build(sd, opts)
+    model = DiTFamily().build(sd, opts)
+    if vae:  # decoded image side from the VAE's own depth: 2^(len(block_out_channels) - 1) per latent pixel
+        try:
+            factor = 2 ** (len(json.loads((root / "vae" / "config.json").read_text()).get("block_out_channels", [0] * 4)) - 1)
+        except (OSError, ValueError):
+            factor = 8
+        model.config = model.config.replace(latent=dataclasses.replace(model.config.latent, image_size=model.config.input_size * factor))
+    return model

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 import math
-import os
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -38,8 +37,13 @@ class SDVAEDecoder:
             raise FlowmapError("SD-VAE decoding needs diffusers; install it with `pip install 'flowmap-convert[sdvae]'`.") from None
         repo = latent.repo or "stabilityai/sd-vae-ft-ema"
         sub = latent.extra.get("subfolder")  # diffusers pipelines keep the VAE in `vae/`
+        kwargs = {"subfolder": sub} if sub else {}
+        if not Path(repo).is_dir():  # a Hub id: the same cache and offline switch as every other download
+            from .adapters.sources import hub_cache_dir, is_offline
+
+            kwargs.update(cache_dir=str(hub_cache_dir()), local_files_only=is_offline())
         try:
-            self.vae = AutoencoderKL.from_pretrained(repo, **({"subfolder": sub} if sub else {})).to(device).eval()
+            self.vae = AutoencoderKL.from_pretrained(repo, **kwargs).to(device).eval()
         except (OSError, ValueError) as e:
             raise FlowmapError(f"could not load the SD-VAE decoder {repo!r} ({str(e).splitlines()[0]}); download it once with network access or set the latent repo to a local copy.") from None
         self.latent = latent
@@ -70,21 +74,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (REFERENCE 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_file(repo: str, filename: str) -> Path:
+def resolve_file(repo: str, filename: str, revision: str | None = None) -> Path:
     """A file of a latent-space repo: `repo` is a local directory or a Hub id (cache honoured, HF_HUB_OFFLINE too)."""
     local = Path(repo) / filename
     if Path(repo).is_dir():
         if not local.is_file():
             raise FlowmapError(f"{local} does not exist; put the RAE file there or set the model's latent repo to a directory that has it.")
         return local
-    try:
-        from huggingface_hub import hf_hub_download
+    from .adapters.sources import hub_download
 
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
-    except Exception as e:  # noqa: BLE001 - offline misses, 404s and network errors are all the same user error
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = "it is not in the local cache and HF_HUB_OFFLINE is set; download it once online" if offline else "download it with `hf download`"
-        raise FlowmapError(f"cannot get {filename} from {repo} ({type(e).__name__}); {hint}, or set the model's latent repo to a local directory.") from None
+    return hub_download(repo, filename, revision)  # cache + HF_HUB_OFFLINE read now; failures are FlowmapErrors
 
 
 def load_weights_only(path: Path, what: str) -> dict:

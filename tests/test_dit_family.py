@@ -186,21 +186,25 @@ def test_original_dit_loading_is_strict_and_shape_checked():
         DiTFamily().build(sd, {"num_heads": 5})
 
 
-def test_detection_dit_vs_sit_needs_the_file_name():
-    fam = FAMILIES["dit"]
-    assert not fam.detect(random_dit_sd())  # identical keys to original SiT: decided by name or --family
-    assert fam.detect_name("DiT-XL-2-256x256.pt") and fam.detect_name("models/DiT-XL-2-512x512.pt")
-    assert not fam.detect_name("SiT-XL-2-256x256.pt")
+def test_detection_dit_vs_sit_needs_a_hint():
+    from flowmap_convert.adapters import choose_family
+
+    sd = random_dit_sd()
+    assert FAMILIES["dit"].detect(sd) and FAMILIES["sit"].detect(sd)  # identical keys (REFERENCE §5.1)
+    assert choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "dit"
+    assert choose_family(sd, {"name": "SiT-XL-2-256x256.pt"})[0] == "sit"
+    assert choose_family(sd, {"args": {"model": "DiT-XL/2"}})[0] == "dit"
+    with pytest.raises(FlowmapError, match="--family"):
+        choose_family(sd, {"name": "model.pt"})
+    assert not FAMILIES["dit"].detect({k: v for k, v in sd.items() if not k.startswith("final_layer.linear")})
 
 
 # ------------------------------------------------------------------------------------------------ diffusers layout
-@pytest.fixture(scope="module")
-def diffusers_repo(tmp_path_factory):
+def save_diffusers_dit(root, num_layers: int = 3):
     """A tiny random DiTTransformer2DModel + AutoencoderKL saved in the facebook/DiT-XL-2-256 layout."""
     diffusers = pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("dit-diffusers")
     torch.manual_seed(0)
-    tr = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    tr = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in tr.named_parameters():
@@ -216,7 +220,13 @@ def diffusers_repo(tmp_path_factory):
     tr.save_pretrained(root / "transformer")
     tiny_vae().save_pretrained(root / "vae")
     (root / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
-    return root, tr.eval()
+    return tr.eval()
+
+
+@pytest.fixture(scope="module")
+def diffusers_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit-diffusers")
+    return root, save_diffusers_dit(root)
 
 
 def test_diffusers_dit_equals_diffusers_and_the_reference(diffusers_repo):

@@ -18,11 +18,11 @@ from flowmap_convert.errors import FlowmapError
 C, SIDE, DE, DD, NE, ND, HE, HD, K = 8, 4, 32, 48, 3, 2, 2, 3, 10
 
 
-def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False) -> dict:
+def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False, side: int = SIDE) -> dict:
     """A tiny DiT^DH checkpoint with exactly the §6.3 key set (plus §11.1 r_embedder), random values everywhere."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
-    L = SIDE * SIDE
+    L = side * side
     sd = {
         "s_embedder.proj.weight": r(DE, C, 1, 1), "s_embedder.proj.bias": r(DE),
         "x_embedder.proj.weight": r(DD, C, 1, 1), "x_embedder.proj.bias": r(DD),
@@ -35,7 +35,7 @@ def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False)
         sd.update({f"{emb}.W": torch.randn(256, generator=g), f"{emb}.mlp.0.weight": r(DE, 512), f"{emb}.mlp.0.bias": r(DE),
                    f"{emb}.mlp.2.weight": r(DE, DE), f"{emb}.mlp.2.bias": r(DE)})
     for name, d, h in (("enc", DE, HE), ("dec", DD, HD)):
-        cos, sin = rope_tables(d // h, SIDE)
+        cos, sin = rope_tables(d // h, side)
         sd[f"{name}_feat_rope.freqs_cos"], sd[f"{name}_feat_rope.freqs_sin"] = cos, sin
     for i in range(NE + ND):
         d, h = (DE, HE) if i < NE else (DD, HD)
