@@ -125,7 +125,7 @@ def test_sit_learn_sigma_reversed_time_at_every_depth(tmp_path, fmt, capsys):
 def test_sit_one_euler_step_matches_the_source_direction(tmp_path):
     sd = make_sd(learn_sigma=True, seed=7)
     path = save_pt(sd, tmp_path / "sit.pt")
-    model = fm.convert(path, depth=2, num_heads=4)
+    model = fm.convert(path, depth=2, num_heads=4, family="sit")  # a bare learn_sigma file also fits DiT
     x, _, y = inputs()
     t_sit, dt = torch.tensor([0.2, 0.5, 0.7]), 0.1
     src_next = x + dt * ref_sit_velocity(sd, x, t_sit, y, heads=4)  # SiT's ODE: t_sit -> t_sit + dt with +v_sit
@@ -180,7 +180,7 @@ def test_dmf_depth_from_training_args(tmp_path):
 def test_exported_directory_round_trip(tmp_path):
     sd = make_sd(learn_sigma=True, seed=11)
     path = save_pt(sd, tmp_path / "sit.pt")
-    conv = fm.convert(path, depth=3, num_heads=4)
+    conv = fm.convert(path, depth=3, num_heads=4, family="sit")  # a bare learn_sigma file also fits DiT
     out = export(conv, tmp_path / "out")
     x, t, y = inputs()
     loaded, info = load_source(str(out))
@@ -199,7 +199,7 @@ def test_detection_and_shape_errors(tmp_path):
     with pytest.raises(FlowmapError, match="unknown --family"):
         load_source(sit, family="nope")
     with pytest.raises(FlowmapError, match="does not divide"):
-        load_source(sit, num_heads=5)
+        load_source(sit, num_heads=5, family="sit")
     dmf = save_pt(make_sd(logvar=True, seed=13), tmp_path / "dmf.pt")
     with pytest.raises(FlowmapError, match="unexpected: logvar_linear"):
         load_source(dmf, family="sit", num_heads=4)
@@ -212,26 +212,15 @@ def test_detection_and_shape_errors(tmp_path):
         load_source(save_pt({"model": make_sd(seed=1)}, tmp_path / "m.pt"), weights="ema")
 
 
-def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path, monkeypatch):
+def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path):
     from flowmap_convert import adapters
 
-    class FakeDit:
-        tie_winner = False
-
-        def detect(self, sd):
-            return "final_layer.linear.weight" in sd
-
-        def hint(self, meta):
-            return "DiT-" in meta.get("name", "")
-
-    monkeypatch.setitem(adapters.FAMILIES, "fake-dit", FakeDit())
-    monkeypatch.setattr(adapters, "DETECTION_ORDER", [*adapters.DETECTION_ORDER, "fake-dit"])
     sd = make_sd(learn_sigma=True, seed=14)
     with pytest.raises(FlowmapError, match="--family sit"):
         load_source(save_pt(sd, tmp_path / "renamed.pt"), num_heads=4)
     model, info = load_source(save_pt(sd, tmp_path / "SiT-B-2-256x256.pt"), num_heads=4)
     assert info["family"] == "sit"
-    assert adapters.choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "fake-dit"
+    assert adapters.choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "dit"
 
 
 def test_non_linear_or_non_velocity_training_args_are_refused(tmp_path):

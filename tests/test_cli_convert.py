@@ -53,7 +53,7 @@ def test_convert_export_load_sample_round_trip(tmp_path):
 @pytest.fixture
 def files(tmp_path):
     """Bad and good inputs on disk."""
-    good = tmp_path / "good.pt"
+    good = tmp_path / "SiT-S-2-16x16.pt"  # a learn_sigma file: the release name says SiT (DiT has the same keys)
     torch.save(make_sd(learn_sigma=True, seed=31), good)
     trunc = tmp_path / "truncated.pt"
     trunc.write_bytes(good.read_bytes()[:4000])
