@@ -3,6 +3,14 @@
 Both are canonical-time models over RAE's DINOv2 latent space [768, 16, 16] (256 px) or [768, 32, 32] (512 px).
 RAE becomes a velocity FlowMap on arch "ddt" (convert splits it; the default depth puts the whole DDT head on r);
 MF-RAE keeps its own "meanflow" conditioning (an r_embedder of t - r), so it already is a flow map.
+
+Sampling defaults. RAE models get `sampling["shift"] = sqrt(C H W / 4096)` (sqrt(48) = 6.93 at 256 px, sqrt(192) at
+512 px), the shift RAE applies to its training times and its sampling grid (§6.4). RAE's own ODE grid is
+shift(1 - linspace(0, 0.999, N)): N - 1 Euler steps that stop at shift(0.001) ~ 0.0069 with no final denoise.
+Our grid is shift(linspace(1, 0, nfe + 1)): nfe steps that end exactly at t = 0, so the last step jumps all the way
+to data (a flow map's u(x_t, t, 0) is made for that). For a base RAE velocity model at many steps the two agree up
+to that last 0.0069 of time; at a few steps ours spends one more step's worth of time on the cleanest end.
+MF-RAE samples on an unshifted uniform grid with 1-4 steps (§11.6), so its default shift is 1.
 """
 
 from __future__ import annotations

@@ -244,8 +244,8 @@ class RAEDecoder:
         return self._encoder
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> normalised RAE latents (B, C, H, W)."""
+    def encode(self, images: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] -> normalised RAE latents (B, C, H, W); deterministic (RAE adds no noise at eval)."""
         x = (images.float().to(self.device) + 1) / 2
         size = int(self.latent.extra.get("encoder_input_size", 224))
         if x.shape[-1] != size or x.shape[-2] != size:
