@@ -19,10 +19,13 @@ from flowmap_convert.errors import FlowmapError
 from flowmap_convert.model import FlowMap
 
 
+TOL = 1e-5  # fp32, absolute (DESIGN.md: the r = t invariant)
+
+
 def random_dit_sd(c=4, d=32, n=3, p=2, grid=4, rows=11, seed=0) -> dict:
     """A tiny original-layout DiT state dict with learn_sigma (2C outputs) and random values everywhere."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
     sd = {
         "x_embedder.proj.weight": r(d, c, p, p), "x_embedder.proj.bias": r(d),
         "t_embedder.mlp.0.weight": r(d, 256), "t_embedder.mlp.0.bias": r(d),
@@ -156,8 +159,8 @@ def test_original_dit_matches_the_reference_forward_at_every_depth():
         ref = torch.stack([reference_velocity(eps[i], x[i], float(s[i])) for i in range(3)])
         for depth in (1, 2, 3):
             u = model.with_depth(depth)(x, s, s, y)
-            assert (u.double() - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item()), depth
-        assert (model.velocity(x, s, y).double() - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+            assert (u.double() - ref).abs().max().item() <= TOL, depth
+        assert (model.velocity(x, s, y).double() - ref).abs().max().item() <= TOL
 
 
 def test_original_dit_decoupled_forward_uses_t_then_r():
@@ -170,7 +173,7 @@ def test_original_dit_decoupled_forward_uses_t_then_r():
     x_ddpm = x / torch.sqrt((1 - t) ** 2 + t**2).reshape(-1, 1, 1, 1)
     eps = dit_eps(sd, x_ddpm, [tt, tt, tr], tr, y, heads=4)[:, :4]
     ref = torch.stack([reference_velocity(eps[i], x[i], float(t[i])) for i in range(2)])
-    assert (model(x, t, r, y).double() - ref).abs().max().item() < 1e-5 * (1 + ref.abs().max().item())
+    assert (model(x, t, r, y).double() - ref).abs().max().item() <= TOL
 
 
 def test_original_dit_loading_is_strict_and_shape_checked():
@@ -210,11 +213,11 @@ def save_diffusers_dit(root, num_layers: int = 3):
         for name, p in tr.named_parameters():
             if "class_embedder" in name or "timestep_embedder" in name:
                 continue
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         # one shared embedder, copied into every block as the conversion script does
         blocks = tr.transformer_blocks
         for name, p in blocks[0].norm1.emb.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for blk in blocks[1:]:
             blk.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
     tr.save_pretrained(root / "transformer")
@@ -254,7 +257,7 @@ def test_diffusers_dit_equals_diffusers_and_the_reference(diffusers_repo):
     vref = torch.stack([reference_velocity(eps[i], x[i], float(s[i])) for i in range(3)])
     for depth in (1, 2, 3):
         u = model.with_depth(depth)(x, s, s, y)
-        assert (u.double() - vref).abs().max().item() <= 1e-5 * (1 + vref.abs().max().item())
+        assert (u.double() - vref).abs().max().item() <= TOL
 
 
 def test_diffusers_keys_map_to_canonical_and_detect(diffusers_repo):
