@@ -61,6 +61,11 @@ def test_rope_tables_match_the_released_shapes():
     cos, _ = rope_tables(72, 16)  # XL encoder: hd 72 -> [256, 72] (§6.3)
     assert cos.shape == (256, 72)
     assert rope_tables(128, 16)[0].shape == (256, 128)
+    from flowmap_convert.ddt import VisionRope
+
+    ours = VisionRope(72, 16)
+    ref_cos, ref_sin = rope_tables(72, 16)
+    assert torch.allclose(ours.freqs_cos, ref_cos, atol=1e-6) and torch.allclose(ours.freqs_sin, ref_sin, atol=1e-6)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
