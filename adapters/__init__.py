@@ -64,12 +64,20 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
             raise FlowmapError(f"unknown --family {family!r}; known families: {', '.join(sorted(FAMILIES))}.")
         return family, "--family"
     candidates = [n for n in DETECTION_ORDER if FAMILIES[n].detect(sd)]
+    alias = meta.get("family_hint")  # the alias table names the family of its files
+    if alias:
+        if alias not in FAMILIES:
+            raise FlowmapError(f"{alias} checkpoints are not supported by this flowmap installation; upgrade with `pip install -U flowmap-convert`.")
+        if alias in candidates:
+            return alias, "weights + source alias"
+        fits = ", ".join(candidates) or "no known family"
+        raise FlowmapError(f"the file does not look like a {alias} checkpoint (its weights fit: {fits}); pass --family to force one.")
     if not candidates:
         sample = ", ".join(sorted(sd)[:5])
         raise FlowmapError(f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model.")
-    hinted = [n for n in candidates if n == meta.get("family_hint") or (getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta))]
+    hinted = [n for n in candidates if getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta)]
     if len(hinted) == 1:
-        return hinted[0], "weights + " + ("source alias" if hinted[0] == meta.get("family_hint") else "file name / training args")
+        return hinted[0], "weights + file name / training args"
     if len(candidates) == 1:
         return candidates[0], "weights"
     if getattr(FAMILIES[candidates[0]], "tie_winner", False):

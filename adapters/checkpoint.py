@@ -111,6 +111,11 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _as_state_dict(obj: Any) -> Any:
+    """A pickled nn.Module (only reachable with --trust-pickle) becomes its state dict."""
+    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+
+
 def _is_state_dict(obj: Any) -> bool:
     """A non-empty flat mapping of string keys to tensors."""
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -128,6 +133,9 @@ def _args_dict(args: Any) -> dict[str, Any]:
 def select_weights(obj: Any, weights: str = "auto", where: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """Pick the state dict from a training dict (ema/model) or take a plain one; returns (sd, used, args)."""
     weights = (weights or "auto").lower()
+    obj = _as_state_dict(obj)
+    if isinstance(obj, dict):
+        obj = {k: _as_state_dict(v) for k, v in obj.items()}
     if weights not in WEIGHT_CHOICES:
         raise FlowmapError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}; pass ema, model or auto.")
     if _is_state_dict(obj):

@@ -8,8 +8,9 @@ The file does not store the encoder/decoder split; `--depth` gives it, else a tr
 from __future__ import annotations
 
 from ..config import check_depth
+from ..errors import FlowmapError
 from . import note, register
-from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config
+from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config
 
 RELEASED_DEPTH = {(1152, 28): 20}  # (hidden, blocks) -> dmf_depth of the released DMF-XL/2 models
 
@@ -41,7 +42,11 @@ class DmfFamily:
         """Decoupled FlowMap at the requested (or default) depth."""
         args = options.get("args") or {}
         check_linear_velocity(args, "DMF")
+        sd = drop_projectors(sd)
         fields = infer_dit_config(sd, options, args)
+        if fields["learn_sigma"] or args.get("pretrained_sigma"):
+            # DMF's --pretrained-sigma variant starts from an original-SiT head whose time direction is not documented.
+            raise FlowmapError("this DMF checkpoint has a learn_sigma head (--pretrained-sigma training), whose convention flowmap does not know; convert the base SiT instead.")
         depth = options.get("depth")
         if depth is None:
             depth, why = default_depth(fields["hidden_size"], fields["num_blocks"], args)

@@ -11,7 +11,7 @@ import re
 
 from ..errors import FlowmapError
 from . import note, register
-from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config, is_learn_sigma
+from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config, is_learn_sigma
 
 LEGACY_RE = re.compile(r"^decoder_blocks\.(\d+)\.(.*)$")
 
@@ -31,14 +31,6 @@ def rename_legacy(sd: dict, encoder_depth: int | None) -> dict:
         out[f"blocks.{int(m.group(1)) + encoder_depth}.{m.group(2)}" if m else k] = v
     note(f"renamed legacy decoder_blocks.* to blocks.{encoder_depth}.. (encoder_depth {encoder_depth})")
     return out
-
-
-def drop_projectors(sd: dict) -> dict:
-    """Remove REPA's projector MLPs (training-only heads aligned with DINOv2 features)."""
-    dropped = [k for k in sd if k.startswith("projectors.")]
-    if dropped:
-        note(f"dropped {len(dropped)} REPA projector tensors (projectors.*): they are training-only alignment heads")
-    return {k: v for k, v in sd.items() if not k.startswith("projectors.")}
 
 
 @register("repa")

@@ -4,6 +4,12 @@ The released SiT-XL/2 has a learn_sigma head (2C channels). The head is kept who
 ordered (p, q, c) with c fastest, so unpatchifying all 2C channels and keeping the first C (the model's
 `raw[:, :C]`) is exactly SiT's `x.chunk(2, dim=1)[0]`. The convention is translated by
 ModelConfig.time_convention = "reversed": t_sit = 1 - t and v = -v_sit.
+
+SiT vs DiT: both ship learn_sigma heads under identical key names, so weights alone cannot tell a velocity model
+(SiT) from an epsilon model (DiT). Decision: never guess. A release file name (`SiT-XL-2-256x256.pt`), training
+args (`path_type` without REPA/DMF options, or `model='SiT-*'`) or the alias (`willisma/SiT`) decide; with none of
+them, and both families installed, loading stops and asks for `--family sit` or `--family dit`. A canonical head
+(C channels) without hints is read as REPA (canonical time), the convention of every modern file.
 """
 
 from __future__ import annotations

@@ -202,9 +202,19 @@ def _hub_error(exc: BaseException, repo: str, revision: str | None, filename: st
         return FlowmapError(f"{repo}{rev} has no file {filename!r}; pass an existing --filename.")
     if isinstance(exc, he.HFValidationError):
         return FlowmapError(f"{repo!r} is not a valid Hub repo id or revision ({exc}); check the spelling.")
-    if isinstance(exc, (he.HfHubHTTPError, ConnectionError, TimeoutError, OSError)):
+    if _is_network_error(exc) or isinstance(exc, (he.HfHubHTTPError, ConnectionError, TimeoutError, OSError)):
         return FlowmapError(f"cannot reach the Hugging Face Hub for {repo} ({type(exc).__name__}); check the network, or use HF_HUB_OFFLINE=1 with a cached copy.")
     return FlowmapError(f"Hub access to {repo} failed ({type(exc).__name__}: {exc}); check the repo id, revision and network.")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Connection-level failures from whichever HTTP client huggingface_hub uses (httpx, requests, urllib3)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "httpcore") and cls.__name__ in (
+            "TransportError", "NetworkError", "TimeoutException", "ConnectError", "ConnectionError", "Timeout", "ProtocolError", "RequestError"
+        ):
+            return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def cached_snapshot(repo: str, revision: str | None) -> tuple[str, Path] | None:
@@ -231,9 +241,8 @@ def hub_files(repo: str, revision: str | None) -> tuple[list[str], str | None]:
             info = HfApi().model_info(repo, revision=revision)
             return [s.rfilename for s in (info.siblings or [])], info.sha
         except Exception as e:  # noqa: BLE001 - translated below, or fall back to the cache when unreachable
-            err = _hub_error(e, repo, revision, None)
-            if "cannot reach" not in str(err) and "cannot download" not in str(err):
-                raise err from None
+            if not _is_network_error(e) and not isinstance(e, OSError) or isinstance(e, he_errors().HfHubHTTPError):
+                raise _hub_error(e, repo, revision, None) from None
     snap = cached_snapshot(repo, revision)
     if snap is None:
         rev = f" at revision {revision!r}" if revision else ""
@@ -253,6 +262,13 @@ def _commit_of(path: Path) -> str | None:
         if i + 1 < len(parts) and COMMIT_RE.match(parts[i + 1]):
             return parts[i + 1]
     return None
+
+
+def he_errors():
+    """huggingface_hub.errors, imported lazily."""
+    from huggingface_hub import errors
+
+    return errors
 
 
 def hub_download(repo: str, filename: str, revision: str | None) -> Path:

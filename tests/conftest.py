@@ -8,6 +8,15 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Triton reads TRITON_INTERPRET when it is first imported: without CUDA, run kernels in its CPU interpreter.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "0")
+except ImportError:  # pragma: no cover
+    pass
 
 
 def tiny_config(**overrides):

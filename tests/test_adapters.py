@@ -19,6 +19,15 @@ from dit_reference import make_sd, ref_forward, ref_logvar, ref_sit_velocity
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def inputs(b=3, c=4, size=8, classes=10, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, c, size, size, generator=g)
@@ -231,3 +240,24 @@ def test_non_linear_or_non_velocity_training_args_are_refused(tmp_path):
     noise = save_pt({"ema": sd, "args": argparse.Namespace(model="SiT-B/2", path_type="Linear", prediction="noise")}, tmp_path / "eps.pt")
     with pytest.raises(FlowmapError, match="predicts 'noise'"):
         load_source(noise, num_heads=4)
+
+
+def test_dmf_refuses_a_learn_sigma_head_and_detection_order_is_specific_first(tmp_path):
+    from flowmap_convert.adapters import DETECTION_ORDER
+
+    assert DETECTION_ORDER[:3] == ["dmf", "repa", "sit"]
+    path = save_pt(make_sd(learn_sigma=True, logvar=True, seed=16), tmp_path / "dmf_sigma.pt")
+    with pytest.raises(FlowmapError, match="learn_sigma head"):
+        load_source(path, num_heads=4)
+
+
+def test_half_precision_files_load_as_fp32_and_frozen_tables_stay_frozen(tmp_path):
+    sd = make_sd(seed=17)
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in sd.items()}, str(path))
+    model, _ = load_source(str(path), num_heads=4)
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
+    assert not model.net.pos_embed.requires_grad and model.net.blocks[0].attn.qkv.weight.requires_grad
+    x, t, y = inputs()
+    ref = ref_forward({k: v.half().float() for k, v in sd.items()}, x, t, y, heads=4)
+    assert maxerr(model.velocity(x, t, y), ref) <= TOL

@@ -22,6 +22,15 @@ from dit_reference import make_sd, ref_forward
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pt_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -174,3 +183,90 @@ def test_plain_http_is_refused_without_the_test_switch(monkeypatch):
         resolve("http://127.0.0.1:1/x.pt")
     with pytest.raises(FlowmapError, match="use an https"):
         resolve("ftp://example.org/x.pt")
+
+
+def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_path, monkeypatch):
+    """The hook the diffusers-style families use: claims_layout (Hub file list) + claims_dir/build_dir (local dir)."""
+    from safetensors.torch import load_file, save_file
+
+    from flowmap_convert import adapters
+
+    seen = {}
+
+    class FakeDiffusers:
+        def detect(self, sd):
+            return False
+
+        def claims_layout(self, files):
+            return ["transformer/*", "model_index.json"] if "model_index.json" in files else None
+
+        def claims_dir(self, path):
+            return (path / "model_index.json").is_file() and (path / "transformer").is_dir()
+
+        def build_dir(self, path, options):
+            seen["path"] = path
+            sd = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+            return adapters.FAMILIES["repa"].build(sd, {"num_heads": 4}), "plain"
+
+    monkeypatch.setitem(adapters.FAMILIES, "fake-diffusers", FakeDiffusers())
+    monkeypatch.setattr(adapters, "DETECTION_ORDER", [*adapters.DETECTION_ORDER, "fake-diffusers"])
+    sd = make_sd(seed=40)
+    local = tmp_path / "pipe"
+    (local / "transformer").mkdir(parents=True)
+    (local / "model_index.json").write_text("{}")
+    save_file(sd, str(local / "transformer" / "diffusion_pytorch_model.safetensors"))
+    model, info = load_source(str(local))
+    assert info["family"] == "fake-diffusers" and velocity_matches(model, sd)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    add_snapshot(hub[0], "acme/pipe", COMMIT_A, {
+        "model_index.json": b"{}",
+        "transformer/diffusion_pytorch_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+        "vae/diffusion_pytorch_model.safetensors": b"not needed",
+    })
+    model, info = load_source("acme/pipe")
+    assert info["family"] == "fake-diffusers" and info["revision"] == COMMIT_A and velocity_matches(model, sd)
+    assert COMMIT_A in str(seen["path"])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("RepositoryNotFoundError", "does not exist or is private"),
+    ("GatedRepoError", "is gated"),
+    ("RevisionNotFoundError", "has no revision 'v9'"),
+    ("RemoteEntryNotFoundError", "has no file 'x.pt'"),
+    ("LocalEntryNotFoundError", "not in the local Hub cache"),
+])
+def test_hub_exceptions_become_one_sentence_fixes(name, expected, monkeypatch):
+    from huggingface_hub import errors as he
+
+    from flowmap_convert.adapters.sources import _hub_error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cls = getattr(he, name)
+    exc = cls.__new__(cls)  # the HTTP errors need a live response to construct; only the type matters here
+    Exception.__init__(exc, "boom")
+    msg = str(_hub_error(exc, "acme/repo", "v9", "x.pt"))
+    assert expected in msg and msg.endswith(".") and "\n" not in msg
+
+
+def test_connection_errors_read_as_network_problems():
+    from flowmap_convert.adapters.sources import _hub_error
+
+    assert "cannot reach the Hugging Face Hub" in str(_hub_error(ConnectionError("down"), "acme/repo", None, None))
+
+
+def test_alias_family_must_match_the_weights(hub, monkeypatch):
+    cache, sds = hub
+    add_snapshot(cache, "kyungmnlee/DMF", COMMIT_B, {"dmf_xl_2_256.pt": pt_bytes(make_sd(seed=41, learn_sigma=True))}, refs=("other",))
+    with pytest.raises(FlowmapError, match="does not look like a dmf checkpoint.*sit"):
+        load_source("kyungmnlee/DMF", revision="other", num_heads=4)
+
+
+def test_an_exported_flowmap_on_the_hub_loads_with_its_depth(hub, tmp_path):
+    import flowmap_convert as fm
+    from flowmap_convert.io import export
+
+    cache, sds = hub
+    out = export(fm.convert(str(resolve("acme/tiny-sit", filename="model.pt").path), depth=2, num_heads=4), tmp_path / "exp")
+    add_snapshot(cache, "acme/exported", COMMIT_A, {p.name: p.read_bytes() for p in out.iterdir()})
+    model, info = load_source("acme/exported")
+    assert info["family"] == "flowmap" and model.config.depth == 2 and velocity_matches(model, sds["v2"])

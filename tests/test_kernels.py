@@ -1,0 +1,337 @@
+"""Attention backends and the fused Triton JVP kernel against a float64 torch.func.jvp reference.
+
+Triton (3.x) fixes interpreter-vs-compiled when it is first imported: the jitted
+helpers of ``triton.language`` (tl.sum, tl.max, ...) are built then from env
+TRITON_INTERPRET. So on a machine without CUDA this module sets the variable before
+anything imports triton, and the kernel tests run in the interpreter on CPU tensors;
+with CUDA they run the compiled kernel on the GPU instead (same assertions).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton` (see above)
+os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "0")  # one fixed config on CUDA; the bf16 test re-enables it
+
+import pytest  # noqa: E402
+from torch.autograd import forward_ad as fwAD  # noqa: E402
+
+from flowmap_convert.kernels import (
+    attention,
+    describe,
+    get_default_backend,
+    math_attention,
+    resolve_backend,
+    set_default_backend,
+    triton_available,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _kernel_device():
+    """Where the Triton kernel can run in this process: 'cpu' (interpreter), 'cuda', or None."""
+    if not triton_available():
+        return None
+    from flowmap_convert.kernels.triton_jvp import interpreting
+
+    if interpreting():
+        return "cpu"
+    return "cuda" if HAS_CUDA else None
+
+
+KERNEL_DEVICE = _kernel_device()
+needs_triton = pytest.mark.skipif(
+    KERNEL_DEVICE is None, reason="triton missing, or imported without TRITON_INTERPRET=1 on a machine without CUDA"
+)
+
+# (atol, rtol) for outputs/tangents and for input gradients, per input dtype
+TOL = {
+    torch.float32: ((2e-5, 1e-4), (2e-5, 1e-4)),
+    torch.float16: ((3e-3, 3e-3), (1e-2, 1e-2)),
+    torch.bfloat16: ((2e-2, 2e-2), (5e-2, 5e-2)),
+}
+
+
+def reference_attention(q, k, v, scale=None):
+    """Plain float64 softmax(scale Q K^T) V."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+
+
+def make_inputs(dtype, L, D, B=1, H=2, L_K=None, device="cpu", seed=0):
+    """Primals and tangents in `dtype`, plus their float64 copies (same rounded values)."""
+    g = torch.Generator().manual_seed(seed)
+    L_K = L if L_K is None else L_K
+    shapes = [(B, H, L, D), (B, H, L_K, D), (B, H, L_K, D)] * 2
+    xs = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    return [x.to(device) for x in xs], [x.double() for x in xs]
+
+
+def reference_meanflow(ref, w_o, w_t, scale=None):
+    """Float64 output, tangent and q/k/v gradients of loss = <o, w_o> + <stopgrad(do), w_t>."""
+    q, k, v = (x.clone().requires_grad_() for x in ref[:3])
+    o, t = torch.func.jvp(lambda a, b, c: reference_attention(a, b, c, scale), (q, k, v), tuple(ref[3:]))
+    ((o * w_o).sum() + (t.detach() * w_t).sum()).backward()
+    return o.detach(), t.detach(), q.grad, k.grad, v.grad
+
+
+def run_meanflow(backend, xs, w_o, w_t, scale=None):
+    """The trainer's pattern: u, dudt = torch.func.jvp(f, ...); loss uses u with grad and dudt.detach()."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in xs[:3])
+    o, t = torch.func.jvp(lambda a, b, c: attention(a, b, c, backend=backend, scale=scale), (q, k, v), tuple(xs[3:]))
+    ((o.double() * w_o).sum() + (t.detach().double() * w_t).sum()).backward()
+    return o, t, q.grad, k.grad, v.grad
+
+
+def assert_matches(got, want, dtype):
+    """Compare output, tangent, then the three gradients, with the dtype's tolerances."""
+    (a1, r1), (a2, r2) = TOL[dtype]
+    names = ["output", "tangent", "grad q", "grad k", "grad v"]
+    for i, (g, w) in enumerate(zip(got, want)):
+        atol, rtol = (a1, r1) if i < 2 else (a2, r2)
+        torch.testing.assert_close(g.double().cpu(), w, atol=atol, rtol=rtol, msg=lambda m: f"{names[i]}: {m}")
+
+
+# ---------------------------------------------------------------- fused kernel
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.parametrize("L", [7, 33, 65])
+def test_fused_kernel_output_and_tangent(dtype, D, L):
+    """The one-pass kernel (computing O itself) matches the float64 jvp for odd lengths and padded D."""
+    from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
+
+    xs, ref = make_inputs(dtype, L, D, device=KERNEL_DEVICE)
+    want = torch.func.jvp(reference_attention, tuple(ref[:3]), tuple(ref[3:]))
+    got = attention_fwd_jvp(*xs)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert_matches(got, want, dtype)
+
+
+@needs_triton
+def test_fused_kernel_cross_lengths_scale_and_strides():
+    """L_Q != L_K, a large softmax scale (forces rescaling across key blocks) and non-contiguous inputs."""
+    from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
+
+    xs, ref = make_inputs(torch.float32, 19, 72, B=2, H=3, L_K=70, device=KERNEL_DEVICE)
+    # (B, L, H, D) storage viewed as (B, H, L, D), as models produce it after splitting heads
+    xs = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in xs]
+    assert not xs[0].is_contiguous()
+    scale = 1.0  # logits with std ~8.5: the running max moves across key blocks
+    want = torch.func.jvp(lambda a, b, c: reference_attention(a, b, c, scale), tuple(ref[:3]), tuple(ref[3:]))
+    got = attention_fwd_jvp(*xs, scale=scale)
+    assert_matches(got, want, torch.float32)
+
+
+@needs_triton
+def test_fused_kernel_missing_tangents_are_zero():
+    """None for a tangent means zero, as forward-mode AD passes it for inputs without one."""
+    from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
+
+    xs, ref = make_inputs(torch.float32, 33, 64, device=KERNEL_DEVICE)
+    zero = torch.zeros_like(ref[0])
+    want = torch.func.jvp(reference_attention, tuple(ref[:3]), (zero, ref[4], zero))
+    got = attention_fwd_jvp(xs[0], xs[1], xs[2], None, xs[4], None)
+    assert_matches(got, want, torch.float32)
+
+
+# ---------------------------------------------------------------- triton backend (autograd function)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.parametrize("L", [7, 33, 65])
+def test_triton_backend_meanflow_pattern(dtype, D, L):
+    """torch.func.jvp through the triton backend, then backward: output, tangent and q/k/v grads are exact."""
+    xs, ref = make_inputs(dtype, L, D, device=KERNEL_DEVICE)
+    g = torch.Generator().manual_seed(1)
+    w_o, w_t = (torch.randn(ref[0].shape, generator=g, dtype=torch.float64) for _ in range(2))
+    got = run_meanflow("triton", xs, w_o.to(KERNEL_DEVICE), w_t.to(KERNEL_DEVICE))
+    assert got[1].requires_grad is False  # the tangent is stop-gradient by construction
+    assert_matches(got, reference_meanflow(ref, w_o, w_t), dtype)
+
+
+@needs_triton
+def test_triton_backend_forward_ad_custom_scale_and_partial_tangent():
+    """torch.autograd.forward_ad works too, with an overridden scale and a tangent on k only."""
+    xs, ref = make_inputs(torch.float32, 33, 72, device=KERNEL_DEVICE)
+    scale = 0.3
+    with fwAD.dual_level():
+        o = attention(xs[0], fwAD.make_dual(xs[1], xs[4]), xs[2], backend="triton", scale=scale)
+        primal, tangent = fwAD.unpack_dual(o)
+    want = torch.func.jvp(lambda b: reference_attention(ref[0], b, ref[2], scale), (ref[1],), (ref[4],))
+    assert_matches((primal, tangent), want, torch.float32)
+
+
+@needs_triton
+def test_triton_backend_plain_forward_is_sdpa():
+    """Without a tangent the triton backend is exactly SDPA (no kernel launch, same numbers)."""
+    xs, _ = make_inputs(torch.float32, 33, 64, device=KERNEL_DEVICE)
+    got = attention(*xs[:3], backend="triton")
+    want = torch.nn.functional.scaled_dot_product_attention(*xs[:3])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_without_cuda_or_interpreter_is_a_clear_error():
+    """Forcing triton on CPU tensors in a process where triton is not interpreting names the fix."""
+    code = (
+        "import torch; from flowmap_convert.kernels import attention; x = torch.randn(1, 1, 7, 64); "
+        "attention(x, x, x, backend='triton')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "RuntimeError: attention backend 'triton' needs CUDA tensors (got cpu)" in out.stderr
+    assert "TRITON_INTERPRET=1" in out.stderr
+
+
+@needs_triton
+@pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="interpreter-only limitation")
+def test_interpreter_refuses_bf16():
+    """The interpreter has no bf16 tl.dot: a clear error instead of wrong numbers."""
+    xs, _ = make_inputs(torch.bfloat16, 7, 64)
+    with pytest.raises(RuntimeError, match="no bf16 tl.dot"):
+        torch.func.jvp(lambda a: attention(a, xs[1], xs[2], backend="triton"), (xs[0],), (xs[3],))
+
+
+# ---------------------------------------------------------------- math and sdpa backends
+
+
+@pytest.mark.parametrize("mode", ["func", "forward_ad"])
+def test_math_backend_jvp(mode):
+    """The math backend differentiates forward-mode both ways and keeps the input dtype."""
+    xs, ref = make_inputs(torch.float32, 33, 72)
+    want = torch.func.jvp(reference_attention, tuple(ref[:3]), tuple(ref[3:]))
+    if mode == "func":
+        got = torch.func.jvp(lambda a, b, c: attention(a, b, c, backend="math"), tuple(xs[:3]), tuple(xs[3:]))
+    else:
+        with fwAD.dual_level():
+            o = attention(*(fwAD.make_dual(p, t) for p, t in zip(xs[:3], xs[3:])), backend="math")
+            got = fwAD.unpack_dual(o)
+    assert got[0].dtype == torch.float32
+    assert_matches(got, want, torch.float32)
+
+
+def test_math_backend_meanflow_pattern_and_half_dtype():
+    """math: the MeanFlow pattern's gradients are exact; fp16 inputs give fp16 outputs from fp32 accumulation."""
+    xs, ref = make_inputs(torch.float32, 65, 64)
+    g = torch.Generator().manual_seed(2)
+    w_o, w_t = torch.randn(ref[0].shape, generator=g, dtype=torch.float64), torch.randn(ref[0].shape, generator=g, dtype=torch.float64)
+    assert_matches(run_meanflow("math", xs, w_o, w_t), reference_meanflow(ref, w_o, w_t), torch.float32)
+    half, ref_half = make_inputs(torch.float16, 65, 64)
+    o = attention(*half[:3], backend="math")
+    assert o.dtype == torch.float16
+    torch.testing.assert_close(o.double(), reference_attention(*ref_half[:3]), atol=2e-3, rtol=2e-3)
+
+
+def test_sdpa_backend_gradients_match():
+    """sdpa: output and q/k/v gradients equal the float64 reference."""
+    xs, ref = make_inputs(torch.float32, 33, 72)
+    w = torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q, k, v = (x.clone().requires_grad_() for x in xs[:3])
+    o = attention(q, k, v, backend="sdpa", scale=0.2)
+    (o.double() * w).sum().backward()
+    rq, rk, rv = (x.clone().requires_grad_() for x in ref[:3])
+    ro = reference_attention(rq, rk, rv, 0.2)
+    (ro * w).sum().backward()
+    assert_matches((o, o, q.grad, k.grad, v.grad), (ro.detach(), ro.detach(), rq.grad, rk.grad, rv.grad), torch.float32)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_resolve_backend_choices():
+    """auto: math on CPU; on CUDA triton-jvp with a tangent and plain SDPA without."""
+    assert resolve_backend("auto", "cpu") == "math"
+    assert resolve_backend("auto", "cpu", has_tangent=True) == "math"
+    assert resolve_backend("math", "cuda", has_tangent=True) == "math"
+    assert resolve_backend("sdpa", "cpu") == "sdpa"
+    assert resolve_backend("triton", "cuda", has_tangent=False) == "sdpa"
+    if triton_available():
+        assert resolve_backend("auto", "cuda", has_tangent=True) == "triton"
+        assert resolve_backend("auto", "cuda", has_tangent=False) == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        resolve_backend("flash", "cpu")
+
+
+def test_auto_on_cpu_is_math_and_differentiable():
+    """auto on CPU computes the math backend's result, jvp included."""
+    xs, _ = make_inputs(torch.float32, 7, 64)
+    got = torch.func.jvp(lambda a, b, c: attention(a, b, c), tuple(xs[:3]), tuple(xs[3:]))
+    want = torch.func.jvp(math_attention, tuple(xs[:3]), tuple(xs[3:]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_default_backend_setter_and_describe():
+    """set_default_backend changes what backend=None does; describe names the implementations."""
+    before = get_default_backend()
+    try:
+        set_default_backend("sdpa")
+        assert get_default_backend() == "sdpa"
+        xs, _ = make_inputs(torch.float32, 7, 64)
+        with pytest.raises(RuntimeError):  # CPU SDPA has no forward-mode rule: proves sdpa ran
+            torch.func.jvp(lambda a: attention(a, xs[1], xs[2]), (xs[0],), (xs[3],))
+        with pytest.raises(ValueError, match="choose one of auto, triton, sdpa, math"):
+            set_default_backend("fast")
+    finally:
+        set_default_backend(before)
+    if triton_available():
+        assert describe("auto") == "attention[auto]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent) / math (CPU)"
+    assert describe("auto", device="cpu") == "attention[auto]: math (CPU)"
+    assert describe("math") == "attention[math]: math"
+    assert describe("triton", device="cuda") == "attention[triton]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent)"
+
+
+def test_default_backend_from_environment():
+    """FLOWMAP_ATTENTION sets the default at import; a bad value fails loudly."""
+    code = "from flowmap_convert.kernels import get_default_backend as g; print(g())"
+    env = dict(os.environ, FLOWMAP_ATTENTION="math")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "math"
+    env["FLOWMAP_ATTENTION"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown attention backend 'bogus'" in bad.stderr
+
+
+def test_bad_shapes_are_rejected():
+    """Non-(B, H, L, D) inputs fail with the expected layout in the message."""
+    x = torch.randn(2, 7, 64)
+    with pytest.raises(ValueError, match=r"\(B, H, L, D\)"):
+        attention(x, x, x)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA exit path")
+def test_benchmark_exits_2_without_cuda():
+    """benchmarks/attention_jvp.py ends with one line on stderr and exit code 2 when there is no GPU."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "attention_jvp.py")
+    out = subprocess.run([sys.executable, script, "--out", os.devnull], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in out.stderr
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and triton_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("D", [64, 72, 128])
+@pytest.mark.parametrize("L", [7, 65, 1024])
+def test_cuda_bf16_meanflow_pattern(monkeypatch, D, L):
+    """Compiled, autotuned kernel in bf16 on CUDA: the same MeanFlow-pattern check, through backend auto."""
+    monkeypatch.setenv("FLOWMAP_TRITON_AUTOTUNE", "1")
+    xs, ref = make_inputs(torch.bfloat16, L, D, B=2, H=2, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    w_o, w_t = (torch.randn(ref[0].shape, generator=g, dtype=torch.float64) for _ in range(2))
+    got = run_meanflow("auto", xs, w_o.cuda(), w_t.cuda())
+    assert got[1].dtype == torch.bfloat16 and got[1].requires_grad is False
+    assert_matches(got, reference_meanflow(ref, w_o, w_t), torch.bfloat16)
