@@ -272,3 +272,25 @@ def test_diffusers_keys_map_to_canonical_and_detect(diffusers_repo):
     bad[key] = bad[key] + 1
     with pytest.raises(FlowmapError, match="different copies"):
         diffusers_to_canonical(bad)
+
+
+def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _ = diffusers_repo
+    (tmp_path / "transformer").mkdir()
+    shutil.copy(root / "transformer" / "config.json", tmp_path / "transformer" / "config.json")
+    sd = load_file(str(root / "transformer" / "diffusion_pytorch_model.safetensors"))
+    torch.save(sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin")  # main branch of facebook/DiT-XL-2-256 (§5.2)
+    fam = FAMILIES["dit"]
+    assert fam.claims_dir(tmp_path) and fam.claims_dir(root)
+    model, used = fam.build_dir(tmp_path, {})
+    assert used == "transformer/diffusion_pytorch_model.bin"
+    ref = load_diffusers_dir(root)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
+    assert torch.equal(model.velocity(x, t, y), ref.velocity(x, t, y))
+    files = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors", "README.md"]
+    assert fam.claims_layout(files) == ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors", "vae/config.json"]
+    assert fam.claims_layout(["model.pt", "README.md"]) is None
