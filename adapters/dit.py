@@ -146,20 +146,20 @@ def dit_config(sd: dict, options: dict, diffusers_config: dict | None = None) ->
 
 def build_dit(sd: dict, options: dict, diffusers_config: dict | None = None):
     """FlowMap over a canonical-key DiT state dict, loaded strictly (pos_embed rebuilt for diffusers weights)."""
-    from ..io import load_canonical_state_dict
-    from ..model import FlowMap
+    from ..layers import sincos_pos_embed_2d
+    from .dit_keys import build_and_load
 
     cfg = dit_config(sd, options, diffusers_config)
     latent_repo = options.get("vae_repo")
     if latent_repo:
         sub = {"subfolder": latent_repo[1]} if latent_repo[1] else {}
         cfg = cfg.replace(latent=dataclasses.replace(cfg.latent, repo=latent_repo[0], extra=sub))
-    model = FlowMap(cfg)
     sd = dict(sd)
-    if "pos_embed" not in sd:
-        sd["pos_embed"] = model.net.pos_embed.detach().clone()  # diffusers: fixed sin-cos table, identical formula (§1.4)
-    load_canonical_state_dict(model, sd, options.get("what", "the DiT checkpoint"))
-    return model.eval()
+    if "pos_embed" not in sd:  # diffusers: a fixed sin-cos table, identical formula (§1.4)
+        table = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
+        sd["pos_embed"] = torch.from_numpy(table).float().unsqueeze(0)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return build_and_load(fields, sd, options.get("what", "the DiT checkpoint"))
 
 
 @register("dit")

@@ -112,13 +112,14 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
 
 def build_ddt(sd: dict, options: dict, meanflow: bool):
     """FlowMap over a DiT^DH state dict, loaded strictly (frozen W, pos_embed and RoPE buffers included)."""
-    from ..io import load_canonical_state_dict
-    from ..model import FlowMap
+    import dataclasses
+
+    from .dit_keys import build_and_load
 
     sd = unwrap(sd)
-    model = FlowMap(ddt_config(sd, options or {}, meanflow))
-    load_canonical_state_dict(model, sd, (options or {}).get("what", "the MF-RAE checkpoint" if meanflow else "the RAE DiT^DH checkpoint"))
-    return model.eval()
+    cfg = ddt_config(sd, options or {}, meanflow)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # built on meta, tensors assigned
+    return build_and_load(fields, sd, (options or {}).get("what", "the MF-RAE checkpoint" if meanflow else "the RAE DiT^DH checkpoint"))
 
 
 @register("mf-rae")
