@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from ..config import LatentSpace, ModelConfig
 from ..errors import FlowmapError

@@ -9,6 +9,8 @@ s in [0.0099, 0.9937]; outside that range tau is clamped to [0, 999] (see `eps_t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 NUM_STEPS = 1000
@@ -95,15 +97,10 @@ def snr_matched_input(x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (x_s.double() / n).to(x_s.dtype)
 
 
-DIT_SCHEDULE = None
-
-
+@functools.lru_cache(maxsize=None)
 def default_schedule() -> DDPMSchedule:
     """The shared 1000-step linear schedule of DiT (built once)."""
-    global DIT_SCHEDULE
-    if DIT_SCHEDULE is None:
-        DIT_SCHEDULE = DDPMSchedule()
-    return DIT_SCHEDULE
+    return DDPMSchedule()
 
 
 def covered_range() -> tuple[float, float]:
