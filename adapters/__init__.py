@@ -10,6 +10,8 @@ Family modules register themselves in FAMILIES with `@register("name")` on a cla
   build(sd, options) -> FlowMap  options: num_heads, depth, encoder_depth, args (training args dict), what, ...
 and optionally
   hint(meta) -> bool             non-weight evidence (meta: args, name, family hint) that breaks detection ties
+  accepts(sd) -> bool            weights the family can read although detect() would not claim them on their own
+                                 (used only when an alias, a file name or training args name the family)
   tie_winner: bool               when several families fit and no hint decides, the first fitting family wins
                                  only if it sets this (else the user is asked for --family)
   claims_dir(path) -> bool       a local directory layout this family reads itself (e.g. diffusers transformer/)
@@ -64,18 +66,24 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
             raise FlowmapError(f"unknown --family {family!r}; known families: {', '.join(sorted(FAMILIES))}.")
         return family, "--family"
     candidates = [n for n in DETECTION_ORDER if FAMILIES[n].detect(sd)]
+
+    def fits(name: str) -> bool:
+        """Detected, or at least readable by the family (`accepts`, looser than detect) when a hint names it."""
+        fam = FAMILIES[name]
+        return name in candidates or bool(getattr(fam, "accepts", None) and fam.accepts(sd))
+
     alias = meta.get("family_hint")  # the alias table names the family of its files
     if alias:
         if alias not in FAMILIES:
             raise FlowmapError(f"{alias} checkpoints are not supported by this flowmap installation; upgrade with `pip install -U flowmap-convert`.")
-        if alias in candidates:
+        if fits(alias):
             return alias, "weights + source alias"
-        fits = ", ".join(candidates) or "no known family"
-        raise FlowmapError(f"the file does not look like a {alias} checkpoint (its weights fit: {fits}); pass --family to force one.")
+        fitting = ", ".join(candidates) or "no known family"
+        raise FlowmapError(f"the file does not look like a {alias} checkpoint (its weights fit: {fitting}); pass --family to force one.")
     if not candidates:
         sample = ", ".join(sorted(sd)[:5])
         raise FlowmapError(f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model.")
-    hinted = [n for n in candidates if getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta)]
+    hinted = [n for n in DETECTION_ORDER if getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta) and fits(n)]
     if len(hinted) == 1:
         return hinted[0], "weights + file name / training args"
     if len(candidates) == 1:
@@ -133,6 +141,8 @@ def load_source(source: str, **options):
     build_opts = {**options, "args": ckpt.args, "what": str(path)}
     model = FAMILIES[name].build(ckpt.state_dict, build_opts)
     info = {**res.info, "weights": ckpt.weights, "family": name}
+    if ckpt.steps is not None:
+        info["train_steps"] = ckpt.steps
     model.config = model.config.replace(provenance=info)
     return model, info
 

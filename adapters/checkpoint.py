@@ -36,6 +36,7 @@ class Checkpoint:
     args: dict[str, Any] = field(default_factory=dict)  # training args (argparse.Namespace -> dict), if any
     path: Path | None = None
     format: str = "pickle"  # "safetensors" or "pickle"
+    steps: int | None = None  # training step count when the file records one
 
 
 def _safe_globals() -> list:
@@ -163,4 +164,5 @@ def read_checkpoint(path: str | Path, weights: str = "auto", trust_pickle: bool 
     path = Path(path)
     obj, fmt = load_file_object(path, trust_pickle=trust_pickle)
     sd, used, args = select_weights(obj, weights, where=str(path))
-    return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt)
+    steps = obj.get("steps") if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else None
+    return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt, steps=steps)

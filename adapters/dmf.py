@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..config import check_depth
 from ..errors import FlowmapError
 from . import note, register
-from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config
+from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config, is_learn_sigma
 
 RELEASED_DEPTH = {(1152, 28): 20}  # (hidden, blocks) -> dmf_depth of the released DMF-XL/2 models
 
@@ -33,6 +33,10 @@ class DmfFamily:
     def detect(self, sd) -> bool:
         """DiT keys plus DMF's `logvar_linear` head."""
         return has_dit_keys(sd) and "logvar_linear.weight" in sd
+
+    def accepts(self, sd) -> bool:
+        """A DMFT file saved without its log-variance head (e.g. from a generate-time model) when named as DMF."""
+        return has_dit_keys(sd) and not is_learn_sigma(sd)
 
     def hint(self, meta) -> bool:
         """DMF training args or a file named like the DMF releases."""

@@ -408,9 +408,11 @@ class _progress:
     """A rich download bar on a terminal, silent otherwise; yields an `advance(n)` callable."""
 
     def __init__(self, label: str, total: int):
+        """Label and expected byte count (0 when the server does not say)."""
         self.label, self.total, self.bar = label, total, None
 
     def __enter__(self):
+        """Start the bar (on a terminal) and return the advance callable."""
         if sys.stderr.isatty():
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -421,6 +423,7 @@ class _progress:
         return lambda n: None
 
     def __exit__(self, *exc):
+        """Stop the bar; never swallows exceptions."""
         if self.bar is not None:
             self.bar.stop()
         return False

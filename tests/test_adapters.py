@@ -55,7 +55,7 @@ def test_repa_training_dict_with_namespace_projectors_and_layernorm_qk(tmp_path,
     model, info = load_source(path, num_heads=4)
     err = capsys.readouterr().err
     assert "projectors" in err and "family repa" in err and "weights: ema" in err
-    assert info["weights"] == "ema" and info["family"] == "repa" and len(info["sha256"]) == 64
+    assert info["weights"] == "ema" and info["family"] == "repa" and len(info["sha256"]) == 64 and info["train_steps"] == 4000
     assert model.config.qk_norm == "layernorm" and model.config.latent.kind == "sd-vae" and model.config.latent.image_size == 64
     v_src = ref_forward(ema, x, t, y, heads=4, qk="layernorm")
     for depth in (1, 2, 3, 4):
@@ -261,3 +261,14 @@ def test_half_precision_files_load_as_fp32_and_frozen_tables_stay_frozen(tmp_pat
     x, t, y = inputs()
     ref = ref_forward({k: v.half().float() for k, v in sd.items()}, x, t, y, heads=4)
     assert maxerr(model.velocity(x, t, y), ref) <= TOL
+
+
+def test_a_dmf_file_without_logvar_is_read_as_dmf_when_named_so(tmp_path):
+    sd = make_sd(seed=18)  # DMFT weights minus logvar_linear look exactly like a REPA SiT
+    model, info = load_source(save_pt(sd, tmp_path / "dmf_xl_2_256.pt"), num_heads=4)
+    assert info["family"] == "dmf" and model.config.conditioning == "decoupled" and not model.config.logvar
+    x, t, y = inputs()
+    r = torch.tensor([0.2, 0.2, 0.0])
+    assert maxerr(model(x, t, r, y), ref_forward(sd, x, t, y, heads=4, r_src=r, depth=model.config.depth)) <= TOL
+    _, info = load_source(save_pt(sd, tmp_path / "plain.pt"), num_heads=4)
+    assert info["family"] == "repa"  # no name, no args: the canonical velocity reading
