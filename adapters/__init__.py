@@ -149,3 +149,5 @@ def load_source(source: str, **options):
 
 # Built-in families, most specific first (the families engineer appends dit, dit-diffusers, rae, mf-rae).
 from . import dmf, repa, sit  # noqa: E402,F401
+from . import dit as _dit  # noqa: E402,F401  DiT original + diffusers (issue 3)
+from . import rae as _rae  # noqa: E402,F401  RAE DiT^DH + MF-RAE (issue 3)

@@ -29,6 +29,8 @@ BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 def has_dit_keys(sd: dict[str, torch.Tensor]) -> bool:
     """True when the state dict carries the DiT-family backbone keys (blocks may still be legacy-named)."""
+    if "s_embedder.proj.weight" in sd or "t_embedder.W" in sd:
+        return False  # RAE DiT^DH / MF-RAE (adapters/rae.py): same top-level names, different network
     return all(k in sd for k in REQUIRED) and any(BLOCK_RE.match(k) or k.startswith("decoder_blocks.") for k in sd)
 
 

@@ -26,7 +26,12 @@ def convert(source: str, depth: int | None = None, **options):
             raise FlowmapError("this checkpoint is already a MeanFlow model with its own (t - r) embedder; drop --depth.")
         return model.eval()
     if depth is None:
-        depth = model.config.depth if model.config.conditioning == "decoupled" else max(1, round(2 * n / 3))
+        if model.config.conditioning == "decoupled":
+            depth = model.config.depth
+        elif model.config.arch == "ddt":
+            depth = n  # RAE DiT^DH: the encoder sees t, the whole DDT head sees r
+        else:
+            depth = max(1, round(2 * n / 3))
     check_depth(depth, n)
     out = model.with_depth(depth)
     prov = dict(info)

@@ -17,7 +17,13 @@ def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = Fal
         f"# Flow map from `{prov.get('source', 'unknown source')}`",
         "",
     ]
-    if cfg.conditioning == "decoupled":
+    if cfg.conditioning == "decoupled" and cfg.depth == cfg.num_blocks:
+        head = "the DDT head (with the time injected into its conditioning)" if cfg.arch == "ddt" else "the head"
+        lines.append(
+            f"A decoupled flow map (Decoupled MeanFlow, arXiv 2510.24474): all {cfg.num_blocks} blocks see the current time t, "
+            f"{head} sees the next time r. At r = t it returns the source velocity."
+        )
+    elif cfg.conditioning == "decoupled":
         lines.append(
             f"A decoupled flow map (Decoupled MeanFlow, arXiv 2510.24474): blocks 0..{cfg.depth - 1} see the current time t, "
             f"blocks {cfg.depth}..{cfg.num_blocks - 1} and the head see the next time r. At r = t it returns the source velocity."
@@ -34,7 +40,11 @@ def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = Fal
         f"| input | {cfg.in_channels} x {cfg.input_size} x {cfg.input_size} ({cfg.latent.kind} latent space) |",
         f"| classes | {cfg.num_classes} (null label {cfg.num_classes}) |",
         f"| depth | {cfg.depth if cfg.depth is not None else '-'} |",
+        f"| source convention | {cfg.time_convention}{' (DiT epsilon prediction at the DDPM step with the same SNR)' if cfg.time_convention == 'ddpm-eps' else ''} |",
     ]
+    if cfg.latent.repo:
+        where = cfg.latent.extra.get("decoder") or cfg.latent.extra.get("subfolder")
+        lines.append(f"| latent decoder | `{cfg.latent.repo}`{f' `{where}`' if where else ''} |")
     for key in ("source", "revision", "file", "sha256", "weights", "family", "flowmap_version"):
         if key in prov:
             lines.append(f"| {key} | `{prov[key]}` |")

@@ -89,7 +89,7 @@ def source_options(revision, filename, family, weights, num_heads, trust_pickle,
 @guarded
 def convert(
     source: SourceArg = "builtin:digits-sit",
-    depth: Annotated[Optional[int], typer.Option("--depth", "-d", help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks).")] = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", "-d", help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks; for RAE DiT^DH all encoder blocks, so the DDT head sees r).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (config.json, model.safetensors, README.md).")] = Path("flowmap-out"),
     revision: RevisionOpt = None,
     filename: FilenameOpt = None,

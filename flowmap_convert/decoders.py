@@ -1,8 +1,14 @@
-"""Latent decoders chosen by the model's config: identity (pixel space) and SD-VAE; RAE arrives with issue 3."""
+"""Latent decoders chosen by the model's config: identity (pixel space), SD-VAE and RAE (ViT-MAE decoder + DINOv2)."""
 
 from __future__ import annotations
 
 import torch
+
+import math
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import nn
 
 from .config import LatentSpace
 from .errors import FlowmapError
@@ -30,14 +36,29 @@ class SDVAEDecoder:
         except ImportError:
             raise FlowmapError("SD-VAE decoding needs diffusers; install it with `pip install 'flowmap-convert[sdvae]'`.") from None
         repo = latent.repo or "stabilityai/sd-vae-ft-ema"
+        sub = latent.extra.get("subfolder")  # diffusers pipelines keep the VAE in `vae/`
+        kwargs = {"subfolder": sub} if sub else {}
+        if not Path(repo).is_dir():  # a Hub id: the same cache and offline switch as every other download
+            from .adapters.sources import hub_cache_dir, is_offline
+
+            kwargs.update(cache_dir=str(hub_cache_dir()), local_files_only=is_offline())
         try:
-            self.vae = AutoencoderKL.from_pretrained(repo).to(device).eval()
-        except OSError as e:
+            self.vae = AutoencoderKL.from_pretrained(repo, **kwargs).to(device).eval()
+        except (OSError, ValueError) as e:
             raise FlowmapError(f"could not load the SD-VAE decoder {repo!r} ({str(e).splitlines()[0]}); download it once with network access or set the latent repo to a local copy.") from None
         self.latent = latent
+        got = int(self.vae.config.latent_channels)
+        if got != latent.channels:
+            raise FlowmapError(f"the VAE at {repo!r} has {got} latent channels but the model samples {latent.channels}; point the model's latent repo at the VAE it was trained with.")
+
+    def check(self, z: torch.Tensor) -> None:
+        """Latents must have the VAE's channel count."""
+        if z.dim() != 4 or z.shape[1] != self.latent.channels:
+            raise FlowmapError(f"latents of shape {tuple(z.shape)} do not fit this SD-VAE ({self.latent.channels} channels); use the decoder that matches the model.")
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self.check(z)
         z = (z - self.latent.bias) / self.latent.scale
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
@@ -48,10 +69,202 @@ class SDVAEDecoder:
         return z.float() * self.latent.scale + self.latent.bias
 
 
+# ------------------------------------------------------------------------------------------------ RAE (§7)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (REFERENCE §7, §14.8)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_file(repo: str, filename: str, revision: str | None = None) -> Path:
+    """A file of a latent-space repo: `repo` is a local directory or a Hub id (cache honoured, HF_HUB_OFFLINE too)."""
+    local = Path(repo) / filename
+    if Path(repo).is_dir():
+        if not local.is_file():
+            raise FlowmapError(f"{local} does not exist; put the RAE file there or set the model's latent repo to a directory that has it.")
+        return local
+    from .adapters.sources import hub_download
+
+    return hub_download(repo, filename, revision)  # cache + HF_HUB_OFFLINE read now; failures are FlowmapErrors
+
+
+def load_weights_only(path: Path, what: str) -> dict:
+    """torch.load(weights_only=True) (or safetensors) with readable errors."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or pickled-with-code files
+        raise FlowmapError(f"cannot read the {what} {path} ({type(e).__name__}); re-download it.") from None
+
+
+class ViTMAELayer(nn.Module):
+    """transformers' ViTMAELayer: pre-norm attention and GELU MLP with residuals (keys as in RAE's decoder, §7)."""
+
+    def __init__(self, dim: int, heads: int, intermediate: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.attention = nn.Module()
+        self.attention.attention = nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.attention, name, nn.Linear(dim, dim))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(dim, dim)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(dim, intermediate)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(intermediate, dim)
+        self.layernorm_before = nn.LayerNorm(dim, eps=eps)
+        self.layernorm_after = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import attention
+
+        b, n, d = x.shape
+        h = self.layernorm_before(x)
+        a = self.attention.attention
+        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        o = attention(split(a.query(h)), split(a.key(h)), split(a.value(h))).transpose(1, 2).reshape(b, n, d)
+        x = x + self.attention.output.dense(o)  # first residual
+        m = self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))  # exact GELU
+        return x + m  # second residual
+
+
+class RAEPixelDecoder(nn.Module):
+    """RAE's GeneralDecoder (ViT-MAE decoder): embed -> [cls] + tokens + pos -> layers -> norm -> pred -> drop cls."""
+
+    def __init__(self, in_dim: int, dim: int, layers: int, heads: int, intermediate: int, num_patches: int, out_dim: int, eps: float):
+        super().__init__()
+        self.decoder_embed = nn.Linear(in_dim, dim)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim), requires_grad=False)
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_layers = nn.ModuleList(ViTMAELayer(dim, heads, intermediate, eps) for _ in range(layers))
+        self.decoder_norm = nn.LayerNorm(dim, eps=eps)
+        self.decoder_pred = nn.Linear(dim, out_dim)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, heads: int | None, eps: float, what: str) -> "RAEPixelDecoder":
+        """Architecture from shapes (heads from the standard ViT tables unless given); strict load."""
+        from .dit import heads_for_hidden
+        from .io import check_keys_and_shapes
+
+        try:
+            dim, in_dim = sd["decoder_embed.weight"].shape
+            layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers."))
+            inter = sd["decoder_layers.0.intermediate.dense.weight"].shape[0]
+            patches = sd["decoder_pos_embed"].shape[1] - 1
+            out_dim = sd["decoder_pred.weight"].shape[0]
+        except (KeyError, ValueError):
+            raise FlowmapError(f"{what} is not an RAE ViT-MAE decoder state dict (decoder_embed, decoder_layers.*, decoder_pred); check the model's latent decoder file.") from None
+        net = cls(in_dim, dim, layers, heads or heads_for_hidden(dim), inter, patches, out_dim, eps)
+        check_keys_and_shapes(sd, {k: v.shape for k, v in net.state_dict().items()}, what)
+        net.load_state_dict(sd, strict=True)
+        return net.eval()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(tokens)
+        x = torch.cat([self.trainable_cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.decoder_pos_embed
+        for layer in self.decoder_layers:
+            x = layer(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # logits without the cls row
+
+
+class RAEDecoder:
+    """RAE latent space: per-element stats (eps 1e-5), ViT-MAE pixel decoder, frozen DINOv2-with-registers encoder."""
+
+    def __init__(self, latent: LatentSpace, device="cpu", encoder=None):
+        ex = latent.extra
+        if not latent.repo or not ex.get("decoder") or not ex.get("stats"):
+            raise FlowmapError("this RAE model names no decoder/stats files in its latent space; set latent.repo, latent.extra.decoder and latent.extra.stats in config.json.")
+        self.latent, self.device = latent, torch.device(device)
+        self.eps = float(ex.get("eps", 1e-5))
+        c, n = latent.channels, latent.size
+        stats = load_weights_only(resolve_file(latent.repo, ex["stats"]), "RAE statistics file")
+        if not isinstance(stats, dict) or "mean" not in stats or "var" not in stats:
+            raise FlowmapError(f"the RAE statistics file {ex['stats']} must hold {{'mean', 'var'}}; use RAE's stat.pt.")
+        mean, var = stats["mean"].float(), stats["var"].float()
+        for name, t in (("mean", mean), ("var", var)):
+            if t.dim() == 4 and t.shape[0] == 1:
+                t = t[0]  # accept [1, C, H, W] as well as [C, H, W]
+            if tuple(t.shape) != (c, n, n):
+                raise FlowmapError(f"the RAE statistics {name} has shape {tuple(t.shape)} but the model's latents are {(c, n, n)}; use the stat.pt of the same resolution (imagenet1k for 256 px, imagenet1k_512 for 512 px).")
+            if name == "mean":
+                mean = t
+            else:
+                var = t
+        self.mean, self.std = mean.to(self.device), torch.sqrt(var + self.eps).to(self.device)  # z' = (z - mean)/sqrt(var + eps)
+        sd = load_weights_only(resolve_file(latent.repo, ex["decoder"]), "RAE decoder file")
+        self.net = RAEPixelDecoder.from_state_dict(sd, ex.get("decoder_heads"), float(ex.get("layer_norm_eps", 1e-12)), f"the RAE decoder {ex['decoder']}").to(self.device)
+        in_dim = self.net.decoder_embed.in_features
+        patches = self.net.decoder_pos_embed.shape[1] - 1
+        if in_dim != c or patches != n * n:
+            raise FlowmapError(f"the RAE decoder expects {patches} tokens of {in_dim} channels but the model samples {c}x{n}x{n} latents; pick the decoder of the same resolution and encoder.")
+        self.patch = int(round(math.sqrt(self.net.decoder_pred.out_features / latent.image_channels)))
+        self.pixel_mean = torch.tensor(ex.get("image_mean", IMAGENET_MEAN), device=self.device).view(1, -1, 1, 1)
+        self.pixel_std = torch.tensor(ex.get("image_std", IMAGENET_STD), device=self.device).view(1, -1, 1, 1)
+        self._encoder = encoder
+
+    def check(self, z: torch.Tensor) -> None:
+        """Latents must be (B, C, H, W) with the model's C and side."""
+        c, n = self.latent.channels, self.latent.size
+        if z.dim() != 4 or tuple(z.shape[1:]) != (c, n, n):
+            raise FlowmapError(f"latents of shape {tuple(z.shape)} do not fit this RAE decoder ({c}x{n}x{n}); use the decoder that matches the model.")
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (RAE decode, then x * std + mean in [0, 1], then 2x - 1)."""
+        self.check(z)
+        z = z.float().to(self.device) * self.std + self.mean  # undo the per-element normalisation
+        b, c, h, w = z.shape
+        logits = self.net(z.reshape(b, c, h * w).transpose(1, 2))
+        p, ch = self.patch, self.latent.image_channels
+        x = logits.reshape(b, h, w, p, p, ch)
+        x = torch.einsum("nhwpqc->nchpwq", x).reshape(b, ch, h * p, w * p)  # unpatchify
+        x = x * self.pixel_std + self.pixel_mean  # image in [0, 1]
+        return x.clamp(0, 1) * 2 - 1
+
+    def encoder(self):
+        """The frozen DINOv2-with-registers encoder (transformers), final LayerNorm without affine (Dinov2withNorm)."""
+        if self._encoder is None:
+            try:
+                from transformers import Dinov2WithRegistersModel
+            except ImportError:
+                raise FlowmapError("encoding images into RAE latents needs transformers; install it with `pip install 'flowmap-convert[rae]'`.") from None
+            name = self.latent.extra.get("encoder", "facebook/dinov2-with-registers-base")
+            try:
+                enc = Dinov2WithRegistersModel.from_pretrained(name)
+            except OSError as e:
+                raise FlowmapError(f"could not load the RAE encoder {name!r} ({str(e).splitlines()[0]}); download it once with network access.") from None
+            enc.layernorm.elementwise_affine = False
+            enc.layernorm.weight = None
+            enc.layernorm.bias = None
+            enc = enc.to(self.device).eval().requires_grad_(False)
+            self._encoder = lambda x: enc(x).last_hidden_state[:, 5:]  # drop CLS + 4 registers
+        return self._encoder
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] -> normalised RAE latents (B, C, H, W); deterministic (RAE adds no noise at eval)."""
+        x = (images.float().to(self.device) + 1) / 2
+        size = int(self.latent.extra.get("encoder_input_size", 224))
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std
+        tokens = self.encoder()(x)
+        b, n, c = tokens.shape
+        side = int(round(math.sqrt(n)))
+        z = tokens.transpose(1, 2).reshape(b, c, side, side)
+        self.check(z)
+        return (z - self.mean) / self.std
+
+
 def get_decoder(latent: LatentSpace, device="cpu"):
     """The decoder object for a latent space: `.decode(z) -> images in [-1, 1]`, `.encode(images) -> z`."""
     if latent.kind == "identity":
         return IdentityDecoder(latent)
     if latent.kind == "sd-vae":
         return SDVAEDecoder(latent, device)
-    raise FlowmapError(f"no decoder for latent space {latent.kind!r} in this version; supported: identity, sd-vae.")
+    if latent.kind == "rae":
+        return RAEDecoder(latent, device)
+    raise FlowmapError(f"no decoder for latent space {latent.kind!r} in this version; supported: identity, sd-vae, rae.")

@@ -63,11 +63,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: six modulation vectors from the conditioning c."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str, norm2_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qk_norm)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm2_eps)  # 1e-5 in diffusers' DiT
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
 
@@ -99,12 +99,14 @@ class DiT(nn.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = PatchEmbed(cfg.in_channels, d, p)
-        self.t_embedder = TimestepEmbedder(d)
+        # extra["freq_shift"] = 1 and extra["norm2_eps"] = 1e-5 reproduce diffusers-format DiT weights exactly (§5.2).
+        self.t_embedder = TimestepEmbedder(d, freq_shift=int(cfg.extra.get("freq_shift", 0)))
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_embed_rows)
         grid = cfg.input_size // p
         pos = torch.from_numpy(sincos_pos_embed_2d(d, grid)).float().unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed table, stored in checkpoints
-        self.blocks = nn.ModuleList(DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.num_blocks))
+        norm2_eps = float(cfg.extra.get("norm2_eps", 1e-6))
+        self.blocks = nn.ModuleList(DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, norm2_eps) for _ in range(cfg.num_blocks))
         self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.initialize_weights()
 

@@ -70,6 +70,8 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
             r = t  # a base flow model has no notion of a next time
         if hasattr(self.net, "forward_flowmap"):  # families with their own convention handling (DiT eps, RAE)
             u = self.net.forward_flowmap(x, t, r, y, self.depth)
+        elif self.config.time_convention == "ddpm-eps":
+            u = self._ddpm_velocity(x, t, r, y)
         else:
             raw = self.net.forward_split(x, self.source_time(t), self.source_time(r), y, self.depth)
             u = raw[:, : self.config.in_channels]  # learn_sigma heads: keep the mean channels
@@ -78,6 +80,21 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         if return_logvar:
             return u, self.logvar(t, r)
         return u
+
+    def _ddpm_velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Epsilon-prediction DDPM source (DiT): SNR-matched input and times, eps -> v at t (flowmap_convert.ddpm).
+
+        blocks[:depth] see the DDPM time of t, blocks[depth:] and the head the DDPM time of r; the output
+        epsilon is turned into a velocity with the algebra of the current state (x_t, t).
+        """
+        from .ddpm import default_schedule, eps_to_velocity, snr_matched_input
+
+        sch = default_schedule()
+        x_src = snr_matched_input(x, t)  # x_ddpm = x_t / sqrt((1-t)^2 + t^2)
+        tau_t, tau_r = sch.ddpm_time(t).float(), sch.ddpm_time(r).float()  # continuous steps, clamped to [0, 999]
+        raw = self.net.forward_split(x_src, tau_t, tau_r, y, self.depth)
+        eps_pred = raw[:, : self.config.in_channels]  # learn_sigma: ch[C:2C] is the variance interpolation
+        return eps_to_velocity(eps_pred, x, t, sch).to(x.dtype)
 
     def velocity(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         """Instantiate velocity v(x_t, t) = u(x_t, t, t)."""
@@ -99,6 +116,8 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
     # ------------------------------------------------------------------ conversion helpers
     def with_depth(self, depth: int) -> "FlowMap":
         """The same weights as a decoupled flow map split at `depth` (no new parameters)."""
+        if self.config.conditioning == "meanflow":
+            raise FlowmapError("this model is already a MeanFlow flow map with its own (t - r) embedder; use it without --depth.")
         check_depth(depth, self.config.num_blocks)
         cfg = self.config.replace(conditioning="decoupled", depth=depth)
         out = FlowMap.__new__(FlowMap)

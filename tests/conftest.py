@@ -48,3 +48,13 @@ def tiny_model():
 
     torch.manual_seed(0)
     return randomize(FlowMap(tiny_config())).eval()
+
+
+def tiny_vae():
+    """A tiny random diffusers AutoencoderKL (4 latent channels, downsampling 2) for SD-VAE tests."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+    ).eval()

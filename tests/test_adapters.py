@@ -221,26 +221,15 @@ def test_detection_and_shape_errors(tmp_path):
         load_source(save_pt({"model": make_sd(seed=1)}, tmp_path / "m.pt"), weights="ema")
 
 
-def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path, monkeypatch):
+def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path):
     from flowmap_convert import adapters
 
-    class FakeDit:
-        tie_winner = False
-
-        def detect(self, sd):
-            return "final_layer.linear.weight" in sd
-
-        def hint(self, meta):
-            return "DiT-" in meta.get("name", "")
-
-    monkeypatch.setitem(adapters.FAMILIES, "fake-dit", FakeDit())
-    monkeypatch.setattr(adapters, "DETECTION_ORDER", [*adapters.DETECTION_ORDER, "fake-dit"])
     sd = make_sd(learn_sigma=True, seed=14)
     with pytest.raises(FlowmapError, match="--family sit"):
         load_source(save_pt(sd, tmp_path / "renamed.pt"), num_heads=4)
     model, info = load_source(save_pt(sd, tmp_path / "SiT-B-2-256x256.pt"), num_heads=4)
     assert info["family"] == "sit"
-    assert adapters.choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "fake-dit"
+    assert adapters.choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "dit"
 
 
 def test_non_linear_or_non_velocity_training_args_are_refused(tmp_path):

@@ -1,0 +1,236 @@
+"""RAE's DiT^DH backbone (`DiTwDDTHead`, REFERENCE §6) and MF-RAE's variant with a (t - r) embedder (§11.1).
+
+A LightningDiT encoder (RMSNorm, SwiGLU, 2-D RoPE, optional QK-norm, adaLN with or without shift) on the
+Gaussian-Fourier time embedding, then a wide DDT head whose blocks are modulated token-wise by the encoder output
+s = silu(t_emb + s). Keys are exactly RAE's, so released checkpoints load strictly. Canonical time already
+(t = 1 noise, v = eps - x0).
+
+Decoupling (conditioning "decoupled"): encoder blocks [0, depth) see c(t) = silu(te(t) + ye), blocks [depth, N_e)
+see c(r), and the time injection into s (so the whole DDT head) uses te(r). depth = N_e (the default for RAE)
+keeps the encoder on t and puts the head on r. MF-RAE ("meanflow"): te(t) + re(t - r) everywhere te appears.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .dit import PatchEmbed
+from .errors import FlowmapError
+from .kernels import attention
+from .layers import LabelEmbedder, RMSNorm, modulate, sincos_pos_embed_2d
+
+
+class GaussianFourierEmbedder(nn.Module):
+    """arg = t W 2 pi with a frozen W ~ N(0, 1) [256] -> [sin | cos] -> Linear(512, D) -> SiLU -> Linear (§6.4)."""
+
+    def __init__(self, hidden_size: int, embedding_size: int = 256):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(embedding_size), requires_grad=False)  # must be loaded from the checkpoint
+        self.mlp = nn.Sequential(nn.Linear(2 * embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = t.float()[:, None] * self.W.float()[None, :] * 2 * torch.pi  # fp32 island, RAE's operation order
+        emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)  # sin first
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class VisionRope(nn.Module):
+    """EVA's VisionRotaryEmbeddingFast(dim = head_dim / 2): rows rotate the first half, columns the second (§6.4)."""
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
+        super().__init__()
+        dim = head_dim // 2
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        pos = torch.arange(grid) / grid * grid  # RAE's ft_seq_len / pt_seq_len rescale (identity here)
+        f = torch.einsum("i,f->if", pos, inv).repeat_interleave(2, dim=-1)  # '(n r)' pairwise repeat, r = 2
+        full = torch.cat([f[:, None, :].expand(grid, grid, -1), f[None, :, :].expand(grid, grid, -1)], dim=-1)
+        self.register_buffer("freqs_cos", full.cos().reshape(grid * grid, -1))  # persistent: keys in RAE files
+        self.register_buffer("freqs_sin", full.sin().reshape(grid * grid, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # rotate_half on adjacent pairs (x1, x2) -> (-x2, x1)
+        return x * self.freqs_cos + rotated * self.freqs_sin
+
+
+class NormAttention(nn.Module):
+    """LightningDiT attention: fused qkv, optional QK-norm, RoPE on q and k, then flowmap_convert.kernels.attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: str, rmsnorm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        if qk_norm == "none":
+            self.q_norm = self.k_norm = nn.Identity()
+        elif rmsnorm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, param_name="weight"), RMSNorm(self.head_dim, param_name="weight")
+        else:
+            self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.LayerNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: VisionRope | None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)  # rope tables are fp32
+        out = attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class SwiGLU(nn.Module):
+    """w12 -> (x1, x2) -> w3(silu(x1) * x2), hidden int(2/3 * mlp_ratio * D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class GeluMlp(nn.Module):
+    """timm Mlp fc1 -> GELU(tanh) -> fc2 (use_swiglu=False)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _norm(dim: int, rmsnorm: bool) -> nn.Module:
+    return RMSNorm(dim, param_name="weight") if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class DDTBlock(nn.Module):
+    """LightningDDTBlock: adaLN from a (B, D) or token-wise (B, L, D) conditioning; 6 vectors, 4 without shift."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str, rmsnorm: bool, swiglu: bool, wo_shift: bool):
+        super().__init__()
+        self.norm1, self.norm2 = _norm(dim, rmsnorm), _norm(dim, rmsnorm)
+        self.attn = NormAttention(dim, num_heads, qk_norm, rmsnorm)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else GeluMlp(dim, hidden)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: VisionRope | None) -> torch.Tensor:
+        if c.dim() == 2:
+            c = c.unsqueeze(1)  # (B, 1, D) broadcasts over tokens like RAE's repeat
+        mods = self.adaLN_modulation(c)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mods.chunk(4, dim=-1)
+            shift_msa = shift_mlp = torch.zeros_like(scale_msa)
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class DDTFinalLayer(nn.Module):
+    """Token-wise adaLN (shift, scale) then Linear to p*p*C."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, rmsnorm: bool):
+        super().__init__()
+        self.norm_final = _norm(dim, rmsnorm)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# Architecture switches in ModelConfig.extra, with RAE's released values as defaults (§6.2).
+DDT_DEFAULTS = {
+    "decoder_hidden": 2048,  # D_d of the DDT head
+    "decoder_blocks": 2,  # N_d
+    "decoder_heads": 16,  # heads in the head blocks
+    "rmsnorm": True,
+    "swiglu": True,
+    "rope": True,
+    "wo_shift": False,
+    "pos_embed": True,  # sin-cos table on the encoder path only
+}
+
+
+def ddt_options(cfg: ModelConfig) -> dict:
+    """cfg.extra merged over DDT_DEFAULTS."""
+    return {**DDT_DEFAULTS, **{k: v for k, v in cfg.extra.items() if k in DDT_DEFAULTS}}
+
+
+class DiTDH(nn.Module):
+    """DiTwDDTHead (and DiTwDDTHead_MF when cfg.conditioning == "meanflow") behind `forward_flowmap`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        o = ddt_options(cfg)
+        self.cfg = cfg
+        if cfg.patch_size != 1:
+            raise FlowmapError(f"DiT^DH with patch size {cfg.patch_size} is not supported (RAE's released models use 1).")
+        c, d_e, d_d = cfg.in_channels, cfg.hidden_size, int(o["decoder_hidden"])
+        self.num_encoder_blocks, self.num_decoder_blocks = cfg.num_blocks, int(o["decoder_blocks"])
+        self.meanflow = cfg.conditioning == "meanflow"
+        grid = cfg.input_size
+        self.x_embedder = PatchEmbed(c, d_d, 1)  # raw noisy latent for the head
+        self.s_embedder = PatchEmbed(c, d_e, 1)
+        self.s_projector = nn.Linear(d_e, d_d) if d_e != d_d else nn.Identity()
+        self.t_embedder = GaussianFourierEmbedder(d_e)
+        if self.meanflow:
+            self.r_embedder = GaussianFourierEmbedder(d_e)  # MF-RAE: embeds t - r
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d_e, cfg.class_embed_rows)
+        self.final_layer = DDTFinalLayer(d_d, 1, c, o["rmsnorm"])
+        if o["pos_embed"]:
+            pos = torch.from_numpy(sincos_pos_embed_2d(d_e, grid)).float().unsqueeze(0)
+            self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        else:
+            self.pos_embed = None
+        heads_d = int(o["decoder_heads"])
+        if o["rope"]:
+            self.enc_feat_rope = VisionRope(d_e // cfg.num_heads, grid)
+            self.dec_feat_rope = VisionRope(d_d // heads_d, grid)
+        else:
+            self.enc_feat_rope = self.dec_feat_rope = None
+        blk = lambda d, h: DDTBlock(d, h, cfg.mlp_ratio, cfg.qk_norm, o["rmsnorm"], o["swiglu"], o["wo_shift"])  # noqa: E731
+        self.blocks = nn.ModuleList(
+            [blk(d_e, cfg.num_heads) for _ in range(self.num_encoder_blocks)] + [blk(d_d, heads_d) for _ in range(self.num_decoder_blocks)]
+        )
+
+    def time_embeddings(self, t: torch.Tensor, r: torch.Tensor, depth: int):
+        """(te for encoder blocks < depth, te for blocks >= depth, te injected into s for the head)."""
+        te_t = self.t_embedder(t)
+        if self.meanflow:
+            te = te_t + self.r_embedder(t - r)  # MF-RAE forward(x, r, t, y): r_embedder(t - r)
+            return te, te, te
+        te_r = self.t_embedder(r)
+        return te_t, te_r, te_r
+
+    def forward_flowmap(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
+        """u(x_t, t, r) in canonical time; at r = t the source's velocity eps - x0 (§6.5 / §11.1)."""
+        te_a, te_b, te_head = self.time_embeddings(t, r, depth)
+        ye = self.y_embedder(y)
+        c_a = F.silu(te_a + ye)  # c = silu(t + y); each adaLN applies SiLU again
+        c_b = F.silu(te_b + ye)
+        s = self.s_embedder(x)
+        if self.pos_embed is not None:
+            s = s + self.pos_embed.to(s.dtype)
+        for i in range(self.num_encoder_blocks):
+            s = self.blocks[i](s, c_a if i < depth else c_b, self.enc_feat_rope)
+        s = F.silu(te_head.unsqueeze(1) + s)  # broadcast time into every token, no label
+        s = self.s_projector(s)
+        h = self.x_embedder(x)  # no position table on the head path
+        for blk in self.blocks[self.num_encoder_blocks :]:
+            h = blk(h, s, self.dec_feat_rope)
+        out = self.final_layer(h, s)
+        b, n, ch = out.shape
+        side = int(math.isqrt(n))
+        return out.transpose(1, 2).reshape(b, ch, side, side)  # patch 1: tokens are pixels, row-major
