@@ -26,6 +26,7 @@ def finetune(
     progress=None,
     console=None,
     recipe: Recipe | None = None,
+    grid: bool = True,
     **options,
 ):
     """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
@@ -38,7 +39,7 @@ def finetune(
 
     base = recipe or Recipe()
     recipe = base.replace(objective=objective, mg_scale=mg_scale, train=train, steps=steps, batch_size=batch_size, lr=lr, **options)
-    trainer = Trainer(model_or_source, data, recipe, out, log_with=None if dry_run else log_with, device=device, progress=progress, console=console)
+    trainer = Trainer(model_or_source, data, recipe, out, log_with=None if dry_run else log_with, device=device, progress=progress, console=console, grid=grid)
     if dry_run:
         return run_dry(trainer, dry_run_steps)
     return trainer.run(resume=resume)

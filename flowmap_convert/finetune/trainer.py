@@ -183,7 +183,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Trainer:
     """One fine-tuning run: build, train (with checkpoints / resume / rollback), export."""
 
-    def __init__(self, model_or_source, data, recipe: Recipe, out, log_with=None, device=None, progress=None, console=None):
+    def __init__(self, model_or_source, data, recipe: Recipe, out, log_with=None, device=None, progress=None, console=None, grid=True):
         from accelerate import Accelerator
 
         self.recipe = recipe
@@ -195,6 +195,7 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.log_with = log_with
         self.console = console
+        self.grid = grid  # sample grids in the exported directories (off in quick tests)
         self.progress = progress if progress is not None else sys.stderr.isatty()
         set_attention_backend(recipe.attention)
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
@@ -356,11 +357,12 @@ class Trainer:
                 f"{self.bad_run} non-finite steps in a row at step {bad_at} and no checkpoint to roll back to; lower --lr, "
                 "use --loss adaptive or set --checkpoint-every."
             )
-        rollbacks = self.rollbacks + 1
+        rollbacks, skipped = self.rollbacks + 1, self.skipped
         if rollbacks > MAX_ROLLBACKS:
             raise FlowmapError(f"training kept diverging after {MAX_ROLLBACKS} rollbacks (last at step {bad_at}); lower --lr or --mg-scale.")
         self.load_checkpoint()
         self.rollbacks = rollbacks  # new random numbers from here on, so the same bad batch is not replayed
+        self.skipped = skipped  # skipped steps stay counted across the rollback
         self.say(f"[yellow]warning:[/] {self.recipe.max_bad_steps} non-finite steps in a row at step {bad_at}; rolled back to the checkpoint at step {self.step} (rollback {rollbacks}/{MAX_ROLLBACKS}).")
 
     # -------------------------------------------------------------- logging
@@ -493,9 +495,10 @@ def _export_into(model, directory: Path, trainer: Trainer, model_card, write_mod
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=directory))
     try:
-        trainer.write_sample_grid(tmp / "grid.png", model=model)
-        write_model_dir(model, tmp, card=model_card(model.config, has_grid=True))
-        for name in ("grid.png", "model.safetensors", "README.md", "config.json"):  # config last: is_model_dir flips at the end
+        if trainer.grid:
+            trainer.write_sample_grid(tmp / "grid.png", model=model)
+        write_model_dir(model, tmp, card=model_card(model.config, has_grid=trainer.grid))
+        for name in (["grid.png"] if trainer.grid else []) + ["model.safetensors", "README.md", "config.json"]:  # config last: is_model_dir flips at the end
             os.replace(tmp / name, directory / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
