@@ -251,6 +251,28 @@ class Trainer:
             p.grad.copy_(flat[i : i + n].view_as(p))
             i += n
 
+    def weights_digest(self) -> str:
+        """sha256 of every weight of this replica (bit-exact comparison across processes)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def check_replicas(self) -> None:
+        """All processes must hold bit-identical weights; a FlowmapError otherwise."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        digests = [None] * self.world
+        dist.all_gather_object(digests, self.weights_digest())
+        if len(set(digests)) != 1:
+            raise FlowmapError(f"the {self.world} replicas hold different weights after step {self.step}; this is a bug, please report it.")
+        self.say(f"replicas identical across {self.world} processes (sha256 {digests[0][:12]})")
+
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
         """Mean of a few scalars over processes (NaN anywhere stays NaN)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -431,6 +453,7 @@ class Trainer:
             if mf is not None:
                 mf.close()
         self.save_checkpoint()
+        self.check_replicas()
         if self.log_with:
             self.acc.end_training()
         model = self.export()
