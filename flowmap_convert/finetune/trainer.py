@@ -418,7 +418,7 @@ class Trainer:
         if resume:
             self.load_checkpoint()
             self.say(f"resumed from {self.ckpt_path} at step {self.step}")
-        elif self.main and self.ckpt_path.exists():
+        elif self.ckpt_path.exists():  # every rank checks, so none waits at a barrier for a rank that failed
             raise FlowmapError(f"{self.out} already holds a run (checkpoints/latest.pt); pass --resume to continue it or choose another --out.")
         self.acc.wait_for_everyone()
         mf = self._metrics_file(self.step) if self.main else None
