@@ -108,6 +108,21 @@ def _cli(tmp_path, out, steps, extra=()):
             "--lr", "1e-3", "--mg-scale", "0.5", "--log-every", "1000", *extra]
 
 
+def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
+    """Fast variant: a run stopped at step 3 and resumed to 6 matches an uninterrupted 6-step run."""
+    from flowmap_convert.finetune import finetune
+
+    kw = dict(data=small_data(), steps=6, batch_size=4, lr=1e-3, mg_scale=0.5, progress=False, grid=False, log_every=100)
+    finetune(small_model(), out=tmp_path / "ref", **kw)
+    finetune(small_model(), out=tmp_path / "run", **{**kw, "steps": 3})
+    finetune(small_model(), out=tmp_path / "run", resume=True, **kw)
+    a = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(a, b))
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
     from flowmap_convert.io import export
 
@@ -139,3 +154,21 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
     assert sorted(b) == list(range(1, steps + 1))
     for s in range(resumed_at + 1, steps + 1):
         assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+
+
+def test_attention_option_is_passed_to_kernels_when_supported(monkeypatch):
+    from flowmap_convert import kernels
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.finetune.trainer import set_attention_backend
+
+    seen = []
+    if hasattr(kernels, "set_default_backend"):
+        monkeypatch.setattr(kernels, "set_default_backend", seen.append)
+    else:
+        monkeypatch.setattr(kernels, "set_default_backend", seen.append, raising=False)
+    set_attention_backend("math")
+    assert seen == ["math"]
+    monkeypatch.delattr(kernels, "set_default_backend")
+    set_attention_backend("auto")  # the placeholder: auto needs no switch
+    with pytest.raises(FlowmapError, match="attention"):
+        set_attention_backend("triton")
