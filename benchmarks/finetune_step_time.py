@@ -45,14 +45,14 @@ def build_model(source: str | None, depth: int):
     return m.with_depth(depth), "random digits-sized DiT (hidden 128, 6 blocks)"
 
 
-def time_cell(model, objective, derivative, train, batch_size, steps, data):
+def time_cell(model, objective, derivative, train, batch_size, steps, data, mg_scale=0.6):
     """Median seconds per step of one (objective, derivative, train) cell."""
     import copy
 
     from flowmap_convert.finetune.recipe import Recipe
     from flowmap_convert.finetune.trainer import Trainer
 
-    rec = Recipe(objective=objective, derivative=derivative, train=train, batch_size=batch_size, steps=1000, mg_scale=0.6, seed=0)
+    rec = Recipe(objective=objective, derivative=derivative, train=train, batch_size=batch_size, steps=1000, mg_scale=mg_scale, seed=0)
     tr = Trainer(copy.deepcopy(model), data, rec, out="/nonexistent-benchmark-dir", progress=False, device="cpu")
     for _ in range(2):
         tr.train_step()
@@ -70,7 +70,9 @@ def main():
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--mg-scale", type=float, default=0.6, help="model guidance (adds two no-grad forwards of 2B per branch)")
     ap.add_argument("--out", default="benchmarks/results/finetune_step_time-cpu.md")
+    ap.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     a = ap.parse_args()
 
     model, what = build_model(a.model, a.depth)
@@ -81,7 +83,7 @@ def main():
     rows, res = [], {}
     for obj, der in cells:
         for train in ("all", "decoder"):
-            s, tr = time_cell(model, obj, der, train, a.batch_size, a.steps, data)
+            s, tr = time_cell(model, obj, der, train, a.batch_size, a.steps, data, a.mg_scale)
             res[(obj, der, train)] = s
             n = sum(p.numel() for p in tr.trainable)
             label = "FM" if obj == "fm" else f"DMF, du/dt by {'JVP' if der == 'jvp' else 'finite differences'}"
@@ -99,8 +101,8 @@ def main():
         f"{torch.get_num_threads()} threads; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(the machine is shared: absolute times are noisy, ratios less so).",
         "",
-        f"Model: {what}, depth {model.config.depth} of {model.config.num_blocks}; batch {a.batch_size}; model guidance 0.6 "
-        f"(two extra no-grad forwards per branch); fp32; median of {a.steps} steps after 2 warm-up steps.",
+        f"Model: {what}, depth {model.config.depth} of {model.config.num_blocks}; batch {a.batch_size}; model guidance {a.mg_scale} "
+        f"({'two extra no-grad forwards per branch' if a.mg_scale else 'off'}); fp32; median of {a.steps} steps after 2 warm-up steps.",
         "",
         "| step | train | trainable params | s / step |",
         "|---|---|---|---|",
@@ -118,7 +120,8 @@ def main():
         "",
     ])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    with open(a.out, "a" if a.append else "w") as f:
+        f.write(("\n" if a.append else "") + text)
     print(text)
 
 

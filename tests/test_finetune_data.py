@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,15 @@ import pytest
 import torch
 
 from conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from more, and shared CI cores make spinning threads slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_repa_moments_folder_samples_the_posterior(tmp_path):
@@ -64,10 +74,10 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
     export(FlowMap(tiny_config()), tmp_path / "m")
     np.savez(tmp_path / "d.npz", latents=np.zeros((4, 3, 16, 16), np.float32), labels=np.zeros(4, np.int64))
     r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
-                        "--depth", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+                        "--depth", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "error:" in r.stderr and "shape" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--precision", "fp16"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--precision", "fp16"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "fp16" in r.stderr
 
 
@@ -84,7 +94,7 @@ def test_encode_image_folder_round_trip(tmp_path):
         for i in range(3):
             Image.fromarray(np.full((20, 24), 40 * (c + 1) + i, np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
     r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "encode", str(tmp_path / "imgs"), "--model", str(tmp_path / "m"),
-                        "--out", str(tmp_path / "lat"), "--shard-size", "4"], capture_output=True, text=True)
+                        "--out", str(tmp_path / "lat"), "--shard-size", "4"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["meta.json", "shard-00000.safetensors", "shard-00001.safetensors"]
     ds = load_dataset(str(tmp_path / "lat"))
@@ -94,3 +104,12 @@ def test_encode_image_folder_round_trip(tmp_path):
     # the same folder used directly as --data is encoded on the fly to the same latents
     direct = load_dataset(str(tmp_path / "imgs"), FlowMap(tiny_config()).config.latent)
     assert torch.equal(direct.latents, ds.latents)
+
+
+def test_cli_defaults_to_builtin_digits_dry_run(tmp_path):
+    """`flowmap finetune --mg-scale 0.6` with no MODEL uses builtin:digits-sit + builtin:digits (dry run: nothing written)."""
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", "--mg-scale", "0.6", "--dry-run", "--batch-size", "4",
+                        "--train", "decoder"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "trainable" in r.stdout and "seconds/step" in r.stdout and "nothing written" in r.stdout
+    assert list(tmp_path.iterdir()) == []

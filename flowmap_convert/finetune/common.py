@@ -141,7 +141,8 @@ class Calls:
         x3 = torch.cat([x, x + delta * v, x - delta * v])
         t3 = torch.cat([t, t + delta, t - delta])
         with torch.autocast(x.device.type, enabled=False):  # a difference quotient over 2 delta = 0.01 needs fp32, not bf16
-            u3 = self.u(x3.float(), t3, torch.cat([r, r, r]), torch.cat([y, y, y])).float()
+            hi = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (float64 stays float64)
+            u3 = self.u(x3.to(hi), t3, torch.cat([r, r, r]), torch.cat([y, y, y])).to(hi)
         u, up, um = u3[:b], u3[b : 2 * b], u3[2 * b :]
         return u, (up - um).detach() / (2 * delta)  # du/dt ~ (u+ - u-) / (2 delta), error O(delta^2)
 
