@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -176,6 +175,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory, or the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    import resource  # POSIX only
+
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
