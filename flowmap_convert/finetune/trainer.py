@@ -4,7 +4,7 @@ Design notes
 - The model is NOT wrapped in DDP: every JVP / finite difference runs on the plain module (torch.func must not see
   wrappers), and gradients are averaged across processes with one flat all-reduce before clipping. Replicas start
   from rank 0's weights and stay bit-identical because every rank applies the same averaged gradient.
-- Every micro-step draws its noise, times and label dropout from a generator seeded by (seed, rank, micro-step,
+- Every micro-step (skipped ones included) draws its noise, times and label dropout from a generator seeded by (seed, rank, micro-step,
   rollbacks), and the data position is a pure function of the micro-step, so resuming from a checkpoint replays
   exactly the numbers an uninterrupted run would have drawn.
 - Checkpoints are written by rank 0 only, to a temporary file then os.replace'd (atomic).
@@ -219,6 +219,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.ema = EMA(self.model, recipe.ema_decay(), recipe.ema_warmup)
         self.step = 0
+        self.micro = 0  # micro-batches drawn so far, skipped ones included: data position and noise move past bad batches
         self.skipped = 0
         self.rollbacks = 0
         self.bad_run = 0
@@ -292,8 +293,9 @@ class Trainer:
         self.model.train()
         totals: dict[str, float] = {}
         loss_sum = 0.0
-        for a in range(rec.grad_accum):
-            micro = self.step * rec.grad_accum + a
+        for _ in range(rec.grad_accum):
+            micro = self.micro
+            self.micro += 1
             gen = step_generator(rec.seed, self.rank, micro, self.rollbacks)
             x0, y = self.data.get(self.sampler.indices(micro), gen)
             x0, y = x0.to(self.device), y.to(self.device)
@@ -343,7 +345,8 @@ class Trainer:
                 "recipe": self.recipe.to_dict(),
                 "config": json.dumps(self.model.config.to_dict()),
                 "rng": rng_state(),
-                "data": self.sampler.state(self.step * self.recipe.grad_accum),
+                "data": self.sampler.state(self.micro),
+                "micro": self.micro,
                 "skipped": self.skipped,
                 "rollbacks": self.rollbacks,
                 "world": self.world,
@@ -370,6 +373,7 @@ class Trainer:
         self.sched.load_state_dict(s["scheduler"])
         set_rng_state(s["rng"])
         self.step, self.skipped, self.rollbacks = int(s["step"]), int(s["skipped"]), int(s["rollbacks"])
+        self.micro = int(s["micro"])
         self.bad_run = 0
 
     def rollback(self) -> None:
@@ -380,12 +384,13 @@ class Trainer:
                 f"{self.bad_run} non-finite steps in a row at step {bad_at} and no checkpoint to roll back to; lower --lr, "
                 "use --loss adaptive or set --checkpoint-every."
             )
-        rollbacks, skipped = self.rollbacks + 1, self.skipped
+        rollbacks, skipped, micro = self.rollbacks + 1, self.skipped, self.micro
         if rollbacks > MAX_ROLLBACKS:
             raise FlowmapError(f"training kept diverging after {MAX_ROLLBACKS} rollbacks (last at step {bad_at}); lower --lr or --mg-scale.")
         self.load_checkpoint()
         self.rollbacks = rollbacks  # new random numbers from here on, so the same bad batch is not replayed
         self.skipped = skipped  # skipped steps stay counted across the rollback
+        self.micro = micro  # and the data keeps moving forward past the batches that went wrong
         self.say(f"[yellow]warning:[/] {self.recipe.max_bad_steps} non-finite steps in a row at step {bad_at}; rolled back to the checkpoint at step {self.step} (rollback {rollbacks}/{MAX_ROLLBACKS}).")
 
     # -------------------------------------------------------------- logging
@@ -570,7 +575,7 @@ def dry_run(trainer: Trainer, steps: int = 3) -> dict:
         times.append(time.perf_counter() - t)
     trainer.model.load_state_dict(saved)
     trainer.opt.load_state_dict(opt_state)
-    trainer.step = 0
+    trainer.step = trainer.micro = 0
     per = times[1:] or times
     return {
         "parameters": count_params(trainer.model),
