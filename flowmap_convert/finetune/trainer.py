@@ -475,14 +475,18 @@ class Trainer:
 
     def write_sample_grid(self, path: Path, model=None, nfe: int = 1) -> Path:
         """One sample per class (up to 10 classes x 2 rows), 1 and 2 steps, as a PNG grid."""
-        from ..export_samples import write_grid
+        from PIL import Image
+
+        from ..export_samples import make_grid, to_pil
         from ..sample import sample
 
         model = model or self.ema_model()
         k = min(10, model.config.num_classes)
         rows = [sample(model, nfe=n, classes=list(range(k)), num_samples=k, seed=0, device=self.device) for n in (nfe, 2 * nfe)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_grid(np.concatenate(rows), path, upscale=max(1, 64 // model.config.latent.image_size))
+        im = to_pil(make_grid(np.concatenate(rows), ncols=k))  # one row per NFE, one column per class
+        up = max(1, 64 // model.config.latent.image_size)
+        im.resize((im.width * up, im.height * up), Image.NEAREST).save(path)
         return path
 
     def export(self):
