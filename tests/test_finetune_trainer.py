@@ -181,3 +181,17 @@ def test_attention_option_is_passed_to_kernels_when_supported(monkeypatch):
     set_attention_backend("auto")  # the placeholder: auto needs no switch
     with pytest.raises(FlowmapError, match="attention"):
         set_attention_backend("triton")
+
+
+def test_missing_tracker_is_a_user_error(monkeypatch):
+    import importlib.util
+
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.finetune.trainer import check_trackers
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FlowmapError, match="pip install wandb"):
+        check_trackers("wandb")
+    with pytest.raises(FlowmapError, match="unknown tracker"):
+        check_trackers("nope")
+    check_trackers(None)

@@ -89,6 +89,25 @@ def set_attention_backend(backend: str) -> None:
         raise FlowmapError(f"--attention {backend} needs flowmap_convert.kernels.set_default_backend, which this build lacks; use --attention auto.")
 
 
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",), "comet_ml": ("comet_ml",),
+                   "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",), "trackio": ("trackio",), "swanlab": ("swanlab",)}
+
+
+def check_trackers(log_with) -> None:
+    """Refuse --log-with names whose package is missing (Accelerate would only warn and log nothing)."""
+    import importlib.util
+
+    names = [log_with] if isinstance(log_with, str) else list(log_with or [])
+    for name in (n.strip() for item in names for n in str(item).split(",")):
+        if not name or name == "all":
+            continue
+        mods = TRACKER_MODULES.get(name)
+        if mods is None:
+            raise FlowmapError(f"unknown tracker {name!r} for --log-with; choose from {', '.join(TRACKER_MODULES)}.")
+        if not any(importlib.util.find_spec(m) for m in mods):
+            raise FlowmapError(f"--log-with {name} needs the `{mods[0]}` package; install it with `pip install {mods[0]}` or drop --log-with.")
+
+
 def count_params(model) -> dict:
     """Total / trainable / frozen parameter counts."""
     total = sum(p.numel() for p in model.parameters())
@@ -187,6 +206,9 @@ class Trainer:
     def __init__(self, model_or_source, data, recipe: Recipe, out, log_with=None, device=None, progress=None, console=None, grid=True):
         from accelerate import Accelerator
 
+        check_trackers(log_with)
+        if isinstance(log_with, str):
+            log_with = [n.strip() for n in log_with.split(",") if n.strip()]
         self.recipe = recipe
         self.out = Path(out)
         cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
