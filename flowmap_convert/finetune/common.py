@@ -168,6 +168,7 @@ class Context:
 
     @property
     def model(self):
+        """The unwrapped FlowMap being trained."""
         return self.calls.model
 
 

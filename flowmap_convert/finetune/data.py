@@ -34,9 +34,11 @@ class LatentDataset:
         self.name = name
 
     def __len__(self) -> int:
+        """Number of samples."""
         return int(self.labels.shape[0]) if self.labels is not None else 0
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Stored rows (latents or moments) for the given indices."""
         if self.latents is not None:
             return self.latents[idx]
         return torch.stack([torch.from_numpy(np.load(self.root / self.files[int(i)])).float() for i in idx])

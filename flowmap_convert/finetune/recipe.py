@@ -58,6 +58,8 @@ class Recipe:
     depth: int | None = None  # split used when the source is a base velocity model
 
     def __post_init__(self):
+        """Validate every field; a FlowmapError names the option and the fix."""
+
         def one_of(name, value, options):
             if value not in options:
                 raise FlowmapError(f"--{name.replace('_', '-')} {value!r} is not supported; choose one of {', '.join(options)}.")

@@ -134,9 +134,11 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict:
+        """Shadow weights and update count, for checkpoints."""
         return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Inverse of state_dict."""
         self.shadow = {k: v.clone() for k, v in sd["shadow"].items()}
         self.updates = int(sd["updates"])
 
@@ -352,6 +354,7 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     @property
     def ckpt_path(self) -> Path:
+        """OUT/checkpoints/latest.pt."""
         return self.out / "checkpoints" / "latest.pt"
 
     def save_checkpoint(self) -> None:
@@ -581,10 +584,12 @@ class _Bar:
             self.task = self.p.add_task("", total=total, completed=done)
 
     def update(self, m: dict) -> None:
+        """Advance one step and show its metrics."""
         if self.p:
             self.p.update(self.task, advance=1, description=_fmt(m))
 
     def stop(self) -> None:
+        """Close the bar."""
         if self.p:
             self.p.stop()
 
