@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -186,7 +185,6 @@ def test_dmf_loss_matches_reference_with_same_random_draws():
     from flowmap_convert.finetune.dmf import dmf_loss
     from flowmap_convert.io import canonical_state_dict
     from flowmap_convert.model import FlowMap
-    from torch import nn
 
     torch.manual_seed(0)
     model = randomize(FlowMap(tiny_config(logvar=True)), std=0.1).with_depth(2)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import FlowmapError
 from .common import Calls, Context
-from .data import EpochSampler, LatentDataset, check_dataset, load_dataset
+from .data import EpochSampler, check_dataset, load_dataset
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
 from .recipe import Recipe
 
