@@ -200,6 +200,12 @@ def sample(
     console.print(f"wrote {len(images)} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
 
 
+from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
+
+app.command(name="finetune")(guarded(finetune_cmd))
+app.command(name="encode")(guarded(encode_cmd))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,246 @@
+"""Training data for the fine-tuner: pre-encoded latents (REPA / DMF `vae-sd` moments, our shards), image folders, builtins.
+
+Every source becomes a `LatentDataset` with `get(indices, gen) -> (x0, y)`; `check_dataset` turns wrong shapes,
+out-of-range labels, non-finite latents and empty datasets into FlowmapErrors before training starts.
+`EpochSampler` walks seeded per-epoch permutations so that the data position is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FlowmapError
+
+SD_VAE_SCALE = 0.18215  # REPA / DMF: z = (mean + std * eps) * 0.18215
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+SHARD_EXTS = (".safetensors", ".npz")
+MOMENT_CHECK_LIMIT = 512  # moments files read up front for validation (the rest are checked when drawn)
+
+
+class LatentDataset:
+    """Latents (or moments to sample a posterior from) and integer labels."""
+
+    def __init__(self, latents=None, labels=None, files=None, root=None, posterior=False, scale=1.0, name=""):
+        self.latents = latents  # (N, C, H, W) float32 in memory, or None for a lazy moments folder
+        self.labels = torch.as_tensor(labels).long().reshape(-1) if labels is not None else None
+        self.files = files  # moments .npy paths relative to root (lazy REPA layout)
+        self.root = root
+        self.posterior = posterior  # rows hold cat(mean, std) along channels: sample mean + std * eps
+        self.scale = scale
+        self.name = name
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return int(self.labels.shape[0]) if self.labels is not None else 0
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Stored rows (latents or moments) for the given indices."""
+        if self.latents is not None:
+            return self.latents[idx]
+        return torch.stack([torch.from_numpy(np.load(self.root / self.files[int(i)])).float() for i in idx])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one training latent (after posterior sampling)."""
+        shape = tuple(self._rows(torch.tensor([0])).shape[1:])
+        return (shape[0] // 2, *shape[1:]) if self.posterior else shape
+
+    def get(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch: x0 (B, C, H, W) float32 and labels (B,)."""
+        rows = self._rows(idx)
+        if self.posterior:
+            mean, std = rows.chunk(2, dim=1)
+            rows = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scale  # REPA sample_posterior
+        if not torch.isfinite(rows).all():
+            raise FlowmapError(f"{self.name} has non-finite latents among rows {idx.tolist()[:8]}; re-encode the dataset.")
+        return rows.float(), self.labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+def _read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard of our own format: `latents` (N, C, H, W) and `labels` (N,) in safetensors or npz."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            d = load_file(str(path))
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
+    except Exception as e:  # corrupt archives raise many types
+        raise FlowmapError(f"{path} is not a readable dataset shard ({type(e).__name__}: {e}); re-run `flowmap encode`.") from None
+    if "latents" not in d or "labels" not in d:
+        raise FlowmapError(f"{path} lacks `latents` and `labels` arrays (has {sorted(d)}); write shards with `flowmap encode`.")
+    return d["latents"].float(), d["labels"].long().reshape(-1)
+
+
+def read_shards(path: Path) -> LatentDataset:
+    """A shard file or a directory of shards (sorted by name), concatenated in memory."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in SHARD_EXTS)
+    parts = [_read_shard(f) for f in files]
+    if not parts:
+        raise FlowmapError(f"{path} holds no .safetensors or .npz shards; point --data at a dataset written by `flowmap encode`.")
+    for f, (x, y) in zip(files, parts):
+        if x.ndim != 4 or len(x) != len(y):
+            raise FlowmapError(f"{f}: latents must be (N, C, H, W) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}.")
+    return LatentDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), name=str(path))
+
+
+def read_moments_folder(path: Path) -> LatentDataset:
+    """REPA / DMF preprocessing output: `vae-sd/*.npy` moments [2C, L, L] = cat(mean, std) and REPA's dataset.json labels."""
+    root = path / "vae-sd" if (path / "vae-sd").is_dir() else path
+    meta = root / "dataset.json"
+    try:
+        labels = json.loads(meta.read_text())["labels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FlowmapError(f"{meta} is missing or not REPA's dataset.json ({{\"labels\": [[file, label], ...]}}): {e}.") from None
+    if labels is None:
+        raise FlowmapError(f"{meta} has no labels; the fine-tuner needs class labels (regenerate it with REPA's dataset_tool).")
+    table = {str(f).replace("\\", "/"): int(c) for f, c in labels}
+    files = sorted(str(p.relative_to(root)).replace("\\", "/") for p in root.rglob("*.npy"))
+    missing = [f for f in files if f not in table]
+    if missing:
+        raise FlowmapError(f"{len(missing)} moments files have no label in {meta} (e.g. {missing[0]}); regenerate dataset.json.")
+    return LatentDataset(files=files, root=root, labels=[table[f] for f in files], posterior=True, scale=SD_VAE_SCALE, name=str(path))
+
+
+def list_image_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
+    """Images in class sub-folders (sorted folder names -> labels 0..K-1)."""
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        for f in sorted((path / c).rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTS:
+                files.append(f)
+                labels.append(k)
+    return files, labels, classes
+
+
+def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
+    """Read, centre-crop, resize and scale images to (N, C, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    out = []
+    for f in files:
+        try:
+            img = Image.open(f)
+            img = img.convert("L" if channels == 1 else "RGB")
+        except Exception as e:
+            raise FlowmapError(f"cannot read image {f} ({e}); remove it or fix the file.") from None
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
+        a = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
+        out.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+def encode_images(images: torch.Tensor, latent, device="cpu", batch_size: int = 64) -> torch.Tensor:
+    """Images in [-1, 1] -> latents with the model's latent encoder (identity for pixel models)."""
+    from ..decoders import get_decoder
+
+    enc = get_decoder(latent, device)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            outs.append(enc.encode(images[i : i + batch_size].to(device)).float().cpu())
+    return torch.cat(outs) if outs else images
+
+
+def read_image_folder(path: Path, latent, device="cpu") -> LatentDataset:
+    """Class sub-folders of images, encoded now (once, in memory) with the model's latent encoder."""
+    files, labels, _ = list_image_folder(path)
+    if not files:
+        raise FlowmapError(f"{path} has no images in class sub-folders (e.g. {path}/cat/001.png); check the path.")
+    images = load_images(files, latent.image_size, latent.image_channels)
+    return LatentDataset(encode_images(images, latent, device), labels, name=str(path))
+
+
+def builtin_data(name: str, latent, device="cpu") -> LatentDataset:
+    """`builtin:digits` (pixels in [-1, 1]; encoded when the model lives in a latent space)."""
+    try:
+        from ..digits import builtin_dataset
+    except ImportError:
+        raise FlowmapError(f"{name} needs flowmap_convert.digits, which this installation lacks; pass --data PATH instead.") from None
+    images, labels = builtin_dataset(name)
+    x = images if latent is None or latent.kind == "identity" else encode_images(images, latent, device)
+    return LatentDataset(x.float(), labels, name=name)
+
+
+def load_dataset(spec, latent=None, device="cpu") -> LatentDataset:
+    """Resolve --data: builtin:NAME, a shard file/dir, a REPA moments folder or an image folder."""
+    if isinstance(spec, LatentDataset):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2:  # (latents, labels) tensors from Python
+        return LatentDataset(torch.as_tensor(spec[0]).float(), spec[1], name="tensors")
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        return builtin_data(spec, latent, device)
+    path = Path(spec)
+    if not path.exists():
+        raise FlowmapError(f"dataset {spec!r} does not exist; pass builtin:digits, a `flowmap encode` output, a REPA vae-sd folder or an image folder.")
+    if path.is_file():
+        return read_shards(path)
+    if (path / "vae-sd").is_dir() or (path / "dataset.json").is_file():
+        return read_moments_folder(path)
+    if any(p.suffix in SHARD_EXTS for p in path.iterdir()):
+        return read_shards(path)
+    if latent is None:
+        raise FlowmapError(f"{path} looks like an image folder; encoding it needs the model's latent space (pass the model too).")
+    return read_image_folder(path, latent, device)
+
+
+def check_dataset(ds: LatentDataset, cfg) -> None:
+    """Reject data the model cannot train on, before any step runs."""
+    if len(ds) == 0:
+        raise FlowmapError(f"dataset {ds.name} is empty; check the path or the class sub-folders.")
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    got = ds.sample_shape
+    if tuple(got) != want:
+        extra = " (REPA moments hold 2C channels: mean and std)" if ds.posterior else ""
+        raise FlowmapError(f"dataset {ds.name} has samples of shape {tuple(got)}{extra} but the model takes {want}; encode the data for this model's latent space.")
+    lo, hi = int(ds.labels.min()), int(ds.labels.max())
+    if lo < 0 or hi >= cfg.num_classes:
+        raise FlowmapError(f"dataset {ds.name} has labels {lo}..{hi} but the model knows classes 0..{cfg.num_classes - 1}; fix the labels or use a model with more classes.")
+    if ds.latents is not None:
+        bad = (~torch.isfinite(ds.latents.reshape(len(ds.latents), -1))).any(dim=1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).reshape(-1)[:5].tolist()
+            raise FlowmapError(f"dataset {ds.name} has NaN or infinite latents (rows {rows}); re-encode those samples.")
+    else:
+        for f in ds.files[:MOMENT_CHECK_LIMIT]:
+            if not np.isfinite(np.load(ds.root / f)).all():
+                raise FlowmapError(f"{ds.root / f} holds NaN or infinite moments; re-run the VAE preprocessing for it.")
+
+
+class EpochSampler:
+    """Global batches from seeded per-epoch permutations; rank k takes slice k; position = step * global batch."""
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self._epoch, self._perm = -1, None
+
+    def perm(self, epoch: int) -> torch.Tensor:
+        """The permutation of one epoch (a pure function of seed and epoch)."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return self._perm
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        """This rank's indices for a global micro-step."""
+        gb = self.batch_size * self.world
+        start = micro_step * gb + self.rank * self.batch_size
+        out = []
+        for p in range(start, start + self.batch_size):
+            out.append(self.perm(p // self.n)[p % self.n])
+        return torch.stack(out)
+
+    def state(self, micro_step: int) -> dict:
+        """What a checkpoint records about the data position."""
+        pos = micro_step * self.batch_size * self.world
+        return {"seed": self.seed, "position": pos, "epoch": pos // self.n, "n": self.n}

@@ -1,0 +1,115 @@
+"""Fine-tuning data: REPA moments folders, our shards, image folders + `flowmap encode`, and early user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from more, and shared CI cores make spinning threads slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_repa_moments_folder_samples_the_posterior(tmp_path):
+    from flowmap_convert.finetune.data import check_dataset, load_dataset
+
+    root = tmp_path / "ds" / "vae-sd"
+    (root / "00000").mkdir(parents=True)
+    labels = []
+    rng = np.random.default_rng(0)
+    means = []
+    for i in range(5):
+        mean = rng.standard_normal((1, 16, 16)).astype(np.float32)
+        std = np.full((1, 16, 16), 0.5 if i == 4 else 0.0, np.float32)
+        np.save(root / "00000" / f"img-mean-std-{i:08d}.npy", np.concatenate([mean, std]))
+        labels.append([f"00000/img-mean-std-{i:08d}.npy", i % 3])
+        means.append(mean)
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+    ds = load_dataset(str(tmp_path / "ds"))
+    check_dataset(ds, tiny_config())
+    x, y = ds.get(torch.tensor([0, 2, 4]), torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 16, 16) and y.tolist() == [0, 2, 1]
+    assert torch.allclose(x[0], torch.from_numpy(means[0]) * 0.18215)  # std 0: z = mean * 0.18215
+    g = torch.Generator().manual_seed(0)
+    g.manual_seed(0)
+    eps = torch.randn(3, 1, 16, 16, generator=g)
+    assert torch.allclose(x[2], (torch.from_numpy(means[4]) + 0.5 * eps[2]) * 0.18215, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "latents,labels,match",
+    [
+        (np.zeros((4, 1, 8, 8)), np.zeros(4), "shape"),
+        (np.zeros((4, 1, 16, 16)), np.array([0, 1, 2, 10]), "labels"),
+        (np.where(np.arange(4)[:, None, None, None] == 2, np.nan, 0.0) * np.ones((4, 1, 16, 16)), np.zeros(4), "NaN"),
+        (np.zeros((0, 1, 16, 16)), np.zeros(0), "empty"),
+    ],
+)
+def test_bad_data_is_a_user_error_before_training(tmp_path, latents, labels, match):
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.finetune.data import check_dataset, load_dataset
+
+    np.savez(tmp_path / "d.npz", latents=latents.astype(np.float32), labels=labels.astype(np.int64))
+    with pytest.raises(FlowmapError, match=match):
+        check_dataset(load_dataset(str(tmp_path / "d.npz")), tiny_config())
+
+
+def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
+    from flowmap_convert.io import export
+    from flowmap_convert.model import FlowMap
+
+    export(FlowMap(tiny_config()), tmp_path / "m")
+    np.savez(tmp_path / "d.npz", latents=np.zeros((4, 3, 16, 16), np.float32), labels=np.zeros(4, np.int64))
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
+                        "--depth", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "error:" in r.stderr and "shape" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--precision", "fp16"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "fp16" in r.stderr
+
+
+def test_encode_image_folder_round_trip(tmp_path):
+    from PIL import Image
+
+    from flowmap_convert.finetune.data import check_dataset, load_dataset
+    from flowmap_convert.io import export
+    from flowmap_convert.model import FlowMap
+
+    export(FlowMap(tiny_config()), tmp_path / "m")
+    for c, name in enumerate(["a_cls", "b_cls"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 24), 40 * (c + 1) + i, np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "encode", str(tmp_path / "imgs"), "--model", str(tmp_path / "m"),
+                        "--out", str(tmp_path / "lat"), "--shard-size", "4"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["meta.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    ds = load_dataset(str(tmp_path / "lat"))
+    check_dataset(ds, tiny_config())
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.allclose(ds.latents[4, 0, 0, 0], torch.tensor(81 / 127.5 - 1))  # identity encoder: pixels in [-1, 1]
+    # the same folder used directly as --data is encoded on the fly to the same latents
+    direct = load_dataset(str(tmp_path / "imgs"), FlowMap(tiny_config()).config.latent)
+    assert torch.equal(direct.latents, ds.latents)
+
+
+def test_cli_defaults_to_builtin_digits_dry_run(tmp_path):
+    """`flowmap finetune --mg-scale 0.6` with no MODEL uses builtin:digits-sit + builtin:digits (dry run: nothing written)."""
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", "--mg-scale", "0.6", "--dry-run", "--batch-size", "4",
+                        "--train", "decoder"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "trainable" in r.stdout and "seconds/step" in r.stdout and "nothing written" in r.stdout
+    assert list(tmp_path.iterdir()) == []
