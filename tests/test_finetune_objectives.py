@@ -143,9 +143,9 @@ def _fp64(monkeypatch):
         s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
         return s.softmax(-1) @ v
 
-    def temb(t, dim=256, max_period=10000.0):
+    def temb(t, dim=256, max_period=10000.0, freq_shift=0):
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - freq_shift))
         a = t.double()[:, None] * freqs[None]
         return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
 
