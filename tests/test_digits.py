@@ -32,10 +32,17 @@ def test_builtin_dataset_shapes_range_labels():
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    # Bilinear 8 -> 16 with align_corners=False: averaging each 2x2 output block of a constant-padded-free
-    # interpolation is not exact, but the mean intensity of each image is preserved up to edge effects.
-    mean8 = raw.images.reshape(1797, -1).mean(1) / 8 - 1
-    assert np.allclose(x.reshape(1797, -1).mean(1).numpy(), mean8, atol=0.15)
+    # Independent bilinear 8 -> 16 with half-pixel centres (align_corners=False): source coordinate
+    # (i + 0.5) / 2 - 0.5, clamped at the border, separable in rows and columns.
+    src = np.clip((np.arange(16) + 0.5) / 2 - 0.5, 0, 7)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, 7)
+    w = src - lo
+    m = np.zeros((16, 8))
+    m[np.arange(16), lo] += 1 - w
+    m[np.arange(16), hi] += w
+    expected = np.einsum("ia,nab,jb->nij", m, raw.images, m) / 8 - 1
+    assert np.allclose(x[:, 0].numpy(), expected, atol=1e-5)
     assert np.array_equal(y.numpy(), raw.target)
 
 
@@ -116,3 +123,18 @@ def test_converted_builtin_r_equals_t_after_reload(depth, tmp_path):
         v = base(x, t, None, y)
         assert torch.allclose(conv(x, t, t, y), v, atol=1e-5)  # r = t: the decoupled map is the base velocity
         assert not torch.allclose(conv(x, t, t * 0.5, y), v, atol=1e-3)  # r != t really changes the decoder
+
+
+def test_demo_commands_run(tmp_path):
+    """What `make demo` runs: convert the builtin at depth 4, then sample 4 NFE (fewer samples here)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "digits-dmf4"
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "convert", "builtin:digits-sit", "--depth", "4", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "sample", str(out), "--nfe", "4", "--num-samples", "10", "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert meta["shape"] == [10, 16, 16, 1] and (tmp_path / "s" / "grid.png").is_file()

@@ -1,6 +1,6 @@
 """Digits FD and label accuracy of the builtin base model at 1..32 Euler steps, plus the noise floors.
 
-Every row uses 2000 samples (200 per class, classes cycled 0..9), `fm.sample(..., seed=0, batch_size=500)`;
+Every row uses 2000 samples (200 per class, classes cycled 0..9), `fm.sample(model, nfe=N, classes=list(range(10)), num_samples=2000, seed=0, batch_size=500)`;
 "digits FD" compares the classifier's 64-d penultimate features with those of all 1797 real digits.
 Noise floors: (a) FD between two random halves of the real digits (5 seeded splits), (b) FD between two
 2000-sample sets drawn with seeds 0 and 1 at 32 steps, and each one's FD to the real digits.
@@ -24,6 +24,7 @@ import torch
 import flowmap_convert as fm
 from flowmap_convert.digits import digits_features, evaluate_digits, load_digits_tensor
 from flowmap_convert.metrics import feature_stats, frechet_distance
+from flowmap_convert.sample import sample as fm_sample  # = fm.sample; the attribute is shadowed once the submodule is imported
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 def sample_eval(model, nfe: int, seed: int, n: int = 2000, **kw):
     """Sample n class-balanced digits and evaluate them; returns (metrics, images, seconds)."""
     t0 = time.time()
-    images = fm.sample(model, nfe=nfe, classes=list(range(10)), num_samples=n, seed=seed, batch_size=500, **kw)
+    images = fm_sample(model, nfe=nfe, classes=list(range(10)), num_samples=n, seed=seed, batch_size=500, **kw)
     sec = time.time() - t0
     labels = np.arange(n) % 10  # fm.sample cycles the listed classes
     return evaluate_digits(images, labels), images, sec
@@ -54,9 +55,12 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:digits-sit", help="model to evaluate (any flowmap source)")
     ap.add_argument("--nfe", default="1,2,4,8,16,32", help="comma-separated Euler step counts")
     ap.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--convert-depths", default="", help="also sample the converted model (no training) at these depths, e.g. 2,3,4,5")
+    ap.add_argument("--convert-nfe", type=int, default=4, help="Euler steps for the --convert-depths rows")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on shared cores)")
     ap.add_argument("--json", type=Path, default=HERE / "results.json", help="where to write the numbers")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t_all = time.time()
     model = fm.load(args.model)
     rows = []
@@ -67,6 +71,11 @@ def main() -> None:
         print(f"NFE {nfe:3d}  FD {m['fd']:8.2f}  acc {m['acc']:.3f}  ({sec:.1f} s sampling)", flush=True)
         if nfe == 32:
             seed0_32 = images
+    converted = []
+    for depth in [int(v) for v in args.convert_depths.split(",") if v]:
+        m, _, sec = sample_eval(fm.convert(args.model, depth=depth), args.convert_nfe, seed=0, cfg_scale=args.cfg_scale)
+        converted.append({"depth": depth, "nfe": args.convert_nfe, **m, "sample_seconds": round(sec, 1)})
+        print(f"converted depth {depth}, NFE {args.convert_nfe}: FD {m['fd']:8.2f}  acc {m['acc']:.3f}", flush=True)
     halves = real_halves_floor()
     print(f"real halves FD: {np.mean(halves):.2f} (min {min(halves):.2f}, max {max(halves):.2f})", flush=True)
     floor = {"real_halves": halves, "real_halves_mean": float(np.mean(halves))}
@@ -83,12 +92,13 @@ def main() -> None:
         "model": args.model,
         "cfg_scale": args.cfg_scale,
         "rows": rows,
+        "converted_no_training": converted,
         "noise_floor": floor,
         "wall_seconds": round(time.time() - t_all, 1),
         "machine": f"{platform.machine()} cpu ({platform.processor() or 'unknown'}), {torch.get_num_threads()} threads, shared cores",
         "torch": torch.__version__,
         "commit": commit,
-        "command": "python benchmarks/digits/evaluate_base.py" + (f" --model {args.model}" if args.model != "builtin:digits-sit" else "") + (f" --cfg-scale {args.cfg_scale}" if args.cfg_scale != 1.0 else ""),
+        "command": "python benchmarks/digits/evaluate_base.py" + (f" --model {args.model}" if args.model != "builtin:digits-sit" else "") + (f" --cfg-scale {args.cfg_scale}" if args.cfg_scale != 1.0 else "") + (f" --convert-depths {args.convert_depths}" if args.convert_depths else ""),
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json} ({result['wall_seconds']:.0f} s)")

@@ -5,7 +5,7 @@ t ~ logit-normal(0, 1), 10% of labels dropped to the null class 10 (for classifi
 linear warm-up and cosine decay, EMA of the weights (the EMA weights are shipped). A fixed step count (not wall
 time) makes the run reproducible; the recipe and measured speed land in config.json's `training` field.
 
-    python benchmarks/digits/train_base.py                       # the shipped model (fixed 4000 steps)
+    python benchmarks/digits/train_base.py                       # the shipped model (fixed 1800 steps)
     python benchmarks/digits/train_base.py --steps 300 --out /tmp/digits-quick
 """
 
@@ -39,7 +39,7 @@ class BaseRecipe:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     patch_size: int = 2  # 8x8 = 64 tokens
-    steps: int = 4000
+    steps: int = 1800
     batch_size: int = 64
     lr: float = 2e-3  # AdamW peak (high for a small model: converges within the step budget)
     warmup_steps: int = 200  # linear warm-up, then cosine decay to lr * min_lr_ratio
