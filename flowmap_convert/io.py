@@ -73,6 +73,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the final directory should get the usual permissions
     except OSError as e:
         raise FlowmapError(f"cannot write to {out} ({e.strerror}); choose a writable --out directory.") from None
     try:

@@ -71,3 +71,16 @@ def test_unconditional_needs_a_null_row():
     m = FlowMap(tiny_config(class_embed_rows=10))
     with pytest.raises(FlowmapError, match="null-class"):
         m(torch.randn(1, 1, 16, 16), 0.5)
+
+
+def test_export_gets_the_usual_directory_permissions(tmp_path, tiny_model):
+    import os
+
+    from flowmap_convert.io import export
+
+    umask = os.umask(0o022)
+    try:
+        out = export(tiny_model, tmp_path / "m")
+    finally:
+        os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o755
