@@ -178,6 +178,11 @@ def sample(
     console.print(f"wrote {len(images)} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
 
 
+from .cli_search import search_depth_cmd  # noqa: E402
+
+app.command(name="search-depth")(guarded(search_depth_cmd))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
