@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import __file__ as _package_init  # adapters/ lives outside flowmap_convert/ on disk (package-dir mapping)
 from ..errors import FlowmapError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+BUILTIN_DIR = Path(_package_init).resolve().parent / "builtin"
 FAMILIES: dict[str, object] = {}
 # Order matters for detection: more specific families first (e.g. dmf before repa before sit).
 DETECTION_ORDER: list[str] = []
