@@ -207,7 +207,7 @@ class DigitsFeatures:
         except ImportError as e:
             raise FlowmapError(f"the digits feature extractor is not available in this install ({e}); use --features pixels or --features inception.") from None
         self._digits = digits
-        self.dim = None
+        self.dim = int(digits.digits_features(np.zeros((1, 16, 16, 1), np.uint8)).shape[1])  # known before sampling
 
     def features(self, images) -> np.ndarray:
         out = np.asarray(self._digits.digits_features(_check_images(images)), np.float64)

@@ -170,6 +170,8 @@ def search_depth(
         raise FlowmapError(f"a Fréchet distance needs at least 2 samples, got --num-samples {num_samples}; use e.g. --num-samples {DEFAULT_NUM_SAMPLES}.")
     if metric not in ("fd", "mse"):
         raise FlowmapError(f"unknown --metric {metric!r}; choose fd or mse.")
+    if metric == "mse" and reference not in ("teacher", "auto"):
+        raise FlowmapError("--metric mse is the paired error to the teacher's samples; use it with --reference teacher.")
     if not 0 < ci < 1:
         raise FlowmapError(f"--ci must be in (0, 1), got {ci}.")
     if teacher_nfe < 1:
