@@ -81,7 +81,7 @@ def search_depth_cmd(
     depths: Annotated[Optional[str], typer.Option("--depths", help="Comma-separated split depths, e.g. 16,18,20,22,24 (default: every depth for models up to 12 blocks, else a grid over 4/7..6/7 of the blocks).")] = None,
     depth_range: Annotated[Optional[str], typer.Option("--depth-range", help="START:END[:STEP], both ends included, e.g. 2:6.")] = None,
     nfe: Annotated[str, typer.Option("--nfe", help="Comma-separated network evaluations per sample to probe at, e.g. 1,2,4,16.")] = "1,4",
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Samples per (depth, NFE) (default 1000: ranks depths like 4x as many on the digits model).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Samples per (depth, NFE) (default 500: on the digits model it ranks depths like 4x as many, see benchmarks/results/search_depth-cpu.md).")] = None,
     reference: Annotated[str, typer.Option("--reference", help="auto, dataset (builtin statistics of the extractor's dataset), teacher (the source's own many-step samples from the same noise: needs no data), or a stats .npz with mu/sigma (or arr_0 images).")] = "auto",
     features: Annotated[str, typer.Option("--features", help="auto (digits classifier for 1x16x16 pixel models, else Inception), digits, inception, dinov2, dinov2-large, pixels.")] = "auto",
     metric: Annotated[str, typer.Option("--metric", help="What ranks depths: fd, or mse (paired per-sample error to the teacher).")] = "fd",

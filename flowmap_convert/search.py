@@ -25,7 +25,7 @@ import torch
 from .config import check_depth
 from .errors import FlowmapError
 
-DEFAULT_NUM_SAMPLES = 1000  # chosen by benchmarks/search_depth_stability.py (see benchmarks/results/search_depth-cpu.md)
+DEFAULT_NUM_SAMPLES = 500  # chosen by benchmarks/search_depth_stability.py (see benchmarks/results/search_depth-cpu.md)
 DEFAULT_TEACHER_NFE = 32
 DEFAULT_SOURCE = "builtin:digits-sit"
 
