@@ -251,7 +251,7 @@ def search_depth(
         if ref_kind == "teacher":
             teacher = _teacher(model, draw, extractor, teacher_nfe, num_samples, settings, cache, bar)
             if bar:
-                bar.advance(f"teacher {teacher_nfe}-step samples")
+                bar.advance()
 
         def evaluate(d: int, n_fe: int, n: int) -> dict:
             key = ProbeSettings(**{**asdict(settings), "num_samples": n}).key()
@@ -435,7 +435,7 @@ class _Progress:
     def set_description(self, text: str) -> None:
         self.p.update(self.task, description=text)
 
-    def advance(self, text: str | None = None) -> None:
+    def advance(self) -> None:
         self.p.advance(self.task)
 
     def stop(self) -> None:

@@ -145,3 +145,14 @@ def test_cli_warns_when_fewer_samples_than_feature_dims(tiny_dir, tmp_path):
     assert "best depth at 1 NFE" in p.stdout
     report = json.loads((out / "search.json").read_text())
     assert report["num_samples"] == 8 and (out / "search.png").is_file() and (tmp_path / "best" / "config.json").is_file()
+
+
+def test_digits_default_probe_matches_digits_fd(tiny_model):
+    """features/reference 'auto' on a 1x16x16 pixel model = the digits classifier against the real digits."""
+    from flowmap_convert.digits import digits_fd
+    from flowmap_convert.sample import sample
+
+    report = search_depth(tiny_model, depths=[3], nfe=[1], num_samples=80, bootstrap=0)
+    assert report["features"] == "digits" and report["reference"]["kind"] == "dataset"
+    imgs = sample(tiny_model.with_depth(3), nfe=1, num_samples=80, seed=0)
+    assert report["results"][0]["fd"] == pytest.approx(digits_fd(imgs), rel=1e-6)
