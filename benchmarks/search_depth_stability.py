@@ -83,6 +83,11 @@ def main() -> None:
         va = [next(r[args.metric] for r in a["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
         vb = [next(r[args.metric] for r in b["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
         per_nfe[str(n_fe)] = {"spearman": round(spearman(va, vb), 4), "default": [round(x, 3) for x in va], "large": [round(x, 3) for x in vb], "best_default": a["best"][str(n_fe)], "best_large": b["best"][str(n_fe)]}
+        if args.metric == "fd" and "mse" in a["results"][0]:  # teacher reference: the paired error ranks too
+            ma = [next(r["mse"] for r in a["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
+            mb = [next(r["mse"] for r in b["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
+            per_nfe[str(n_fe)]["spearman_mse"] = round(spearman(ma, mb), 4)
+            per_nfe[str(n_fe)]["mse_default"], per_nfe[str(n_fe)]["mse_large"] = [round(x, 5) for x in ma], [round(x, 5) for x in mb]
         print(f"NFE {n_fe}: spearman {per_nfe[str(n_fe)]['spearman']:.3f}", flush=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
@@ -122,6 +127,10 @@ def main() -> None:
     lines += ["", "| NFE | Spearman (default vs large) | probe by depth, default | probe by depth, large |", "|---|---|---|---|"]
     for n_fe, v in per_nfe.items():
         lines.append(f"| {n_fe} | {v['spearman']:.3f} | {', '.join(f'{x:.1f}' for x in v['default'])} | {', '.join(f'{x:.1f}' for x in v['large'])} |")
+    if any("spearman_mse" in v for v in per_nfe.values()):
+        lines += ["", "Paired per-sample MSE to the teacher (same runs):", "", "| NFE | Spearman | MSE by depth, default | MSE by depth, large |", "|---|---|---|---|"]
+        for n_fe, v in per_nfe.items():
+            lines.append(f"| {n_fe} | {v['spearman_mse']:.3f} | {', '.join(f'{x:.4f}' for x in v['mse_default'])} | {', '.join(f'{x:.4f}' for x in v['mse_large'])} |")
     lines += ["", f"Minimum Spearman over NFEs: **{record['min_spearman']:.3f}** (acceptance: >= 0.9)."]
     (res / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {res / (args.name + '.md')}")
