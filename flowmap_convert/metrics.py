@@ -52,6 +52,7 @@ class _FrechetTo:
         self.trace = float(np.trace(self.sigma))
 
     def __call__(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        """FD of (mu, sigma) to the fixed statistics."""
         m = self.root @ sigma @ self.root
         # tr sqrt(S_r^1/2 S S_r^1/2) = sum of sqrt eigenvalues of a symmetric PSD matrix (no complex sqrtm needed);
         # it equals tr sqrt(S S_r) because S_r^1/2 S S_r^1/2 and S S_r are similar.
@@ -181,6 +182,7 @@ class PixelFeatures:
         self.dim = None  # depends on the channel count; set on first call
 
     def features(self, images) -> np.ndarray:
+        """(N, C * 8 * 8) pooled pixels in float64."""
         import torch
         import torch.nn.functional as F
 
@@ -210,11 +212,13 @@ class DigitsFeatures:
         self.dim = int(digits.digits_features(np.zeros((1, 16, 16, 1), np.uint8)).shape[1])  # known before sampling
 
     def features(self, images) -> np.ndarray:
+        """(N, 64) classifier features in float64."""
         out = np.asarray(self._digits.digits_features(_check_images(images)), np.float64)
         self.dim = out.shape[1]
         return out
 
     def output_dim(self, channels: int, image_size: int) -> int | None:
+        """Feature dimension (64)."""
         return self.dim
 
     def dataset_reference(self) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +264,7 @@ class InceptionFeatures:
         self.batch_size = batch_size
 
     def features(self, images) -> np.ndarray:
+        """(N, 2048) pool3 features in float64 (grayscale repeated to RGB)."""
         import torch
 
         a = _check_images(images)
@@ -273,6 +278,7 @@ class InceptionFeatures:
         return np.concatenate(out)
 
     def output_dim(self, channels: int, image_size: int) -> int:
+        """Feature dimension, independent of the image shape."""
         return self.dim
 
 
@@ -297,6 +303,7 @@ class DinoV2Features:
         self.batch_size = batch_size
 
     def features(self, images) -> np.ndarray:
+        """(N, hidden) CLS features in float64."""
         import torch
         import torch.nn.functional as F
 
@@ -315,6 +322,7 @@ class DinoV2Features:
         return np.concatenate(out)
 
     def output_dim(self, channels: int, image_size: int) -> int:
+        """Feature dimension, independent of the image shape."""
         return self.dim
 
 
@@ -355,6 +363,7 @@ class ReferenceStats:
 
     @property
     def dim(self) -> int:
+        """Feature dimension D."""
         return int(self.mu.shape[0])
 
     def digest(self) -> str:

@@ -94,6 +94,7 @@ def _source_id(model, source) -> str:
 
 
 def _warn(message: str) -> None:
+    """Emit a FlowmapWarning (the CLI prints it as one `warning:` line on stderr)."""
     warnings.warn(message, FlowmapWarning, stacklevel=3)
 
 
@@ -112,6 +113,7 @@ class _Sampler:
         self.kw = dict(seed=seed, sampler=sampler, classes=classes, batch_size=batch_size, device=device, shift=shift, cfg_scale=cfg_scale, decoder=decoder)
 
     def __call__(self, model, nfe: int, n: int):
+        """Samples 0..n-1 of `model` at `nfe` evaluations: uint8 NHWC images and float latents."""
         from .sample import sample
 
         images, latents, labels, _ = sample(model, nfe=nfe, num_samples=n, return_latents=True, **self.kw)
@@ -433,12 +435,15 @@ class _Progress:
         self.p.start()
 
     def set_description(self, text: str) -> None:
+        """Show what is being evaluated now."""
         self.p.update(self.task, description=text)
 
     def advance(self) -> None:
+        """One (depth, NFE) evaluation done."""
         self.p.advance(self.task)
 
     def stop(self) -> None:
+        """Remove the bar."""
         self.p.stop()
 
 
