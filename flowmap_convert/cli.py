@@ -200,8 +200,11 @@ def sample(
     console.print(f"wrote {len(images)} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
 
 
+# Commands that live in their own modules (registered here so `flowmap --help` lists them in order).
+from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
 from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
 
+app.command(name="search-depth")(guarded(search_depth_cmd))
 app.command(name="finetune")(guarded(finetune_cmd))
 app.command(name="encode")(guarded(encode_cmd))
 
