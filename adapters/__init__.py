@@ -119,7 +119,6 @@ def load_source(source: str, **options):
                 info.setdefault("source_family", info["family"])
             info["family"] = "flowmap"
             info["loaded_from"] = str(source)
-            note(f"loaded exported flowmap model from {source}")
             return model, info
         claims = [n for n in DETECTION_ORDER if getattr(FAMILIES[n], "claims_dir", None) and FAMILIES[n].claims_dir(path)]
         if family and family in claims or (not family and claims):

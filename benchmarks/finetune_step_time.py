@@ -49,8 +49,8 @@ def time_cell(model, objective, derivative, train, batch_size, steps, data, mg_s
     """Median seconds per step of one (objective, derivative, train) cell."""
     import copy
 
-    from flowmap_convert.finetune.recipe import Recipe
-    from flowmap_convert.finetune.trainer import Trainer
+    from flowmap_convert.finetuning.recipe import Recipe
+    from flowmap_convert.finetuning.trainer import Trainer
 
     rec = Recipe(objective=objective, derivative=derivative, train=train, batch_size=batch_size, steps=1000, mg_scale=mg_scale, seed=0)
     tr = Trainer(copy.deepcopy(model), data, rec, out="/nonexistent-benchmark-dir", progress=False, device="cpu")

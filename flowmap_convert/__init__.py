@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return getattr(api, name)
     if name == "sample":
-        from .sample import sample
+        from .sampling import sample
 
         return sample
     if name == "search_depth":
@@ -20,7 +20,7 @@ def __getattr__(name):
 
         return search_depth
     if name == "finetune":
-        from .finetune import finetune
+        from .finetuning import finetune
 
         return finetune
     if name == "FlowMap":

@@ -177,7 +177,7 @@ def sample(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FlowmapError(f"--device {device} was asked for but CUDA is not available; use --device cpu.")
     net = load(model, family=family, revision=revision)
-    from .sample import sample as sample_fn
+    from .sampling import sample as sample_fn
 
     images, _, labels, settings = sample_fn(
         net,

@@ -1,4 +1,4 @@
-"""`flowmap finetune` and `flowmap encode`: thin typer layers over flowmap_convert.finetune."""
+"""`flowmap finetune` and `flowmap encode`: thin typer layers over flowmap_convert.finetuning."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def finetune_cmd(
     """
     from rich.console import Console
 
-    from .finetune import Recipe, finetune
+    from .finetuning import Recipe, finetune
 
     g_lo, g_hi = parse_floats(guidance_interval, 2, "--guidance-interval")
     recipe = Recipe(
@@ -128,7 +128,7 @@ def encode_cmd(
     from safetensors.torch import save_file
 
     from .api import load
-    from .finetune.data import encode_images, list_image_folder, load_images
+    from .finetuning.data import encode_images, list_image_folder, load_images
 
     if not images_dir.is_dir():
         raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")

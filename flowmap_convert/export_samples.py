@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .io import atomic_dir
-from .sample import UINT8_FORMULA
+from .sampling import UINT8_FORMULA
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:

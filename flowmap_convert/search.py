@@ -114,7 +114,7 @@ class _Sampler:
 
     def __call__(self, model, nfe: int, n: int):
         """Samples 0..n-1 of `model` at `nfe` evaluations: uint8 NHWC images and float latents."""
-        from .sample import sample
+        from .sampling import sample
 
         images, latents, labels, _ = sample(model, nfe=nfe, num_samples=n, return_latents=True, **self.kw)
         return images, latents.numpy()

@@ -71,7 +71,7 @@ def test_classifier_heldout_accuracy_and_feature_shape():
 
 
 def test_uint8_and_float_inputs_agree():
-    from flowmap_convert.sample import to_uint8
+    from flowmap_convert.sampling import to_uint8
 
     x, _ = load_digits_tensor("test")
     f_float = digits_features(x[:50])

@@ -62,7 +62,7 @@ def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
     # statistics of the wrong resolution are a clear user error at sampling time
     from flowmap_convert.api import load
     from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
 
     add_repo(cache, "nyu-visionx/RAE-collections", {RAE_STATS: torch_bytes(rae_stats())}, commit="b" * 40)
     with pytest.raises(FlowmapError, match=r"statistics mean has shape \(8, 4, 4\) but the model's latents are \(8, 16, 16\)"):
@@ -80,7 +80,7 @@ def put_diffusers_dit(cache, tmp_path):
 def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline):
     from flowmap_convert.api import convert, load
     from flowmap_convert.io import export
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
 
     cache, _ = offline
     put_diffusers_dit(cache, tmp_path)
@@ -108,7 +108,7 @@ def test_diffusers_dit_repo_cli_offline(tmp_path, offline):
 
 
 def test_original_dit_file_samples_through_the_cached_sd_vae(tmp_path, offline):
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
 
     cache, _ = offline
     vae_dir = tmp_path / "vae"
@@ -123,7 +123,7 @@ def test_original_dit_file_samples_through_the_cached_sd_vae(tmp_path, offline):
 
 
 def test_mf_rae_file_samples_in_one_step(tmp_path, offline):
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
 
     cache, _ = offline
     # MF-RAE: a local file (their weights live on Google Drive), its own meanflow conditioning, RAE decoder files

@@ -24,7 +24,7 @@ def _one_thread():
 
 
 def test_repa_moments_folder_samples_the_posterior(tmp_path):
-    from flowmap_convert.finetune.data import check_dataset, load_dataset
+    from flowmap_convert.finetuning.data import check_dataset, load_dataset
 
     root = tmp_path / "ds" / "vae-sd"
     (root / "00000").mkdir(parents=True)
@@ -60,7 +60,7 @@ def test_repa_moments_folder_samples_the_posterior(tmp_path):
 )
 def test_bad_data_is_a_user_error_before_training(tmp_path, latents, labels, match):
     from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.finetune.data import check_dataset, load_dataset
+    from flowmap_convert.finetuning.data import check_dataset, load_dataset
 
     np.savez(tmp_path / "d.npz", latents=latents.astype(np.float32), labels=labels.astype(np.int64))
     with pytest.raises(FlowmapError, match=match):
@@ -84,7 +84,7 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
 def test_encode_image_folder_round_trip(tmp_path):
     from PIL import Image
 
-    from flowmap_convert.finetune.data import check_dataset, load_dataset
+    from flowmap_convert.finetuning.data import check_dataset, load_dataset
     from flowmap_convert.io import export
     from flowmap_convert.model import FlowMap
 

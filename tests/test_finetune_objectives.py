@@ -69,8 +69,8 @@ def make(depth=2, **over):
 
 
 def ctx_for(model, train="all", **rec):
-    from flowmap_convert.finetune.common import Calls, Context
-    from flowmap_convert.finetune.recipe import Recipe
+    from flowmap_convert.finetuning.common import Calls, Context
+    from flowmap_convert.finetuning.recipe import Recipe
 
     recipe = Recipe(train=train, **rec)
     return Context(Calls(model, decoder_only=train == "decoder"), recipe, model.config.num_classes)
@@ -99,12 +99,12 @@ def test_reference_matches_model_forward():
 
 @pytest.mark.parametrize("train", ["all", "decoder"])
 def test_meanflow_target_matches_independent_jvp(train):
-    from flowmap_convert.finetune.common import mf_target
+    from flowmap_convert.finetuning.common import mf_target
     from flowmap_convert.io import canonical_state_dict
 
     model = make()
     if train == "decoder":
-        from flowmap_convert.finetune.trainer import set_trainable
+        from flowmap_convert.finetuning.trainer import set_trainable
 
         set_trainable(model, "decoder")
     x, v, t, r, y = inputs()
@@ -119,8 +119,8 @@ def test_meanflow_target_matches_independent_jvp(train):
 
 
 def test_decoder_only_jvp_equals_full_jvp_and_only_decoder_gets_gradients():
-    from flowmap_convert.finetune.common import mf_target
-    from flowmap_convert.finetune.trainer import set_trainable
+    from flowmap_convert.finetuning.common import mf_target
+    from flowmap_convert.finetuning.trainer import set_trainable
 
     model = make(depth=3)
     set_trainable(model, "decoder")
@@ -182,7 +182,7 @@ def test_fd_target_uses_one_batched_call_and_gradients_only_through_u():
 
 def test_dmf_loss_matches_reference_with_same_random_draws():
     """The whole DMF loss (label dropout, times, guidance, both branches, log-variance loss) recomputed by hand."""
-    from flowmap_convert.finetune.dmf import dmf_loss
+    from flowmap_convert.finetuning.dmf import dmf_loss
     from flowmap_convert.io import canonical_state_dict
     from flowmap_convert.model import FlowMap
 
@@ -235,8 +235,8 @@ def test_dmf_loss_matches_reference_with_same_random_draws():
 
 
 def test_losses():
-    from flowmap_convert.finetune.common import per_sample_loss
-    from flowmap_convert.finetune.recipe import Recipe
+    from flowmap_convert.finetuning.common import per_sample_loss
+    from flowmap_convert.finetuning.recipe import Recipe
 
     err = torch.randn(4, 1, 4, 4, requires_grad=True)
     lv = torch.tensor([0.0, 0.5, -0.5, 1.0]).reshape(-1, 1, 1, 1)
@@ -252,9 +252,9 @@ def test_losses():
 
 
 def test_cmt_trajectory_and_chords_with_a_constant_teacher():
-    from flowmap_convert.finetune.cmt import cmt_loss, teacher_trajectory
-    from flowmap_convert.finetune.common import Calls, Context
-    from flowmap_convert.finetune.recipe import Recipe
+    from flowmap_convert.finetuning.cmt import cmt_loss, teacher_trajectory
+    from flowmap_convert.finetuning.common import Calls, Context
+    from flowmap_convert.finetuning.recipe import Recipe
 
     c = 0.7
     teacher = lambda x, t, y: torch.full_like(x, c)
@@ -275,7 +275,7 @@ def test_cmt_trajectory_and_chords_with_a_constant_teacher():
 
 def test_recipe_refuses_fp16_and_bad_values():
     from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.finetune.recipe import Recipe
+    from flowmap_convert.finetuning.recipe import Recipe
 
     with pytest.raises(FlowmapError, match="fp16"):
         Recipe(precision="fp16")

@@ -42,7 +42,7 @@ def read_metrics(path):
 
 
 def test_decoder_only_keeps_encoder_bit_identical_and_exports(tmp_path):
-    from flowmap_convert.finetune import finetune
+    from flowmap_convert.finetuning import finetune
     from flowmap_convert.io import is_model_dir, read_model_dir
 
     model = small_model()
@@ -70,8 +70,8 @@ def test_decoder_only_keeps_encoder_bit_identical_and_exports(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path, monkeypatch):
-    from flowmap_convert.finetune import finetune, objectives
-    from flowmap_convert.finetune import trainer as trainer_mod
+    from flowmap_convert.finetuning import finetune, objectives
+    from flowmap_convert.finetuning import trainer as trainer_mod
 
     calls = {"n": 0}
     real = objectives.OBJECTIVE_FNS["fm"]
@@ -101,7 +101,7 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path, monkeypatch):
 
 
 def test_dry_run_writes_nothing_and_reports(tmp_path):
-    from flowmap_convert.finetune import finetune
+    from flowmap_convert.finetuning import finetune
 
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -119,7 +119,7 @@ def _cli(tmp_path, out, steps, extra=()):
 
 def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
     """Fast variant: a run stopped at step 3 and resumed to 6 matches an uninterrupted 6-step run."""
-    from flowmap_convert.finetune import finetune
+    from flowmap_convert.finetuning import finetune
 
     kw = dict(data=small_data(), steps=6, batch_size=4, lr=1e-3, mg_scale=0.5, progress=False, grid=False, log_every=100)
     finetune(small_model(), out=tmp_path / "ref", **kw)
@@ -168,7 +168,7 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
 def test_attention_option_is_passed_to_kernels_when_supported(monkeypatch):
     from flowmap_convert import kernels
     from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.finetune.trainer import set_attention_backend
+    from flowmap_convert.finetuning.trainer import set_attention_backend
 
     seen = []
     if hasattr(kernels, "set_default_backend"):
@@ -187,7 +187,7 @@ def test_missing_tracker_is_a_user_error(monkeypatch):
     import importlib.util
 
     from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.finetune.trainer import check_trackers
+    from flowmap_convert.finetuning.trainer import check_trackers
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FlowmapError, match="pip install wandb"):

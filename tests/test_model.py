@@ -84,3 +84,15 @@ def test_export_gets_the_usual_directory_permissions(tmp_path, tiny_model):
     finally:
         os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o755
+
+
+def test_public_functions_stay_callable_after_their_modules_are_imported():
+    import importlib
+
+    import flowmap_convert as fm
+
+    importlib.import_module("flowmap_convert.sampling")
+    importlib.import_module("flowmap_convert.finetuning")
+    importlib.import_module("flowmap_convert.search")
+    for name in ("sample", "finetune", "search_depth", "convert", "load"):
+        assert callable(getattr(fm, name)), name

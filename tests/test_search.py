@@ -29,7 +29,7 @@ def no_dataset(monkeypatch):
 
 def test_teacher_probe_needs_no_dataset(tiny_model, no_dataset, tmp_path):
     from flowmap_convert.metrics import bootstrap_fd, feature_stats, frechet_distance, get_extractor, paired_mse
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
     from flowmap_convert.search import velocity_model
 
     n = 24
@@ -150,7 +150,7 @@ def test_cli_warns_when_fewer_samples_than_feature_dims(tiny_dir, tmp_path):
 def test_digits_default_probe_matches_digits_fd(tiny_model):
     """features/reference 'auto' on a 1x16x16 pixel model = the digits classifier against the real digits."""
     from flowmap_convert.digits import digits_fd
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
 
     report = search_depth(tiny_model, depths=[3], nfe=[1], num_samples=80, bootstrap=0)
     assert report["features"] == "digits" and report["reference"]["kind"] == "dataset"

@@ -24,7 +24,7 @@ import torch
 import flowmap_convert as fm
 from flowmap_convert.digits import digits_features, evaluate_digits, load_digits_tensor
 from flowmap_convert.metrics import feature_stats, frechet_distance
-from flowmap_convert.sample import sample as fm_sample  # = fm.sample; the attribute is shadowed once the submodule is imported
+from flowmap_convert.sampling import sample as fm_sample
 
 HERE = Path(__file__).resolve().parent
 

@@ -26,7 +26,7 @@ import torch
 def evaluate(model, nfes, n, seed):
     """{nfe: {fd, acc}} for Euler flow-map sampling with n samples cycling through the classes."""
     from flowmap_convert.digits import evaluate_digits
-    from flowmap_convert.sample import sample
+    from flowmap_convert.sampling import sample
 
     out = {}
     for nfe in nfes:
@@ -55,7 +55,7 @@ def main():
     nfes = [int(s) for s in a.nfe.split(",")]
 
     from flowmap_convert.api import convert
-    from flowmap_convert.finetune import finetune
+    from flowmap_convert.finetuning import finetune
     from flowmap_convert.io import read_model_dir
 
     base = convert(a.model, depth=a.depth)

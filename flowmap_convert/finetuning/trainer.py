@@ -503,7 +503,7 @@ class Trainer:
         from PIL import Image
 
         from ..export_samples import make_grid, to_pil
-        from ..sample import sample
+        from ..sampling import sample
 
         model = model or self.ema_model()
         k = min(10, model.config.num_classes)
