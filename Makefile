@@ -18,8 +18,8 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 demo: install
 	rm -rf demo-out
-	$(BIN)/flowmap convert builtin:digits-sit --depth 4 --out demo-out/digits-dmf4
-	$(BIN)/flowmap sample demo-out/digits-dmf4 --nfe 4 --num-samples 100 --out demo-out/samples
+	$(BIN)/flowmap convert builtin:digits-sit --depth 5 --out demo-out/digits-dmf5
+	$(BIN)/flowmap sample demo-out/digits-dmf5 --nfe 4 --num-samples 100 --out demo-out/samples
 	@echo "sample grid: demo-out/samples/grid.png"
 
 test: install
