@@ -11,29 +11,12 @@ import typer
 
 from rich.console import Console
 
+from .cli_common import FamilyOpt, FilenameOpt, RevisionOpt, SourceArg, TrustOpt, WeightsOpt, parse_int_list
 from .errors import FlowmapError
 
 # cli.py imports this module to register the command, so nothing here imports cli.py (`python -m
 # flowmap_convert.cli` runs it as __main__, and a second import would be circular); the source options mirror cli's.
 console, err_console = Console(), Console(stderr=True)
-SourceArg = Annotated[str, typer.Argument(help="Hub repo id (e.g. sihyun-yu/REPA), https:// URL, local file or directory, or builtin:NAME.")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
-FilenameOpt = Annotated[Optional[str], typer.Option("--filename", help="File inside the Hub repo (default: picked by pattern and printed).")]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override family detection: repa, sit, dit, dmf, rae, mf-rae, flowmap.")]
-WeightsOpt = Annotated[str, typer.Option("--weights", help="Which weights of a training checkpoint: ema, model, or auto (ema when present).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow full pickle loading of .pt files (runs code from the file: only for files you trust).")]
-
-
-def parse_int_list(text: Optional[str], what: str) -> Optional[list[int]]:
-    """'1,2,4' -> [1, 2, 4]; a clear error otherwise."""
-    if text is None or text == "":
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise FlowmapError(f"{what} must be a comma-separated list of integers, got {text!r}.") from None
-
-
 def parse_depth_range(text: str) -> list[int]:
     """'2:6' -> [2, 3, 4, 5, 6] (both ends included); 'A:B:S' adds a step."""
     parts = text.split(":")

@@ -78,7 +78,6 @@ def _quantiles(values: np.ndarray, ci: float) -> list[float]:
 def bootstrap_fd(features: np.ndarray, ref_mu=None, ref_sigma=None, ref_features: np.ndarray | None = None, draws: int = 200, ci: float = 0.9, seed: int = 0) -> tuple[float, list[float]]:
     """FD with a bias-corrected percentile bootstrap CI: resample samples (paired with `ref_features` when given)."""
     f = np.asarray(features, np.float64)
-    n = len(f)
     if ref_features is not None:
         r = np.asarray(ref_features, np.float64)
         if r.shape != f.shape:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass

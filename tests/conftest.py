@@ -19,6 +19,15 @@ except ImportError:  # pragma: no cover
     pass
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny test models gain nothing from more, and on shared CI cores spinning threads are slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides):
     """A 4-block DiT over 1x16x16 pixels with 10 classes and a null row."""
     from flowmap_convert.config import LatentSpace, ModelConfig

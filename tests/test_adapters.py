@@ -19,14 +19,6 @@ from dit_reference import make_sd, ref_forward, ref_logvar, ref_sit_velocity
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def inputs(b=3, c=4, size=8, classes=10, seed=1):
     g = torch.Generator().manual_seed(seed)

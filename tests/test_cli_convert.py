@@ -20,14 +20,6 @@ from flowmap_convert.cli import app
 from dit_reference import make_sd, ref_forward
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_cli(*args, env=None):
     """The real console entry point in a fresh interpreter."""

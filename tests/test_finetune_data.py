@@ -14,14 +14,6 @@ import torch
 from conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and shared CI cores make spinning threads slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_repa_moments_folder_samples_the_posterior(tmp_path):
     from flowmap_convert.finetuning.data import check_dataset, load_dataset

@@ -12,14 +12,6 @@ from torch.func import jvp
 from conftest import randomize, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and shared CI cores make spinning threads slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------------------------------- reference
 def ref_u(sd, cfg, x, t, r, y, depth):

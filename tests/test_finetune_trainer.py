@@ -16,14 +16,6 @@ import torch
 from conftest import randomize, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and shared CI cores make spinning threads slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_model(**over):
     from flowmap_convert.model import FlowMap

@@ -22,14 +22,6 @@ from dit_reference import make_sd, ref_forward
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def pt_bytes(obj) -> bytes:
     buf = io.BytesIO()
