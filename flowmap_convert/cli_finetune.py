@@ -120,15 +120,12 @@ def encode_cmd(
 
       flowmap encode ./digits-png --model builtin:digits-sit --out digits-data
     """
-    import os
-    import shutil
-    import tempfile
-
     import torch
     from safetensors.torch import save_file
 
     from .api import load
     from .finetuning.data import encode_images, list_image_folder, load_images
+    from .io import atomic_dir
 
     if not images_dir.is_dir():
         raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")
@@ -140,17 +137,11 @@ def encode_cmd(
     files, labels, classes = list_image_folder(images_dir)
     if not files:
         raise FlowmapError(f"{images_dir} has no images in class sub-folders (e.g. {images_dir}/cat/001.png).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=False) as tmp:
         for s, i0 in enumerate(range(0, len(files), shard_size)):
             chunk = files[i0 : i0 + shard_size]
             z = encode_images(load_images(chunk, latent.image_size, latent.image_channels), latent, device, batch_size)
             save_file({"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)}, str(tmp / f"shard-{s:05d}.safetensors"))
         meta = {"format": "flowmap-latents/1", "model": model, "latent": latent.kind, "classes": classes, "num_samples": len(files)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     typer.echo(f"encoded {len(files)} images in {len(classes)} classes into {out}")
