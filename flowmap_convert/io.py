@@ -95,6 +95,22 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
         raise
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary sibling path that replaces `path` only if the block succeeds (removed otherwise).
+
+    `suffix` keeps writers that append an extension (np.savez adds `.npz`) from renaming the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_model_dir(model, directory: str | os.PathLike, card: str | None = None, extra_files: dict | None = None) -> Path:
     """Write config.json, model.safetensors and a model card into `directory` (files written in place)."""
     directory = Path(directory)

@@ -374,11 +374,11 @@ class ReferenceStats:
 
 def save_reference(path, mu, sigma) -> Path:
     """Write `mu`/`sigma` to an .npz atomically (ADM reference-batch key names)."""
+    from .io import atomic_file  # io imports torch; metrics stays numpy-only at import
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
     return path
 
 

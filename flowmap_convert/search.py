@@ -23,6 +23,7 @@ import torch
 
 from .config import check_depth
 from .errors import FlowmapError
+from .io import atomic_file
 
 DEFAULT_NUM_SAMPLES = 500  # chosen by benchmarks/search_depth_stability.py (see benchmarks/results/search_depth-cpu.md)
 DEFAULT_TEACHER_NFE = 32
@@ -99,10 +100,8 @@ def _warn(message: str) -> None:
 
 def _write_json(path: Path, data) -> None:
     """Atomic JSON write (temp name + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 class _Sampler:
@@ -397,10 +396,8 @@ def _teacher(model, draw, extractor, teacher_nfe, num_samples, settings, cache, 
     images, latents = draw(velocity_model(model), teacher_nfe, num_samples)
     feats = extractor.features(images)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, latents=latents, features=feats)
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, latents=latents, features=feats)
     return {"latents": latents, "features": feats}
 
 
@@ -510,7 +507,6 @@ def plot_search(report: dict, path) -> Path:
         g.line([W - R + 12, T + 10 + 18 * k, W - R + 32, T + 10 + 18 * k], fill=col, width=3)
         g.text((W - R + 38, T + 4 + 18 * k), f"NFE {n_fe} (best {bd})", fill="black", font=font)
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -96,3 +96,20 @@ def test_public_functions_stay_callable_after_their_modules_are_imported():
     importlib.import_module("flowmap_convert.search")
     for name in ("sample", "finetune", "search_depth", "convert", "load"):
         assert callable(getattr(fm, name)), name
+
+
+def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    import numpy as np
+
+    from flowmap_convert.io import atomic_file
+
+    target = tmp_path / "sub" / "stats.npz"
+    with atomic_file(target, suffix=".npz") as tmp:
+        np.savez(tmp, mu=np.zeros(2))  # np.savez would append .npz to a name without it
+    assert np.load(target)["mu"].shape == (2,)
+    with pytest.raises(RuntimeError):
+        with atomic_file(target, suffix=".npz") as tmp:
+            np.savez(tmp, mu=np.ones(3))
+            raise RuntimeError("writer failed")
+    assert np.load(target)["mu"].shape == (2,)  # the old file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["stats.npz"]
