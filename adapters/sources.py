@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import FlowmapError
+from ..io import sha256_file
 from . import note
 from .checkpoint import WEIGHT_SUFFIXES
 
@@ -72,16 +73,9 @@ def load_aliases() -> dict[str, dict[str, Any]]:
     return {k.lower(): v for k, v in data.items() if not k.startswith("_")}
 
 
-def sha256_of(path: Path) -> str:
-    """Streamed sha256 of a file."""
-    from ..io import sha256_file
-
-    return sha256_file(path)
-
-
 def check_sha256(path: Path, expected: str | None, digest: str | None = None) -> str:
     """Hash `path` and compare with `expected` (if given); returns the hex digest."""
-    digest = digest or sha256_of(path)
+    digest = digest or sha256_file(path)
     if expected and digest.lower() != expected.strip().lower():
         raise FlowmapError(f"{path.name} has sha256 {digest}, not the expected {expected}; the file is not the one asked for (re-download it or fix --sha256).")
     return digest
@@ -340,7 +334,7 @@ def _recorded_sha(path: Path) -> str:
     side = path.with_name(path.name + ".sha256")
     if side.is_file():
         return side.read_text().split()[0]
-    return sha256_of(path)
+    return sha256_file(path)
 
 
 def _http_allowed(allow_http: bool | None) -> bool:
@@ -365,7 +359,7 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
     target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name or _url_name(url)}"
     side = target.with_name(target.name + ".sha256")
     if target.is_file():
-        recorded = side.read_text().split()[0] if side.is_file() else sha256_of(target)
+        recorded = side.read_text().split()[0] if side.is_file() else sha256_file(target)
         if not sha256 or recorded.lower() == sha256.strip().lower():
             return target
         note(f"cached {target.name} does not match --sha256; downloading again")
