@@ -59,8 +59,10 @@ def guarded(fn):
 
 def check_out_dir(out: Path) -> None:
     """An --out whose nearest existing ancestor is not a directory, or that is a non-flowmap directory, fails now."""
+    from .io import replaceable_output
+
     probe = Path(out).absolute()
-    if probe.exists() and (not probe.is_dir() or (any(probe.iterdir()) and not (probe / "config.json").exists() and not (probe / "samples.json").exists())):
+    if probe.exists() and not replaceable_output(probe):
         raise FlowmapError(f"{out} exists and is not a flowmap output; remove it or choose another --out.")
     parent = probe.parent
     while not parent.exists():

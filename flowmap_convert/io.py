@@ -65,6 +65,12 @@ def check_keys_and_shapes(sd: dict, expected: dict, what: str) -> None:
     )
 
 
+def replaceable_output(path: str | os.PathLike) -> bool:
+    """True for a directory flowmap may replace: empty, or one it wrote (config.json or samples.json inside)."""
+    p = Path(path)
+    return p.is_dir() and (not any(p.iterdir()) or (p / CONFIG_NAME).exists() or (p / "samples.json").exists())
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
     """Yield a temporary sibling directory that replaces `out` only if the block succeeds."""
@@ -83,12 +89,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = True):
         if out.exists():
             if not overwrite:
                 raise FlowmapError(f"{out} already exists; remove it or choose another --out.")
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
-            elif out.is_dir() and (out / CONFIG_NAME).exists() or out.is_dir() and (out / "samples.json").exists():
-                shutil.rmtree(out)
-            else:
+            if not replaceable_output(out):
                 raise FlowmapError(f"{out} exists and is not a flowmap output; remove it or choose another --out.")
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
