@@ -147,7 +147,6 @@ def load_source(source: str, **options):
     return model, info
 
 
-# Built-in families, most specific first (the families engineer appends dit, dit-diffusers, rae, mf-rae).
+# Built-in families register on import, in detection order: most specific first.
 from . import dmf, repa, sit  # noqa: E402,F401
-from . import dit as _dit  # noqa: E402,F401  DiT original + diffusers (issue 3)
-from . import rae as _rae  # noqa: E402,F401  RAE DiT^DH + MF-RAE (issue 3)
+from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
