@@ -181,10 +181,6 @@ class DiTFamily:
         name = str(meta.get("name", ""))
         return bool(NAME_HINT.search(name)) or name.startswith("diffusion_pytorch_model.")
 
-    def detect_name(self, filename: str) -> bool:
-        """Original DiT release names are the only way to tell DiT from SiT files without args."""
-        return bool(NAME_HINT.search(str(filename)))
-
     def build(self, sd: dict, options: dict):
         """FlowMap (ddpm-eps convention) from either layout; diffusers weights need their transformer config."""
         options = dict(options or {})

@@ -27,7 +27,6 @@ from .io import atomic_file
 
 DEFAULT_NUM_SAMPLES = 500  # chosen by benchmarks/search_depth_stability.py (see benchmarks/results/search_depth-cpu.md)
 DEFAULT_TEACHER_NFE = 32
-DEFAULT_SOURCE = "builtin:digits-sit"
 
 
 class FlowmapWarning(UserWarning):

@@ -229,9 +229,7 @@ class Trainer:
         self.trainable = set_trainable(self.model, recipe.train)
         self.teacher = None
         if recipe.objective in NEEDS_TEACHER:  # frozen copy of the source before any update (MF-RAE teacher)
-            t = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self.teacher = lambda x, tt, y: t(x, tt, tt, y)
-            self._teacher_module = t
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).velocity
         self.data = load_dataset(data, self.model.config.latent, self.device)
         check_dataset(self.data, self.model.config)
         self.sampler = EpochSampler(len(self.data), recipe.batch_size, self.world, self.rank, recipe.seed)
