@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= test
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo lint test test-all clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -22,7 +22,11 @@ demo: install
 	$(BIN)/flowmap sample demo-out/digits-dmf5 --nfe 4 --num-samples 100 --out demo-out/samples
 	@echo "sample grid: demo-out/samples/grid.png"
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-all: install

@@ -76,14 +76,20 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
     alias = meta.get("family_hint")  # the alias table names the family of its files
     if alias:
         if alias not in FAMILIES:
-            raise FlowmapError(f"{alias} checkpoints are not supported by this flowmap installation; upgrade with `pip install -U flowmap-convert`.")
+            raise FlowmapError(
+                f"{alias} checkpoints are not supported by this flowmap installation; upgrade with `pip install -U flowmap-convert`."
+            )
         if fits(alias):
             return alias, "weights + source alias"
         fitting = ", ".join(candidates) or "no known family"
-        raise FlowmapError(f"the file does not look like a {alias} checkpoint (its weights fit: {fitting}); pass --family to force one.")
+        raise FlowmapError(
+            f"the file does not look like a {alias} checkpoint (its weights fit: {fitting}); pass --family to force one."
+        )
     if not candidates:
         sample = ", ".join(sorted(sd)[:5])
-        raise FlowmapError(f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model.")
+        raise FlowmapError(
+            f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model."
+        )
     hinted = [n for n in DETECTION_ORDER if getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta) and fits(n)]
     if len(hinted) == 1:
         return hinted[0], "weights + file name / training args"
@@ -103,12 +109,20 @@ def load_source(source: str, **options):
     from .sources import check_sha256, resolve
 
     family = options.get("family")
-    res = resolve(str(source), revision=options.get("revision"), filename=options.get("filename"), sha256=options.get("sha256"), allow_http=options.get("allow_http"))
+    res = resolve(
+        str(source),
+        revision=options.get("revision"),
+        filename=options.get("filename"),
+        sha256=options.get("sha256"),
+        allow_http=options.get("allow_http"),
+    )
     path = res.path
     if path.is_dir():
         if is_model_dir(path):  # our own export: config.json says everything
             if family not in (None, "flowmap"):
-                raise FlowmapError(f"{source} is an exported flowmap directory; drop --family {family} (or pass --family flowmap).")
+                raise FlowmapError(
+                    f"{source} is an exported flowmap directory; drop --family {family} (or pass --family flowmap)."
+                )
             model = read_model_dir(path)
             info = dict(model.config.provenance)
             info.setdefault("source", str(source))
@@ -120,7 +134,9 @@ def load_source(source: str, **options):
             info["family"] = "flowmap"
             info["loaded_from"] = str(source)
             return model, info
-        claims = [n for n in DETECTION_ORDER if getattr(FAMILIES[n], "claims_dir", None) and FAMILIES[n].claims_dir(path)]
+        claims = [
+            n for n in DETECTION_ORDER if getattr(FAMILIES[n], "claims_dir", None) and FAMILIES[n].claims_dir(path)
+        ]
         if family and family in claims or (not family and claims):
             name = family or claims[0]
             model, used = FAMILIES[name].build_dir(path, dict(options))
@@ -130,11 +146,15 @@ def load_source(source: str, **options):
             return model, info
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES))
         if len(files) != 1:
-            raise FlowmapError(f"{source} is a directory with {len(files)} checkpoint files and no flowmap config.json; pass the checkpoint file itself.")
+            raise FlowmapError(
+                f"{source} is a directory with {len(files)} checkpoint files and no flowmap config.json; pass the checkpoint file itself."
+            )
         path = files[0]
         res.info.update(file=path.name, sha256=check_sha256(path, options.get("sha256")))
         res.name = path.name
-    ckpt = read_checkpoint(path, weights=options.get("weights") or "auto", trust_pickle=bool(options.get("trust_pickle")))
+    ckpt = read_checkpoint(
+        path, weights=options.get("weights") or "auto", trust_pickle=bool(options.get("trust_pickle"))
+    )
     meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
     name, why = choose_family(ckpt.state_dict, meta, family)
     note(f"family {name} ({why}); weights: {ckpt.weights}{' (EMA)' if ckpt.weights == 'ema' else ''}")
@@ -148,5 +168,8 @@ def load_source(source: str, **options):
 
 
 # Built-in families register on import, in detection order: most specific first.
+# The order of these imports is the detection order, so import sorting must not touch them.
+# isort: off
 from . import dmf, repa, sit  # noqa: E402,F401
 from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
+# isort: on

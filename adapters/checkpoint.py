@@ -77,7 +77,9 @@ def load_file_object(path: str | Path, trust_pickle: bool = False) -> tuple[Any,
         try:
             return load_file(str(path)), "safetensors"
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise FlowmapError(f"{path} is not a readable safetensors file ({e}); re-download it (delete the cached copy) or check the file.") from None
+            raise FlowmapError(
+                f"{path} is not a readable safetensors file ({e}); re-download it (delete the cached copy) or check the file."
+            ) from None
     try:
         if trust_pickle:  # explicit opt-in: full pickle, may run code from the file
             return torch.load(str(path), map_location="cpu", weights_only=False), "pickle"
@@ -92,8 +94,12 @@ def load_file_object(path: str | Path, trust_pickle: bool = False) -> tuple[Any,
                 "if you trust the file's origin, rerun with --trust-pickle (it runs code from the file)."
             ) from None
         if isinstance(e, RuntimeError) and "zip archive" in msg or isinstance(e, (EOFError, zipfile.BadZipFile)):
-            raise FlowmapError(f"{path} is truncated or corrupted (not a complete PyTorch checkpoint); download it again.") from None
-        raise FlowmapError(f"{path} is not a PyTorch or safetensors checkpoint ({type(e).__name__}); check that the file is the checkpoint you meant.") from None
+            raise FlowmapError(
+                f"{path} is truncated or corrupted (not a complete PyTorch checkpoint); download it again."
+            ) from None
+        raise FlowmapError(
+            f"{path} is not a PyTorch or safetensors checkpoint ({type(e).__name__}); check that the file is the checkpoint you meant."
+        ) from None
 
 
 def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,7 +113,9 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix) :], True
         if key in out:
-            raise FlowmapError(f"key {key!r} appears twice after removing module./_orig_mod. prefixes; the checkpoint mixes wrapped and unwrapped weights.")
+            raise FlowmapError(
+                f"key {key!r} appears twice after removing module./_orig_mod. prefixes; the checkpoint mixes wrapped and unwrapped weights."
+            )
         out[key] = value
     return out
 
@@ -119,7 +127,11 @@ def _as_state_dict(obj: Any) -> Any:
 
 def _is_state_dict(obj: Any) -> bool:
     """A non-empty flat mapping of string keys to tensors."""
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _args_dict(args: Any) -> dict[str, Any]:
@@ -131,7 +143,9 @@ def _args_dict(args: Any) -> dict[str, Any]:
     return {}
 
 
-def select_weights(obj: Any, weights: str = "auto", where: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+def select_weights(
+    obj: Any, weights: str = "auto", where: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """Pick the state dict from a training dict (ema/model) or take a plain one; returns (sd, used, args)."""
     weights = (weights or "auto").lower()
     obj = _as_state_dict(obj)
@@ -141,10 +155,14 @@ def select_weights(obj: Any, weights: str = "auto", where: str = "checkpoint") -
         raise FlowmapError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}; pass ema, model or auto.")
     if _is_state_dict(obj):
         if weights != "auto":
-            raise FlowmapError(f"{where} is a plain state dict with no 'ema'/'model' entries; drop --weights {weights} (or use auto).")
+            raise FlowmapError(
+                f"{where} is a plain state dict with no 'ema'/'model' entries; drop --weights {weights} (or use auto)."
+            )
         return strip_prefixes(obj), "plain", {}
     if not isinstance(obj, dict):
-        raise FlowmapError(f"{where} holds a {type(obj).__name__}, not a state dict; pass a checkpoint of model weights.")
+        raise FlowmapError(
+            f"{where} holds a {type(obj).__name__}, not a state dict; pass a checkpoint of model weights."
+        )
     args = _args_dict(obj.get("args"))
     present = [k for k in ("ema", "model", "state_dict") if _is_state_dict(obj.get(k))]
     if weights == "auto":
@@ -152,10 +170,14 @@ def select_weights(obj: Any, weights: str = "auto", where: str = "checkpoint") -
     else:
         used = weights if weights in present else None
         if used is None:
-            raise FlowmapError(f"{where} has no {weights!r} weights (it has: {', '.join(present) or 'none'}); pass --weights {present[0] if present else 'auto'}.")
+            raise FlowmapError(
+                f"{where} has no {weights!r} weights (it has: {', '.join(present) or 'none'}); pass --weights {present[0] if present else 'auto'}."
+            )
     if used is None:
         keys = ", ".join(sorted(map(str, obj))[:6])
-        raise FlowmapError(f"{where} is a dict without model weights (top-level keys: {keys}); pass a checkpoint holding a state dict or 'ema'/'model' entries.")
+        raise FlowmapError(
+            f"{where} is a dict without model weights (top-level keys: {keys}); pass a checkpoint holding a state dict or 'ema'/'model' entries."
+        )
     return strip_prefixes(obj[used]), used, args
 
 

@@ -33,7 +33,13 @@ def is_diffusers_dit(sd: dict) -> bool:
 
 def is_original_dit(sd: dict) -> bool:
     """True for a DiT §1.2 state dict with a learn_sigma head (2C outputs) and no REPA/DMF extras."""
-    need = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight", "pos_embed")
+    need = (
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight",
+        "pos_embed",
+    )
     if not all(k in sd for k in need):
         return False
     if any(k.startswith(("projectors.", "logvar_linear.")) or ".q_norm." in k for k in sd):
@@ -99,11 +105,17 @@ def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
         else:
             unknown.append(key)
     if unknown:
-        raise FlowmapError(f"unexpected keys in the diffusers DiT weights ({', '.join(sorted(unknown)[:4])}); this is not a DiTTransformer2DModel, pass --family explicitly.")
+        raise FlowmapError(
+            f"unexpected keys in the diffusers DiT weights ({', '.join(sorted(unknown)[:4])}); this is not a DiTTransformer2DModel, pass --family explicitly."
+        )
     for (i, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            raise FlowmapError(f"diffusers DiT block {i} lacks some of to_q/to_k/to_v; the checkpoint is incomplete, re-download it.")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # q, k, v along dim 0
+            raise FlowmapError(
+                f"diffusers DiT block {i} lacks some of to_q/to_k/to_v; the checkpoint is incomplete, re-download it."
+            )
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]], dim=0
+        )  # q, k, v along dim 0
     out.update(shared)
     return out
 
@@ -123,9 +135,15 @@ def dit_config(sd: dict, options: dict, diffusers_config: dict | None = None) ->
         heads = int(diffusers_config.get("num_attention_heads") or heads_for_hidden(d))
         input_size = int(diffusers_config.get("sample_size") or 0)
         num_classes = int(diffusers_config.get("num_embeds_ada_norm") or rows - 1)
-        extra = {"freq_shift": 1, "norm2_eps": float(diffusers_config.get("norm_eps", 1e-5)), "source_layout": "diffusers"}
+        extra = {
+            "freq_shift": 1,
+            "norm2_eps": float(diffusers_config.get("norm_eps", 1e-5)),
+            "source_layout": "diffusers",
+        }
         if not input_size:
-            raise FlowmapError("the diffusers transformer config has no sample_size; add it to transformer/config.json.")
+            raise FlowmapError(
+                "the diffusers transformer config has no sample_size; add it to transformer/config.json."
+            )
     else:
         heads = heads_for_hidden(d)
         input_size = int(round(sd["pos_embed"].shape[1] ** 0.5)) * p
@@ -134,12 +152,34 @@ def dit_config(sd: dict, options: dict, diffusers_config: dict | None = None) ->
     if d % heads:
         raise FlowmapError(f"hidden size {d} is not divisible by {heads} heads; pass a valid --num-heads.")
     if out_ch not in (c, 2 * c):
-        raise FlowmapError(f"the DiT head has {out_ch} output channels for {c} input channels; expected {c} or {2 * c}.")
-    latent = LatentSpace(kind="sd-vae", channels=c, size=input_size, image_channels=3, image_size=input_size * 8, repo="stabilityai/sd-vae-ft-ema", scale=SD_VAE_SCALE)
+        raise FlowmapError(
+            f"the DiT head has {out_ch} output channels for {c} input channels; expected {c} or {2 * c}."
+        )
+    latent = LatentSpace(
+        kind="sd-vae",
+        channels=c,
+        size=input_size,
+        image_channels=3,
+        image_size=input_size * 8,
+        repo="stabilityai/sd-vae-ft-ema",
+        scale=SD_VAE_SCALE,
+    )
     return ModelConfig(
-        arch="dit", input_size=input_size, in_channels=c, patch_size=p, hidden_size=d, num_blocks=n, num_heads=heads,
-        mlp_ratio=mlp_ratio, num_classes=num_classes, class_embed_rows=rows, learn_sigma=out_ch == 2 * c,
-        time_convention="ddpm-eps", conditioning="velocity", extra=extra, latent=latent,
+        arch="dit",
+        input_size=input_size,
+        in_channels=c,
+        patch_size=p,
+        hidden_size=d,
+        num_blocks=n,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        num_classes=num_classes,
+        class_embed_rows=rows,
+        learn_sigma=out_ch == 2 * c,
+        time_convention="ddpm-eps",
+        conditioning="velocity",
+        extra=extra,
+        latent=latent,
         sampling={"cfg_scale": 1.0},
     )
 
@@ -190,10 +230,14 @@ class DiTFamily:
                 near = Path(options["what"]).parent / "config.json"  # transformer/config.json beside the weights
                 cfg = json.loads(near.read_text()) if near.is_file() else None
             if cfg is None:
-                raise FlowmapError("diffusers DiT weights need their transformer/config.json (sample_size, heads); pass the pipeline directory or the transformer/ folder instead of the weights file.")
+                raise FlowmapError(
+                    "diffusers DiT weights need their transformer/config.json (sample_size, heads); pass the pipeline directory or the transformer/ folder instead of the weights file."
+                )
             return build_dit(diffusers_to_canonical(sd), options, cfg)
         if not is_original_dit(sd):
-            raise FlowmapError("this checkpoint is not a DiT (x_embedder, blocks, final_layer with a 2C learn_sigma head); check --family.")
+            raise FlowmapError(
+                "this checkpoint is not a DiT (x_embedder, blocks, final_layer with a 2C learn_sigma head); check --family."
+            )
         return build_dit(sd, options)
 
     def claims_dir(self, path) -> bool:
@@ -258,7 +302,9 @@ def read_diffusers_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     """(state dict, transformer config) of a diffusers directory; safetensors preferred, .bin read weights-only."""
     folder = find_diffusers_transformer(path)
     if folder is None:
-        raise FlowmapError(f"{path} is not a diffusers model directory (no transformer/config.json with diffusion_pytorch_model weights).")
+        raise FlowmapError(
+            f"{path} is not a diffusers model directory (no transformer/config.json with diffusion_pytorch_model weights)."
+        )
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except ValueError as e:
@@ -272,7 +318,9 @@ def read_diffusers_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
         else:
             sd = torch.load(str(binf), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise FlowmapError(f"cannot read the weights in {folder} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-download the repo.") from None
+        raise FlowmapError(
+            f"cannot read the weights in {folder} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-download the repo."
+        ) from None
     if not isinstance(sd, dict):
         raise FlowmapError(f"{folder} weights are not a state dict; re-download the repo.")
     return sd, cfg
@@ -282,7 +330,9 @@ def load_diffusers_dir(path: str | Path, **options):
     """FlowMap from a diffusers DiT pipeline directory; the latent decoder is the repo's own `vae/` when present."""
     sd, cfg = read_diffusers_dir(path)
     if not is_diffusers_dit(sd):
-        raise FlowmapError(f"{path} holds a diffusers model that is not a DiT transformer; flowmap reads DiTTransformer2DModel repos.")
+        raise FlowmapError(
+            f"{path} holds a diffusers model that is not a DiT transformer; flowmap reads DiTTransformer2DModel repos."
+        )
     root = Path(path)
     vae = None
     if (root / "vae" / "config.json").is_file():
@@ -293,8 +343,12 @@ def load_diffusers_dir(path: str | Path, **options):
     model = DiTFamily().build(sd, opts)
     if vae:  # decoded image side from the VAE's own depth: 2^(len(block_out_channels) - 1) per latent pixel
         try:
-            factor = 2 ** (len(json.loads((root / "vae" / "config.json").read_text()).get("block_out_channels", [0] * 4)) - 1)
+            factor = 2 ** (
+                len(json.loads((root / "vae" / "config.json").read_text()).get("block_out_channels", [0] * 4)) - 1
+            )
         except (OSError, ValueError):
             factor = 8
-        model.config = model.config.replace(latent=dataclasses.replace(model.config.latent, image_size=model.config.input_size * factor))
+        model.config = model.config.replace(
+            latent=dataclasses.replace(model.config.latent, image_size=model.config.input_size * factor)
+        )
     return model

@@ -55,26 +55,38 @@ def heads_from_args(args: dict[str, Any]) -> int | None:
     return SIZES[m.group(1)][2] if m else None
 
 
-def infer_dit_config(sd: dict[str, torch.Tensor], options: dict[str, Any], args: dict[str, Any] | None = None) -> dict[str, Any]:
+def infer_dit_config(
+    sd: dict[str, torch.Tensor], options: dict[str, Any], args: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """ModelConfig fields of a DiT-style state dict (already renamed to `blocks.{i}` and stripped of extras)."""
     missing = [k for k in REQUIRED if k not in sd]
     if missing:
-        raise FlowmapError(f"the checkpoint lacks DiT keys {missing[:3]}; it is not a DiT/SiT/REPA/DMF model (check --family).")
+        raise FlowmapError(
+            f"the checkpoint lacks DiT keys {missing[:3]}; it is not a DiT/SiT/REPA/DMF model (check --family)."
+        )
     args = args or {}
     w = sd["x_embedder.proj.weight"]
     if w.dim() != 4 or w.shape[2] != w.shape[3]:
-        raise FlowmapError(f"x_embedder.proj.weight has shape {tuple(w.shape)}, not [D, C, p, p]; the checkpoint is not a DiT-style model.")
+        raise FlowmapError(
+            f"x_embedder.proj.weight has shape {tuple(w.shape)}, not [D, C, p, p]; the checkpoint is not a DiT-style model."
+        )
     hidden, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     tokens = int(sd["pos_embed"].shape[-2])
     grid = int(round(tokens**0.5))
     if grid * grid != tokens:
-        raise FlowmapError(f"pos_embed has {tokens} tokens, not a square grid; the checkpoint is not a DiT-style image model.")
+        raise FlowmapError(
+            f"pos_embed has {tokens} tokens, not a square grid; the checkpoint is not a DiT-style image model."
+        )
     out_rows = int(sd["final_layer.linear.weight"].shape[0])
     if out_rows % (patch * patch):
-        raise FlowmapError(f"final_layer.linear has {out_rows} rows, not a multiple of patch^2={patch * patch}; the checkpoint is damaged.")
+        raise FlowmapError(
+            f"final_layer.linear has {out_rows} rows, not a multiple of patch^2={patch * patch}; the checkpoint is damaged."
+        )
     out_channels = out_rows // (patch * patch)
     if out_channels not in (channels, 2 * channels):
-        raise FlowmapError(f"the head emits {out_channels} channels for {channels} input channels; expected {channels} or {2 * channels} (learn_sigma).")
+        raise FlowmapError(
+            f"the head emits {out_channels} channels for {channels} input channels; expected {channels} or {2 * channels} (learn_sigma)."
+        )
     n = num_blocks(sd)
     rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
     # The class table has K + 1 rows when a null label exists (class dropout > 0, REFERENCE §13); training
@@ -102,12 +114,18 @@ def infer_dit_config(sd: dict[str, torch.Tensor], options: dict[str, Any], args:
         else:
             heads = heads_for_hidden(hidden)
             if hidden not in {d for d, _, _ in SIZES.values()}:
-                note(f"hidden size {hidden} is not a standard DiT size: assuming {heads} heads of 64; pass --num-heads if that is wrong")
+                note(
+                    f"hidden size {hidden} is not a standard DiT size: assuming {heads} heads of 64; pass --num-heads if that is wrong"
+                )
     heads = int(heads)
     if heads < 1 or hidden % heads:
-        raise FlowmapError(f"--num-heads {heads} does not divide the hidden size {hidden}; pass a head count that does.")
+        raise FlowmapError(
+            f"--num-heads {heads} does not divide the hidden size {hidden}; pass a head count that does."
+        )
     if norm_width is not None and hidden // heads != norm_width:
-        raise FlowmapError(f"the QK-norm width {norm_width} implies {hidden // norm_width} heads, not {heads}; drop --num-heads or pass {hidden // norm_width}.")
+        raise FlowmapError(
+            f"the QK-norm width {norm_width} implies {hidden // norm_width} heads, not {heads}; drop --num-heads or pass {hidden // norm_width}."
+        )
     input_size = grid * patch
     return dict(
         arch="dit",
@@ -139,16 +157,30 @@ def check_linear_velocity(args: dict[str, Any], family: str) -> None:
     path = str(args.get("path_type", "linear") or "linear").lower()
     pred = str(args.get("prediction", "v") or "v").lower()
     if path != "linear":
-        raise FlowmapError(f"this {family} checkpoint was trained on the {path!r} path; flowmap converts linear-path models only (x_t = (1 - t) x0 + t eps).")
+        raise FlowmapError(
+            f"this {family} checkpoint was trained on the {path!r} path; flowmap converts linear-path models only (x_t = (1 - t) x0 + t eps)."
+        )
     if pred not in ("v", "velocity"):
-        raise FlowmapError(f"this {family} checkpoint predicts {pred!r}, not a velocity; flowmap converts velocity-prediction models only.")
+        raise FlowmapError(
+            f"this {family} checkpoint predicts {pred!r}, not a velocity; flowmap converts velocity-prediction models only."
+        )
 
 
 def latent_for(channels: int, input_size: int) -> LatentSpace:
     """SD-VAE latents for 4-channel ImageNet models (REFERENCE §8); pixels otherwise."""
     if channels == 4:
-        return LatentSpace(kind="sd-vae", channels=4, size=input_size, image_channels=3, image_size=8 * input_size, repo="stabilityai/sd-vae-ft-ema", scale=0.18215)
-    return LatentSpace(kind="identity", channels=channels, size=input_size, image_channels=channels, image_size=input_size)
+        return LatentSpace(
+            kind="sd-vae",
+            channels=4,
+            size=input_size,
+            image_channels=3,
+            image_size=8 * input_size,
+            repo="stabilityai/sd-vae-ft-ema",
+            scale=0.18215,
+        )
+    return LatentSpace(
+        kind="identity", channels=channels, size=input_size, image_channels=channels, image_size=input_size
+    )
 
 
 def build_and_load(cfg_fields: dict[str, Any], sd: dict[str, torch.Tensor], what: str):

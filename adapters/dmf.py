@@ -10,7 +10,14 @@ from __future__ import annotations
 from ..config import check_depth
 from ..errors import FlowmapError
 from . import note, register
-from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config, is_learn_sigma
+from .dit_keys import (
+    build_and_load,
+    check_linear_velocity,
+    drop_projectors,
+    has_dit_keys,
+    infer_dit_config,
+    is_learn_sigma,
+)
 
 RELEASED_DEPTH = {(1152, 28): 20}  # (hidden, blocks) -> dmf_depth of the released DMF-XL/2 models
 
@@ -50,11 +57,19 @@ class DmfFamily:
         fields = infer_dit_config(sd, options, args)
         if fields["learn_sigma"] or args.get("pretrained_sigma"):
             # DMF's --pretrained-sigma variant starts from an original-SiT head whose time direction is not documented.
-            raise FlowmapError("this DMF checkpoint has a learn_sigma head (--pretrained-sigma training), whose convention flowmap does not know; convert the base SiT instead.")
+            raise FlowmapError(
+                "this DMF checkpoint has a learn_sigma head (--pretrained-sigma training), whose convention flowmap does not know; convert the base SiT instead."
+            )
         depth = options.get("depth")
         if depth is None:
             depth, why = default_depth(fields["hidden_size"], fields["num_blocks"], args)
             note(f"DMF depth {depth} ({why}); pass --depth to choose another split")
         check_depth(depth, fields["num_blocks"])
-        cfg = {**fields, "time_convention": "canonical", "conditioning": "decoupled", "depth": depth, "logvar": "logvar_linear.weight" in sd}
+        cfg = {
+            **fields,
+            "time_convention": "canonical",
+            "conditioning": "decoupled",
+            "depth": depth,
+            "logvar": "logvar_linear.weight" in sd,
+        }
         return build_and_load(cfg, sd, options.get("what", "DMF checkpoint"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-
 from ..config import LatentSpace, ModelConfig
 from ..errors import FlowmapError
 from . import register
@@ -72,14 +71,20 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
         n_e = len(blocks) - int(options.get("decoder_blocks") or 2)
     n_d = len(blocks) - n_e
     if n_e < 1 or n_d < 1:
-        raise FlowmapError("could not split this DiT^DH into encoder and head blocks; pass --family and check the file.")
+        raise FlowmapError(
+            "could not split this DiT^DH into encoder and head blocks; pass --family and check the file."
+        )
     rope = "enc_feat_rope.freqs_cos" in sd
     if rope:
         side = int(round(math.sqrt(sd["enc_feat_rope.freqs_cos"].shape[0])))
         heads_e = d_e // sd["enc_feat_rope.freqs_cos"].shape[1]
         heads_d = d_d // sd["dec_feat_rope.freqs_cos"].shape[1]
     else:
-        side = int(round(math.sqrt(sd["pos_embed"].shape[1]))) if "pos_embed" in sd else int(options.get("input_size") or 16)
+        side = (
+            int(round(math.sqrt(sd["pos_embed"].shape[1])))
+            if "pos_embed" in sd
+            else int(options.get("input_size") or 16)
+        )
         heads_e, heads_d = heads_for_hidden(d_e), 16
     heads_e = int(options.get("num_heads") or heads_e)
     rmsnorm = f"blocks.{blocks[0]}.norm1.weight" in sd
@@ -93,19 +98,50 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
     dec_file, stat_file, enc_size = RAE_FILES.get(side, (None, None, side * 14))
     latent = LatentSpace(
-        kind="rae", channels=c, size=side, image_channels=3, image_size=side * 16,
+        kind="rae",
+        channels=c,
+        size=side,
+        image_channels=3,
+        image_size=side * 16,
         repo=options.get("decoder_repo", RAE_REPO),
-        extra={"decoder": options.get("decoder_file", dec_file), "stats": options.get("stats_file", stat_file),
-               "encoder": DINO_ENCODER, "encoder_input_size": enc_size, "eps": 1e-5, "layer_norm_eps": 1e-12},
+        extra={
+            "decoder": options.get("decoder_file", dec_file),
+            "stats": options.get("stats_file", stat_file),
+            "encoder": DINO_ENCODER,
+            "encoder_input_size": enc_size,
+            "eps": 1e-5,
+            "layer_norm_eps": 1e-12,
+        },
     )
     shift = 1.0 if meanflow else rae_time_shift(c, side)  # MF-RAE samples on a uniform grid (§11.6)
-    extra = {"decoder_hidden": d_d, "decoder_blocks": n_d, "decoder_heads": heads_d, "rmsnorm": rmsnorm, "swiglu": swiglu,
-             "rope": rope, "wo_shift": wo_shift, "pos_embed": "pos_embed" in sd}
+    extra = {
+        "decoder_hidden": d_d,
+        "decoder_blocks": n_d,
+        "decoder_heads": heads_d,
+        "rmsnorm": rmsnorm,
+        "swiglu": swiglu,
+        "rope": rope,
+        "wo_shift": wo_shift,
+        "pos_embed": "pos_embed" in sd,
+    }
     return ModelConfig(
-        arch="ddt", input_size=side, in_channels=c, patch_size=1, hidden_size=d_e, num_blocks=n_e, num_heads=heads_e,
-        mlp_ratio=mlp_ratio, num_classes=rows - 1 if rows > 1 else rows, class_embed_rows=rows, learn_sigma=False,
-        qk_norm=qk, time_convention="canonical", conditioning="meanflow" if meanflow else "velocity",
-        extra=extra, latent=latent, sampling={"shift": shift},
+        arch="ddt",
+        input_size=side,
+        in_channels=c,
+        patch_size=1,
+        hidden_size=d_e,
+        num_blocks=n_e,
+        num_heads=heads_e,
+        mlp_ratio=mlp_ratio,
+        num_classes=rows - 1 if rows > 1 else rows,
+        class_embed_rows=rows,
+        learn_sigma=False,
+        qk_norm=qk,
+        time_convention="canonical",
+        conditioning="meanflow" if meanflow else "velocity",
+        extra=extra,
+        latent=latent,
+        sampling={"shift": shift},
     )
 
 
@@ -118,7 +154,9 @@ def build_ddt(sd: dict, options: dict, meanflow: bool):
     sd = unwrap(sd)
     cfg = ddt_config(sd, options or {}, meanflow)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # built on meta, tensors assigned
-    return build_and_load(fields, sd, (options or {}).get("what", "the MF-RAE checkpoint" if meanflow else "the RAE DiT^DH checkpoint"))
+    return build_and_load(
+        fields, sd, (options or {}).get("what", "the MF-RAE checkpoint" if meanflow else "the RAE DiT^DH checkpoint")
+    )
 
 
 @register("mf-rae")

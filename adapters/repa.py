@@ -11,7 +11,14 @@ import re
 
 from ..errors import FlowmapError
 from . import note, register
-from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config, is_learn_sigma
+from .dit_keys import (
+    build_and_load,
+    check_linear_velocity,
+    drop_projectors,
+    has_dit_keys,
+    infer_dit_config,
+    is_learn_sigma,
+)
 
 LEGACY_RE = re.compile(r"^decoder_blocks\.(\d+)\.(.*)$")
 
@@ -21,10 +28,14 @@ def rename_legacy(sd: dict, encoder_depth: int | None) -> dict:
     if not any(LEGACY_RE.match(k) for k in sd):
         return sd
     if encoder_depth is None:
-        raise FlowmapError("this REPA checkpoint uses legacy `decoder_blocks.*` keys and carries no encoder_depth; pass --encoder-depth (REPA's default is 8).")
+        raise FlowmapError(
+            "this REPA checkpoint uses legacy `decoder_blocks.*` keys and carries no encoder_depth; pass --encoder-depth (REPA's default is 8)."
+        )
     enc = sum(1 for k in sd if re.match(r"^blocks\.\d+\.attn\.qkv\.weight$", k))
     if enc != encoder_depth:
-        raise FlowmapError(f"the legacy checkpoint has {enc} encoder blocks but encoder_depth is {encoder_depth}; pass --encoder-depth {enc}.")
+        raise FlowmapError(
+            f"the legacy checkpoint has {enc} encoder blocks but encoder_depth is {encoder_depth}; pass --encoder-depth {enc}."
+        )
     out = {}
     for k, v in sd.items():
         m = LEGACY_RE.match(k)
@@ -46,7 +57,10 @@ class RepaFamily:
     def hint(self, meta) -> bool:
         """REPA training args (encoder, projection loss) or a file named after REPA."""
         args = meta.get("args") or {}
-        return any(k in args for k in ("enc_type", "proj_coeff", "encoder_depth", "repa_depth")) or "repa" in meta.get("name", "").lower()
+        return (
+            any(k in args for k in ("enc_type", "proj_coeff", "encoder_depth", "repa_depth"))
+            or "repa" in meta.get("name", "").lower()
+        )
 
     def build(self, sd, options):
         """Drop projectors, undo legacy naming, infer the architecture and load strictly."""
@@ -57,5 +71,7 @@ class RepaFamily:
         sd = rename_legacy(sd, int(enc) if enc is not None else None)
         fields = infer_dit_config(sd, options, args)
         if fields["learn_sigma"]:
-            raise FlowmapError("this checkpoint has a learn_sigma head (2C output channels), which REPA models do not have; use --family sit or --family dit.")
+            raise FlowmapError(
+                "this checkpoint has a learn_sigma head (2C output channels), which REPA models do not have; use --family sit or --family dit."
+            )
         return build_and_load({**fields, "time_convention": "canonical"}, sd, options.get("what", "REPA checkpoint"))

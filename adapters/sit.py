@@ -38,7 +38,12 @@ class SitFamily:
         name = meta.get("name", "")
         if args:
             own = "path_type" in args and not any(k in args for k in ("enc_type", "proj_coeff", "dmf_depth"))
-            return own or str(args.get("model", "")).startswith("SiT-") and "enc_type" not in args and "dmf_depth" not in args
+            return (
+                own
+                or str(args.get("model", "")).startswith("SiT-")
+                and "enc_type" not in args
+                and "dmf_depth" not in args
+            )
         return bool(RELEASE_RE.search(name))
 
     def build(self, sd, options):

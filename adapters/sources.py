@@ -77,12 +77,20 @@ def check_sha256(path: Path, expected: str | None, digest: str | None = None) ->
     """Hash `path` and compare with `expected` (if given); returns the hex digest."""
     digest = digest or sha256_file(path)
     if expected and digest.lower() != expected.strip().lower():
-        raise FlowmapError(f"{path.name} has sha256 {digest}, not the expected {expected}; the file is not the one asked for (re-download it or fix --sha256).")
+        raise FlowmapError(
+            f"{path.name} has sha256 {digest}, not the expected {expected}; the file is not the one asked for (re-download it or fix --sha256)."
+        )
     return digest
 
 
 # --------------------------------------------------------------------------------------------- entry point
-def resolve(source: str, revision: str | None = None, filename: str | None = None, sha256: str | None = None, allow_http: bool | None = None) -> Resolved:
+def resolve(
+    source: str,
+    revision: str | None = None,
+    filename: str | None = None,
+    sha256: str | None = None,
+    allow_http: bool | None = None,
+) -> Resolved:
     """Find `source` on disk (downloading or reading caches as needed) and describe where it came from."""
     source = str(source).strip()
     if not source:
@@ -95,7 +103,9 @@ def resolve(source: str, revision: str | None = None, filename: str | None = Non
     if re.match(r"^[a-z][a-z0-9+.-]*://", source, re.I):
         _no_hub_options(source, revision, filename)
         path = fetch_url(source, sha256=sha256, allow_http=allow_http)
-        return Resolved(path, {"source": source, "file": path.name, "sha256": _recorded_sha(path)}, name=_url_name(source))
+        return Resolved(
+            path, {"source": source, "file": path.name, "sha256": _recorded_sha(path)}, name=_url_name(source)
+        )
     local = Path(os.path.expanduser(source))
     if local.exists():
         _no_hub_options(source, revision, filename)
@@ -113,9 +123,13 @@ def resolve(source: str, revision: str | None = None, filename: str | None = Non
         parts = source.split("/")
         repo, inner = "/".join(parts[:2]), "/".join(parts[2:]) or None
         if inner and filename and inner != filename:
-            raise FlowmapError(f"the source names the file {inner!r} and --filename names {filename!r}; give the file once.")
+            raise FlowmapError(
+                f"the source names the file {inner!r} and --filename names {filename!r}; give the file once."
+            )
         return resolve_hub(repo, revision, inner or filename, sha256, source=source)
-    raise FlowmapError(f"cannot understand the source {source!r}; pass a Hub repo id (owner/name), an https:// URL, a local path or builtin:NAME.")
+    raise FlowmapError(
+        f"cannot understand the source {source!r}; pass a Hub repo id (owner/name), an https:// URL, a local path or builtin:NAME."
+    )
 
 
 def _no_hub_options(source: str, revision: str | None, filename: str | None) -> None:
@@ -148,7 +162,9 @@ def resolve_alias(source: str, entry: dict[str, Any], revision, filename, sha256
                 pattern = re.compile(hub["pattern"])
                 matches = sorted(f for f in files if pattern.search(f))
                 if not matches:
-                    raise FlowmapError(f"no file in {repo} matches the {source} pattern; pass --filename (files: {', '.join(sorted(files)[:6])}).")
+                    raise FlowmapError(
+                        f"no file in {repo} matches the {source} pattern; pass --filename (files: {', '.join(sorted(files)[:6])})."
+                    )
                 name = matches[0]
                 extra = f" (also matched: {', '.join(matches[1:])})" if len(matches) > 1 else ""
                 note(f"{source} -> {repo}/{name}{extra}")
@@ -184,28 +200,47 @@ def _hub_error(exc: BaseException, repo: str, revision: str | None, filename: st
     if isinstance(exc, he.GatedRepoError):
         return FlowmapError(f"{repo} is gated; accept its terms on huggingface.co and log in with `hf auth login`.")
     if isinstance(exc, he.RepositoryNotFoundError):
-        return FlowmapError(f"Hub repo {repo} does not exist or is private; check the name or log in with `hf auth login`.")
+        return FlowmapError(
+            f"Hub repo {repo} does not exist or is private; check the name or log in with `hf auth login`."
+        )
     if isinstance(exc, he.RevisionNotFoundError):
-        return FlowmapError(f"{repo} has no revision {revision!r}; pass an existing branch, tag or commit with --revision.")
+        return FlowmapError(
+            f"{repo} has no revision {revision!r}; pass an existing branch, tag or commit with --revision."
+        )
     if isinstance(exc, he.LocalEntryNotFoundError) or isinstance(exc, he.OfflineModeIsEnabled):
         what = f"{repo}/{filename}" if filename else repo
         if is_offline():
-            return FlowmapError(f"{what}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access.")
-        return FlowmapError(f"cannot download {what}{rev} (no connection to the Hub and no cached copy); check the network or set HF_HUB_CACHE to a cache that has it.")
+            return FlowmapError(
+                f"{what}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access."
+            )
+        return FlowmapError(
+            f"cannot download {what}{rev} (no connection to the Hub and no cached copy); check the network or set HF_HUB_CACHE to a cache that has it."
+        )
     if isinstance(exc, he.EntryNotFoundError):
         return FlowmapError(f"{repo}{rev} has no file {filename!r}; pass an existing --filename.")
     if isinstance(exc, he.HFValidationError):
         return FlowmapError(f"{repo!r} is not a valid Hub repo id or revision ({exc}); check the spelling.")
     if _is_network_error(exc) or isinstance(exc, (he.HfHubHTTPError, ConnectionError, TimeoutError, OSError)):
-        return FlowmapError(f"cannot reach the Hugging Face Hub for {repo} ({type(exc).__name__}); check the network, or use HF_HUB_OFFLINE=1 with a cached copy.")
-    return FlowmapError(f"Hub access to {repo} failed ({type(exc).__name__}: {exc}); check the repo id, revision and network.")
+        return FlowmapError(
+            f"cannot reach the Hugging Face Hub for {repo} ({type(exc).__name__}); check the network, or use HF_HUB_OFFLINE=1 with a cached copy."
+        )
+    return FlowmapError(
+        f"Hub access to {repo} failed ({type(exc).__name__}: {exc}); check the repo id, revision and network."
+    )
 
 
 def _is_network_error(exc: BaseException) -> bool:
     """Connection-level failures from whichever HTTP client huggingface_hub uses (httpx, requests, urllib3)."""
     for cls in type(exc).__mro__:
         if cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3", "httpcore") and cls.__name__ in (
-            "TransportError", "NetworkError", "TimeoutException", "ConnectError", "ConnectionError", "Timeout", "ProtocolError", "RequestError"
+            "TransportError",
+            "NetworkError",
+            "TimeoutException",
+            "ConnectError",
+            "ConnectionError",
+            "Timeout",
+            "ProtocolError",
+            "RequestError",
         ):
             return True
     return isinstance(exc, (ConnectionError, TimeoutError))
@@ -241,7 +276,9 @@ def hub_files(repo: str, revision: str | None) -> tuple[list[str], str | None]:
     if snap is None:
         rev = f" at revision {revision!r}" if revision else ""
         if is_offline():
-            raise FlowmapError(f"{repo}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access.")
+            raise FlowmapError(
+                f"{repo}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access."
+            )
         raise FlowmapError(f"cannot list {repo}{rev}: the Hub is unreachable and nothing is cached; check the network.")
     commit, path = snap
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
@@ -270,7 +307,9 @@ def hub_download(repo: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline()))
+        return Path(
+            hf_hub_download(repo, filename, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline())
+        )
     except Exception as e:  # noqa: BLE001 - every Hub failure becomes a user error
         raise _hub_error(e, repo, revision, filename) from None
 
@@ -280,7 +319,15 @@ def hub_snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=is_offline(), allow_patterns=patterns))
+        return Path(
+            snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=hub_cache_dir(),
+                local_files_only=is_offline(),
+                allow_patterns=patterns,
+            )
+        )
     except Exception as e:  # noqa: BLE001
         raise _hub_error(e, repo, revision, None) from None
 
@@ -302,7 +349,13 @@ def resolve_hub(repo: str, revision: str | None, filename: str | None, sha256: s
         note(f"{repo}: using its only weights file {filename}")
         revision = commit or revision
     path = hub_download(repo, filename, revision)
-    info = {"source": source, "repo": repo, "revision": _commit_of(path) or revision, "file": filename, "sha256": check_sha256(path, sha256)}
+    info = {
+        "source": source,
+        "repo": repo,
+        "revision": _commit_of(path) or revision,
+        "file": filename,
+        "sha256": check_sha256(path, sha256),
+    }
     if revision and not COMMIT_RE.match(revision):
         info["ref"] = revision
     return Resolved(path, info, name=Path(filename).name)
@@ -364,12 +417,16 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
             return target
         note(f"cached {target.name} does not match --sha256; downloading again")
     if is_offline():
-        raise FlowmapError(f"{url} is not in the download cache ({cache}) and offline mode is on; unset HF_HUB_OFFLINE/FLOWMAP_OFFLINE or pass a local file.")
+        raise FlowmapError(
+            f"{url} is not in the download cache ({cache}) and offline mode is on; unset HF_HUB_OFFLINE/FLOWMAP_OFFLINE or pass a local file."
+        )
     try:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=cache)
     except OSError as e:
-        raise FlowmapError(f"cannot write to the download cache {cache} ({e.strerror}); set FLOWMAP_CACHE to a writable directory.") from None
+        raise FlowmapError(
+            f"cannot write to the download cache {cache} ({e.strerror}); set FLOWMAP_CACHE to a writable directory."
+        ) from None
     tmp = Path(tmp_name)
     h = hashlib.sha256()
     try:
@@ -384,7 +441,9 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
                         advance(len(block))
         digest = h.hexdigest()
         if sha256 and digest != sha256.strip().lower():
-            raise FlowmapError(f"the download of {url} has sha256 {digest}, not the expected {sha256}; it was deleted (check --sha256 or the URL).")
+            raise FlowmapError(
+                f"the download of {url} has sha256 {digest}, not the expected {sha256}; it was deleted (check --sha256 or the URL)."
+            )
         os.replace(tmp, target)
         side.write_text(f"{digest}  {url}\n")
         note(f"downloaded {url} -> {target} (sha256 {digest})")
@@ -393,7 +452,9 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
         raise FlowmapError(f"the server answered {e.code} for {url}; check the URL.") from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
-        raise FlowmapError(f"cannot download {url} ({reason}); check the network, or download the file yourself and pass its path.") from None
+        raise FlowmapError(
+            f"cannot download {url} ({reason}); check the network, or download the file yourself and pass its path."
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -410,7 +471,13 @@ class _progress:
         if sys.stderr.isatty():
             from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-            self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
+            self.bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                transient=True,
+            )
             self.bar.start()
             task = self.bar.add_task(self.label, total=self.total or None)
             return lambda n: self.bar.advance(task, n)

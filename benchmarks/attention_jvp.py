@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first (includes Triton autotuning)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls; the median is reported")
     p.add_argument("--skip-math-above", type=int, default=8192, help="do not run the math JVP above this N")
-    p.add_argument("--out", default=None, help="output path without extension (default benchmarks/results/attention_jvp-<device>)")
+    p.add_argument(
+        "--out", default=None, help="output path without extension (default benchmarks/results/attention_jvp-<device>)"
+    )
     return p.parse_args(argv)
 
 
@@ -92,7 +94,12 @@ def bench_case(B, H, N, D, args) -> dict:
     from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, tq, tk, tv = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(6))
+
+    def draw():
+        return torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    q, k, v = draw(), draw(), draw()
+    tq, tk, tv = draw(), draw(), draw()
 
     def ours():  # what a model call costs under torch.func.jvp: SDPA forward + Triton tangent kernel
         return torch.func.jvp(lambda a, b, c: attention(a, b, c, backend="triton"), (q, k, v), (tq, tk, tv))
@@ -154,10 +161,24 @@ def gates(rows, errors, seq_lens) -> list:
         o, s, m = r["ours_jvp"], r["sdpa_forward"], r["math_jvp"]
         if r["N"] >= 1024 and o.get("ms") and s.get("ms"):
             ratio = o["ms"] / s["ms"]
-            out.append({"gate": f"time ours/SDPA-{s['backend']} N={r['N']} D={r['D']}", "value": ratio, "target": f"<= {GATE_TIME_RATIO}", "pass": ratio <= GATE_TIME_RATIO})
+            out.append(
+                {
+                    "gate": f"time ours/SDPA-{s['backend']} N={r['N']} D={r['D']}",
+                    "value": ratio,
+                    "target": f"<= {GATE_TIME_RATIO}",
+                    "pass": ratio <= GATE_TIME_RATIO,
+                }
+            )
         if r["N"] == 1024 and o.get("peak_mib") and m.get("peak_mib"):
             ratio = m["peak_mib"] / o["peak_mib"]
-            out.append({"gate": f"peak memory math/ours N=1024 D={r['D']}", "value": ratio, "target": f">= {GATE_MEMORY_RATIO}", "pass": ratio >= GATE_MEMORY_RATIO})
+            out.append(
+                {
+                    "gate": f"peak memory math/ours N=1024 D={r['D']}",
+                    "value": ratio,
+                    "target": f">= {GATE_MEMORY_RATIO}",
+                    "pass": ratio >= GATE_MEMORY_RATIO,
+                }
+            )
     big = sorted(n for n in seq_lens if n >= 1024)
     if len(big) >= 2:
         n1, n2 = big[-2], big[-1]
@@ -166,10 +187,24 @@ def gates(rows, errors, seq_lens) -> list:
             b = next((r["ours_jvp"] for r in rows if r["N"] == n2 and r["D"] == D), {})
             if a.get("extra_mib") and b.get("extra_mib"):
                 e = math.log(b["extra_mib"] / a["extra_mib"]) / math.log(n2 / n1)  # memory ~ N^e
-                out.append({"gate": f"memory growth exponent N={n1}->{n2} D={D}", "value": e, "target": f"<= {GATE_MEMORY_EXPONENT}", "pass": e <= GATE_MEMORY_EXPONENT})
+                out.append(
+                    {
+                        "gate": f"memory growth exponent N={n1}->{n2} D={D}",
+                        "value": e,
+                        "target": f"<= {GATE_MEMORY_EXPONENT}",
+                        "pass": e <= GATE_MEMORY_EXPONENT,
+                    }
+                )
     for e in errors:
         v = e["max_abs_err_bf16_tangent"]
-        out.append({"gate": f"bf16 tangent max abs err N={e['N']} D={e['D']}", "value": v, "target": f"<= {GATE_TANGENT_ERR}", "pass": v <= GATE_TANGENT_ERR})
+        out.append(
+            {
+                "gate": f"bf16 tangent max abs err N={e['N']} D={e['D']}",
+                "value": v,
+                "target": f"<= {GATE_TANGENT_ERR}",
+                "pass": v <= GATE_TANGENT_ERR,
+            }
+        )
     return out
 
 
@@ -202,9 +237,14 @@ def to_markdown(meta, rows, errors, gate_rows) -> str:
             f"{fmt(m.get('peak_mib'), '.1f')} | {fmt(mem, '.1f')} |"
         )
     lines += ["", "## Tangent accuracy (bf16 vs fp32 reference on the same bf16 inputs)", ""]
-    lines += ["| N | D | max abs err (bf16 tangent) | max abs err (fp32-stored tangent) | max abs reference |", "|---|---|---|---|---|"]
+    lines += [
+        "| N | D | max abs err (bf16 tangent) | max abs err (fp32-stored tangent) | max abs reference |",
+        "|---|---|---|---|---|",
+    ]
     for e in errors:
-        lines.append(f"| {e['N']} | {e['D']} | {e['max_abs_err_bf16_tangent']:.2e} | {e['max_abs_err_fp32_stored_tangent']:.2e} | {e['max_abs_ref']:.3f} |")
+        lines.append(
+            f"| {e['N']} | {e['D']} | {e['max_abs_err_bf16_tangent']:.2e} | {e['max_abs_err_fp32_stored_tangent']:.2e} | {e['max_abs_ref']:.3f} |"
+        )
     lines += ["", "## Gates", "", "| gate | value | target | pass |", "|---|---|---|---|"]
     for g in gate_rows:
         lines.append(f"| {g['gate']} | {g['value']:.4g} | {g['target']} | {'yes' if g['pass'] else 'NO'} |")
@@ -224,7 +264,10 @@ def main(argv=None) -> int:
     """Run the benchmark and write <out>.json and <out>.md."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("attention_jvp benchmark needs a CUDA GPU (torch.cuda.is_available() is False); run it on an H100/H200.", file=sys.stderr)
+        print(
+            "attention_jvp benchmark needs a CUDA GPU (torch.cuda.is_available() is False); run it on an H100/H200.",
+            file=sys.stderr,
+        )
         return 2
     import triton
 
@@ -246,7 +289,10 @@ def main(argv=None) -> int:
     gate_rows = gates(rows, errors, seq_lens)
     out = args.out or os.path.join("benchmarks", "results", f"attention_jvp-{device_slug()}")
     md = to_markdown(meta, rows, errors, gate_rows)
-    write_atomic(out + ".json", json.dumps({"meta": meta, "rows": rows, "tangent_error": errors, "gates": gate_rows}, indent=2) + "\n")
+    write_atomic(
+        out + ".json",
+        json.dumps({"meta": meta, "rows": rows, "tangent_error": errors, "gates": gate_rows}, indent=2) + "\n",
+    )
     write_atomic(out + ".md", md)
     print(md)
     print(f"wrote {out}.json and {out}.md")

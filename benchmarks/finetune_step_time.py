@@ -34,8 +34,18 @@ def build_model(source: str | None, depth: int):
             return convert(source, depth=depth), source
         except Exception as e:  # fall back to the random stand-in, say so in the table
             print(f"could not load {source} ({e}); timing a random model of the same size", file=sys.stderr)
-    cfg = ModelConfig(input_size=16, in_channels=1, patch_size=2, hidden_size=128, num_blocks=6, num_heads=4, mlp_ratio=2.0,
-                      num_classes=10, class_embed_rows=11, latent=LatentSpace(kind="identity", channels=1, size=16, image_channels=1, image_size=16))
+    cfg = ModelConfig(
+        input_size=16,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=128,
+        num_blocks=6,
+        num_heads=4,
+        mlp_ratio=2.0,
+        num_classes=10,
+        class_embed_rows=11,
+        latent=LatentSpace(kind="identity", channels=1, size=16, image_channels=1, image_size=16),
+    )
     torch.manual_seed(0)
     m = FlowMap(cfg)
     with torch.no_grad():
@@ -52,7 +62,15 @@ def time_cell(model, objective, derivative, train, batch_size, steps, data, mg_s
     from flowmap_convert.finetuning.recipe import Recipe
     from flowmap_convert.finetuning.trainer import Trainer
 
-    rec = Recipe(objective=objective, derivative=derivative, train=train, batch_size=batch_size, steps=1000, mg_scale=mg_scale, seed=0)
+    rec = Recipe(
+        objective=objective,
+        derivative=derivative,
+        train=train,
+        batch_size=batch_size,
+        steps=1000,
+        mg_scale=mg_scale,
+        seed=0,
+    )
     tr = Trainer(copy.deepcopy(model), data, rec, out="/nonexistent-benchmark-dir", progress=False, device="cpu")
     for _ in range(2):
         tr.train_step()
@@ -70,15 +88,21 @@ def main():
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--mg-scale", type=float, default=0.6, help="model guidance (adds two no-grad forwards of 2B per branch)")
+    ap.add_argument(
+        "--mg-scale", type=float, default=0.6, help="model guidance (adds two no-grad forwards of 2B per branch)"
+    )
     ap.add_argument("--out", default="benchmarks/results/finetune_step_time-cpu.md")
     ap.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     a = ap.parse_args()
 
     model, what = build_model(a.model, a.depth)
     g = torch.Generator().manual_seed(0)
-    data = (torch.randn(512, model.config.in_channels, model.config.input_size, model.config.input_size, generator=g).clamp(-1, 1),
-            torch.randint(0, model.config.num_classes, (512,), generator=g))
+    data = (
+        torch.randn(512, model.config.in_channels, model.config.input_size, model.config.input_size, generator=g).clamp(
+            -1, 1
+        ),
+        torch.randint(0, model.config.num_classes, (512,), generator=g),
+    )
     cells = [("fm", "jvp"), ("dmf", "jvp"), ("dmf", "fd")]
     rows, res = [], {}
     for obj, der in cells:
@@ -89,36 +113,41 @@ def main():
             label = "FM" if obj == "fm" else f"DMF, du/dt by {'JVP' if der == 'jvp' else 'finite differences'}"
             rows.append(f"| {label} | {train} | {n:,} | {s:.3f} |")
             print(rows[-1], flush=True)
-    ratio = [f"| {('FM' if o == 'fm' else 'DMF ' + d.upper())} | {res[(o, d, 'decoder')] / res[(o, d, 'all')]:.2f} |" for o, d in cells]
+    ratio = [
+        f"| {('FM' if o == 'fm' else 'DMF ' + d.upper())} | {res[(o, d, 'decoder')] / res[(o, d, 'all')]:.2f} |"
+        for o, d in cells
+    ]
     cmd = "PYTHONPATH=. python " + " ".join([sys.argv[0]] + sys.argv[1:])
     load = os.getloadavg()
-    text = "\n".join([
-        "# Fine-tuning step time (CPU)",
-        "",
-        f"Command: `{cmd}`",
-        "",
-        f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(the machine is shared: absolute times are noisy, ratios less so).",
-        "",
-        f"Model: {what}, depth {model.config.depth} of {model.config.num_blocks}; batch {a.batch_size}; model guidance {a.mg_scale} "
-        f"({'two extra no-grad forwards per branch' if a.mg_scale else 'off'}); fp32; median of {a.steps} steps after 2 warm-up steps.",
-        "",
-        "| step | train | trainable params | s / step |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "Decoder-only / all (lower is cheaper):",
-        "",
-        "| objective | decoder / all |",
-        "|---|---|",
-        *ratio,
-        "",
-        f"DMF JVP / FM (all): {res[('dmf', 'jvp', 'all')] / res[('fm', 'jvp', 'all')]:.2f}; "
-        f"DMF FD / DMF JVP (all): {res[('dmf', 'fd', 'all')] / res[('dmf', 'jvp', 'all')]:.2f}; "
-        f"(decoder): {res[('dmf', 'fd', 'decoder')] / res[('dmf', 'jvp', 'decoder')]:.2f}.",
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Fine-tuning step time (CPU)",
+            "",
+            f"Command: `{cmd}`",
+            "",
+            f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+            "(the machine is shared: absolute times are noisy, ratios less so).",
+            "",
+            f"Model: {what}, depth {model.config.depth} of {model.config.num_blocks}; batch {a.batch_size}; model guidance {a.mg_scale} "
+            f"({'two extra no-grad forwards per branch' if a.mg_scale else 'off'}); fp32; median of {a.steps} steps after 2 warm-up steps.",
+            "",
+            "| step | train | trainable params | s / step |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "Decoder-only / all (lower is cheaper):",
+            "",
+            "| objective | decoder / all |",
+            "|---|---|",
+            *ratio,
+            "",
+            f"DMF JVP / FM (all): {res[('dmf', 'jvp', 'all')] / res[('fm', 'jvp', 'all')]:.2f}; "
+            f"DMF FD / DMF JVP (all): {res[('dmf', 'fd', 'all')] / res[('dmf', 'jvp', 'all')]:.2f}; "
+            f"(decoder): {res[('dmf', 'fd', 'decoder')] / res[('dmf', 'jvp', 'decoder')]:.2f}.",
+            "",
+        ]
+    )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a" if a.append else "w") as f:
         f.write(("\n" if a.append else "") + text)

@@ -48,7 +48,9 @@ def run(source, n, nfe, reference, features, metric, out):
     from flowmap_convert.search import search_depth
 
     t0, c0 = time.perf_counter(), time.process_time()
-    report = search_depth(source, nfe=nfe, num_samples=n, reference=reference, features=features, metric=metric, out=out)
+    report = search_depth(
+        source, nfe=nfe, num_samples=n, reference=reference, features=features, metric=metric, out=out
+    )
     return report, time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -74,7 +76,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, n in (("default", args.num_samples), (f"{args.factor}x", args.factor * args.num_samples)):
             report, wall, cpu = run(args.source, n, nfe, args.reference, args.features, args.metric, Path(tmp) / label)
-            runs[label] = {"num_samples": n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "best": report["best"], "results": report["results"], "reference": report["reference"]["kind"], "features": report["features"]}
+            runs[label] = {
+                "num_samples": n,
+                "wall_s": round(wall, 1),
+                "cpu_s": round(cpu, 1),
+                "best": report["best"],
+                "results": report["results"],
+                "reference": report["reference"]["kind"],
+                "features": report["features"],
+            }
             print(f"{label}: {n} samples, wall {wall:.1f} s, cpu {cpu:.1f} s, best {report['best']}", flush=True)
     a, b = runs["default"], runs[f"{args.factor}x"]
     depths = sorted({r["depth"] for r in a["results"]})
@@ -82,20 +92,39 @@ def main() -> None:
     for n_fe in nfe:
         va = [next(r[args.metric] for r in a["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
         vb = [next(r[args.metric] for r in b["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
-        per_nfe[str(n_fe)] = {"spearman": round(spearman(va, vb), 4), "default": [round(x, 3) for x in va], "large": [round(x, 3) for x in vb], "best_default": a["best"][str(n_fe)], "best_large": b["best"][str(n_fe)]}
+        per_nfe[str(n_fe)] = {
+            "spearman": round(spearman(va, vb), 4),
+            "default": [round(x, 3) for x in va],
+            "large": [round(x, 3) for x in vb],
+            "best_default": a["best"][str(n_fe)],
+            "best_large": b["best"][str(n_fe)],
+        }
         if args.metric == "fd" and "mse" in a["results"][0]:  # teacher reference: the paired error ranks too
             ma = [next(r["mse"] for r in a["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
             mb = [next(r["mse"] for r in b["results"] if r["depth"] == d and r["nfe"] == n_fe) for d in depths]
             per_nfe[str(n_fe)]["spearman_mse"] = round(spearman(ma, mb), 4)
-            per_nfe[str(n_fe)]["mse_default"], per_nfe[str(n_fe)]["mse_large"] = [round(x, 5) for x in ma], [round(x, 5) for x in mb]
+            per_nfe[str(n_fe)]["mse_default"], per_nfe[str(n_fe)]["mse_large"] = (
+                [round(x, 5) for x in ma],
+                [round(x, 5) for x in mb],
+            )
         print(f"NFE {n_fe}: spearman {per_nfe[str(n_fe)]['spearman']:.3f}", flush=True)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = "?"
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "commit": commit,
         "source": args.source,
         "nfe": nfe,
@@ -123,14 +152,30 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for k, v in runs.items():
-        lines.append(f"| {k} | {v['num_samples']} | {v['wall_s']} | {v['cpu_s']} | {', '.join(f'{n}: {d}' for n, d in v['best'].items())} |")
-    lines += ["", "| NFE | Spearman (default vs large) | probe by depth, default | probe by depth, large |", "|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {v['num_samples']} | {v['wall_s']} | {v['cpu_s']} | {', '.join(f'{n}: {d}' for n, d in v['best'].items())} |"
+        )
+    lines += [
+        "",
+        "| NFE | Spearman (default vs large) | probe by depth, default | probe by depth, large |",
+        "|---|---|---|---|",
+    ]
     for n_fe, v in per_nfe.items():
-        lines.append(f"| {n_fe} | {v['spearman']:.3f} | {', '.join(f'{x:.1f}' for x in v['default'])} | {', '.join(f'{x:.1f}' for x in v['large'])} |")
+        lines.append(
+            f"| {n_fe} | {v['spearman']:.3f} | {', '.join(f'{x:.1f}' for x in v['default'])} | {', '.join(f'{x:.1f}' for x in v['large'])} |"
+        )
     if any("spearman_mse" in v for v in per_nfe.values()):
-        lines += ["", "Paired per-sample MSE to the teacher (same runs):", "", "| NFE | Spearman | MSE by depth, default | MSE by depth, large |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired per-sample MSE to the teacher (same runs):",
+            "",
+            "| NFE | Spearman | MSE by depth, default | MSE by depth, large |",
+            "|---|---|---|---|",
+        ]
         for n_fe, v in per_nfe.items():
-            lines.append(f"| {n_fe} | {v['spearman_mse']:.3f} | {', '.join(f'{x:.4f}' for x in v['mse_default'])} | {', '.join(f'{x:.4f}' for x in v['mse_large'])} |")
+            lines.append(
+                f"| {n_fe} | {v['spearman_mse']:.3f} | {', '.join(f'{x:.4f}' for x in v['mse_default'])} | {', '.join(f'{x:.4f}' for x in v['mse_large'])} |"
+            )
     lines += ["", f"Minimum Spearman over NFEs: **{record['min_spearman']:.3f}** (acceptance: >= 0.9)."]
     (res / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {res / (args.name + '.md')}")

@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "load", "sample", "search_depth", "finetune", "FlowMap", "ModelConfig", "FlowmapError", "__version__"]
+__all__ = [
+    "convert",
+    "load",
+    "sample",
+    "search_depth",
+    "finetune",
+    "FlowMap",
+    "ModelConfig",
+    "FlowmapError",
+    "__version__",
+]
 
 
 def __getattr__(name):

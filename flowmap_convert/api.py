@@ -23,7 +23,9 @@ def convert(source: str, depth: int | None = None, **options):
     n = model.config.num_blocks
     if model.config.conditioning == "meanflow":
         if depth is not None:
-            raise FlowmapError("this checkpoint is already a MeanFlow model with its own (t - r) embedder; drop --depth.")
+            raise FlowmapError(
+                "this checkpoint is already a MeanFlow model with its own (t - r) embedder; drop --depth."
+            )
         return model.eval()
     if depth is None:
         if model.config.conditioning == "decoupled":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -52,7 +52,7 @@ def guarded(fn):
             fail(str(e))
         except KeyboardInterrupt:
             err_console.print("interrupted")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -68,20 +68,39 @@ def check_out_dir(out: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise FlowmapError(f"cannot write to {out} ({parent} is a file, not a directory); choose a writable --out directory.")
+        raise FlowmapError(
+            f"cannot write to {out} ({parent} is a file, not a directory); choose a writable --out directory."
+        )
 
 
 def source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256) -> dict:
     """Collect the shared source options into load_source keyword arguments."""
-    return dict(revision=revision, filename=filename, family=family, weights=weights, num_heads=num_heads, trust_pickle=trust_pickle, sha256=sha256)
+    return dict(
+        revision=revision,
+        filename=filename,
+        family=family,
+        weights=weights,
+        num_heads=num_heads,
+        trust_pickle=trust_pickle,
+        sha256=sha256,
+    )
 
 
 @app.command()
 @guarded
 def convert(
     source: SourceArg = "builtin:digits-sit",
-    depth: Annotated[Optional[int], typer.Option("--depth", "-d", help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks; for RAE DiT^DH all encoder blocks, so the DDT head sees r).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (config.json, model.safetensors, README.md).")] = Path("flowmap-out"),
+    depth: Annotated[
+        int | None,
+        typer.Option(
+            "--depth",
+            "-d",
+            help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks; for RAE DiT^DH all encoder blocks, so the DDT head sees r).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (config.json, model.safetensors, README.md).")
+    ] = Path("flowmap-out"),
     revision: RevisionOpt = None,
     filename: FilenameOpt = None,
     family: FamilyOpt = None,
@@ -89,7 +108,13 @@ def convert(
     num_heads: HeadsOpt = None,
     trust_pickle: TrustOpt = False,
     sha256: Sha256Opt = None,
-    encoder_depth: Annotated[Optional[int], typer.Option("--encoder-depth", help="REPA legacy checkpoints only: blocks before `decoder_blocks.0` (default: from the training args).")] = None,
+    encoder_depth: Annotated[
+        int | None,
+        typer.Option(
+            "--encoder-depth",
+            help="REPA legacy checkpoints only: blocks before `decoder_blocks.0` (default: from the training args).",
+        ),
+    ] = None,
 ):
     """Convert a pretrained flow model into a decoupled flow map and export it.
 
@@ -118,7 +143,9 @@ def convert(
     lines = [
         f"family      {prov.get('family', '?')}",
         f"parameters  {model.num_parameters():,}",
-        f"depth       {cfg.depth} of {cfg.num_blocks}: blocks 0..{cfg.depth - 1} see t, blocks {cfg.depth}..{cfg.num_blocks - 1} + head see r" if cfg.depth else f"conditioning {cfg.conditioning}",
+        f"depth       {cfg.depth} of {cfg.num_blocks}: blocks 0..{cfg.depth - 1} see t, blocks {cfg.depth}..{cfg.num_blocks - 1} + head see r"
+        if cfg.depth
+        else f"conditioning {cfg.conditioning}",
         f"weights     {prov.get('weights', '-')}",
         f"source      {prov.get('source', source)}" + (f" @ {prov['revision']}" if prov.get("revision") else ""),
         f"file        {prov['file']}" if prov.get("file") else None,
@@ -131,22 +158,44 @@ def convert(
 @app.command()
 @guarded
 def sample(
-    model: Annotated[str, typer.Argument(help="Exported flowmap directory, Hub id, checkpoint or builtin:NAME.")] = "builtin:digits-sit",
+    model: Annotated[
+        str, typer.Argument(help="Exported flowmap directory, Hub id, checkpoint or builtin:NAME.")
+    ] = "builtin:digits-sit",
     nfe: Annotated[int, typer.Option("--nfe", help="Network evaluations per sample (Heun: (nfe + 1) // 2 steps).")] = 1,
-    sampler: Annotated[str, typer.Option("--sampler", help="euler (flow-map jumps, or plain Euler for base models), heun, restart or ctm.")] = "euler",
+    sampler: Annotated[
+        str,
+        typer.Option("--sampler", help="euler (flow-map jumps, or plain Euler for base models), heun, restart or ctm."),
+    ] = "euler",
     gamma: Annotated[float, typer.Option("--gamma", help="CTM re-noising strength in [0, 1).")] = 0.0,
-    shift: Annotated[Optional[float], typer.Option("--shift", help="Time-grid shift t' = s t / (1 + (s - 1) t) (default: the model's).")] = None,
-    cfg_scale: Annotated[Optional[float], typer.Option("--cfg-scale", help="Classifier-free guidance scale (1 = off; default: the model's).")] = None,
+    shift: Annotated[
+        float | None, typer.Option("--shift", help="Time-grid shift t' = s t / (1 + (s - 1) t) (default: the model's).")
+    ] = None,
+    cfg_scale: Annotated[
+        float | None,
+        typer.Option("--cfg-scale", help="Classifier-free guidance scale (1 = off; default: the model's)."),
+    ] = None,
     guidance_low: Annotated[float, typer.Option("--guidance-low", help="Guide only where t >= this.")] = 0.0,
     guidance_high: Annotated[float, typer.Option("--guidance-high", help="Guide only where t <= this.")] = 1.0,
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")] = None,
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="How many samples (default: one per listed class, else 16).")] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes)."),
+    ] = None,
+    num_samples: Annotated[
+        int | None,
+        typer.Option("--num-samples", "-n", help="How many samples (default: one per listed class, else 16)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i).")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for PNGs, grid.png and samples.json.")] = Path("samples"),
-    npz: Annotated[bool, typer.Option("--npz", help="Also write an ADM-compatible samples.npz (arr_0: uint8 NHWC).")] = False,
-    no_png: Annotated[bool, typer.Option("--no-png", help="Skip the per-sample PNG files (grid.png is still written).")] = False,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory for PNGs, grid.png and samples.json.")
+    ] = Path("samples"),
+    npz: Annotated[
+        bool, typer.Option("--npz", help="Also write an ADM-compatible samples.npz (arr_0: uint8 NHWC).")
+    ] = False,
+    no_png: Annotated[
+        bool, typer.Option("--no-png", help="Skip the per-sample PNG files (grid.png is still written).")
+    ] = False,
     family: FamilyOpt = None,
     revision: RevisionOpt = None,
 ):
@@ -192,8 +241,8 @@ def sample(
 
 
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).
-from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
 from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
+from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
 
 app.command(name="search-depth")(guarded(search_depth_cmd))
 app.command(name="finetune")(guarded(finetune_cmd))

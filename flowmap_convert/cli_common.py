@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from .errors import FlowmapError
 
 
-def parse_int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+def parse_int_list(text: str | None, what: str) -> list[int] | None:
     """'1,2,4' -> [1, 2, 4]; a clear error otherwise."""
     if text is None or text == "":
         return None
@@ -20,11 +20,27 @@ def parse_int_list(text: Optional[str], what: str) -> Optional[list[int]]:
 
 
 # Options shared by every command that reads a source.
-SourceArg = Annotated[str, typer.Argument(help="Hub repo id (e.g. sihyun-yu/REPA), https:// URL, local file or directory, or builtin:NAME.")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
-FilenameOpt = Annotated[Optional[str], typer.Option("--filename", help="File inside the Hub repo (default: picked by pattern and printed).")]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override family detection: repa, sit, dit, dmf, rae, mf-rae, flowmap.")]
-WeightsOpt = Annotated[str, typer.Option("--weights", help="Which weights of a training checkpoint: ema, model, or auto (ema when present).")]
-HeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads (default: from the hidden size).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow full pickle loading of .pt files (runs code from the file: only for files you trust).")]
-Sha256Opt = Annotated[Optional[str], typer.Option("--sha256", help="Expected sha256 of the downloaded file.")]
+SourceArg = Annotated[
+    str,
+    typer.Argument(help="Hub repo id (e.g. sihyun-yu/REPA), https:// URL, local file or directory, or builtin:NAME."),
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
+FilenameOpt = Annotated[
+    str | None, typer.Option("--filename", help="File inside the Hub repo (default: picked by pattern and printed).")
+]
+FamilyOpt = Annotated[
+    str | None, typer.Option("--family", help="Override family detection: repa, sit, dit, dmf, rae, mf-rae, flowmap.")
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option("--weights", help="Which weights of a training checkpoint: ema, model, or auto (ema when present)."),
+]
+HeadsOpt = Annotated[int | None, typer.Option("--num-heads", help="Attention heads (default: from the hidden size).")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow full pickle loading of .pt files (runs code from the file: only for files you trust).",
+    ),
+]
+Sha256Opt = Annotated[str | None, typer.Option("--sha256", help="Expected sha256 of the downloaded file.")]

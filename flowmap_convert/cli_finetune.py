@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,40 +23,125 @@ def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
 
 
 def finetune_cmd(
-    model: Annotated[str, typer.Argument(help="Converted flowmap directory or any source `flowmap convert` reads (base models are split at --depth).")] = "builtin:digits-sit",
-    data: Annotated[str, typer.Option("--data", help="builtin:digits, a `flowmap encode` output (.safetensors/.npz shards), a REPA/DMF folder with vae-sd/*.npy + dataset.json, or an image folder with class sub-folders.")] = "builtin:digits",
-    objective: Annotated[str, typer.Option("--objective", help="dmf (FM + MeanFlow, DMF), mfd (MeanFlow distillation from the frozen source), mft (MeanFlow training), cmt (consistency mid-training), fm (flow matching only).")] = "dmf",
-    mg_scale: Annotated[float, typer.Option("--mg-scale", help="Model guidance omega in [0, 1) (DMF uses 0.6; effective CFG 1/(1 - omega)); 0 disables.")] = 0.0,
-    train: Annotated[str, typer.Option("--train", help="all, or decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient).")] = "all",
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Converted flowmap directory or any source `flowmap convert` reads (base models are split at --depth)."
+        ),
+    ] = "builtin:digits-sit",
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="builtin:digits, a `flowmap encode` output (.safetensors/.npz shards), a REPA/DMF folder with vae-sd/*.npy + dataset.json, or an image folder with class sub-folders.",
+        ),
+    ] = "builtin:digits",
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="dmf (FM + MeanFlow, DMF), mfd (MeanFlow distillation from the frozen source), mft (MeanFlow training), cmt (consistency mid-training), fm (flow matching only).",
+        ),
+    ] = "dmf",
+    mg_scale: Annotated[
+        float,
+        typer.Option(
+            "--mg-scale", help="Model guidance omega in [0, 1) (DMF uses 0.6; effective CFG 1/(1 - omega)); 0 disables."
+        ),
+    ] = 0.0,
+    train: Annotated[
+        str,
+        typer.Option(
+            "--train",
+            help="all, or decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient).",
+        ),
+    ] = "all",
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per process per micro-step.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (betas 0.9, 0.95).")] = 1e-4,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: the exported EMA model (config.json, model.safetensors, README.md, grid.png), raw/, checkpoints/, metrics.jsonl.")] = Path("flowmap-finetune"),
-    depth: Annotated[Optional[int], typer.Option("--depth", "-d", help="Encoder/decoder split when MODEL is a base flow model (default 2/3 of the blocks).")] = None,
-    loss: Annotated[str, typer.Option("--loss", help="adaptive (DMF log-variance loss), adaptive-weight (MeanFlow 1/(|e|^2 + c)^p) or mse (diverged on digits).")] = "adaptive",
-    derivative: Annotated[str, typer.Option("--derivative", help="jvp (torch.func.jvp) or fd (central finite difference, one batched call).")] = "jvp",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory: the exported EMA model (config.json, model.safetensors, README.md, grid.png), raw/, checkpoints/, metrics.jsonl.",
+        ),
+    ] = Path("flowmap-finetune"),
+    depth: Annotated[
+        int | None,
+        typer.Option(
+            "--depth", "-d", help="Encoder/decoder split when MODEL is a base flow model (default 2/3 of the blocks)."
+        ),
+    ] = None,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss",
+            help="adaptive (DMF log-variance loss), adaptive-weight (MeanFlow 1/(|e|^2 + c)^p) or mse (diverged on digits).",
+        ),
+    ] = "adaptive",
+    derivative: Annotated[
+        str,
+        typer.Option("--derivative", help="jvp (torch.func.jvp) or fd (central finite difference, one batched call)."),
+    ] = "jvp",
     fd_delta: Annotated[float, typer.Option("--fd-delta", help="Finite-difference step.")] = 5e-3,
-    time_proposal: Annotated[str, typer.Option("--time-proposal", help="Logit-normal means of the two MeanFlow times (t = max, r = min).")] = "0.4,-1.2",
+    time_proposal: Annotated[
+        str, typer.Option("--time-proposal", help="Logit-normal means of the two MeanFlow times (t = max, r = min).")
+    ] = "0.4,-1.2",
     time_std: Annotated[float, typer.Option("--time-std", help="Logit-normal std of the MeanFlow times.")] = 1.0,
     fm_mean: Annotated[float, typer.Option("--fm-mean", help="Logit-normal mean of the flow-matching time.")] = 0.0,
     time_shift: Annotated[float, typer.Option("--time-shift", help="MF-RAE time shift for mfd/mft/cmt times.")] = 1.0,
-    guidance_interval: Annotated[str, typer.Option("--guidance-interval", help="g_min,g_max: model guidance only for t in this interval.")] = "0.0,0.7",
-    label_dropout: Annotated[float, typer.Option("--label-dropout", help="Share of labels replaced by the null class.")] = 0.1,
-    ema: Annotated[float, typer.Option("--ema", help="EMA decay (negative: 1 - 10/steps clipped to [0.9, 0.9999]).")] = -1.0,
+    guidance_interval: Annotated[
+        str, typer.Option("--guidance-interval", help="g_min,g_max: model guidance only for t in this interval.")
+    ] = "0.0,0.7",
+    label_dropout: Annotated[
+        float, typer.Option("--label-dropout", help="Share of labels replaced by the null class.")
+    ] = 0.1,
+    ema: Annotated[
+        float, typer.Option("--ema", help="EMA decay (negative: 1 - 10/steps clipped to [0.9, 0.9999]).")
+    ] = -1.0,
     warmup: Annotated[int, typer.Option("--warmup", help="Linear learning-rate warm-up steps.")] = 0,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm (0: off).")] = 1.0,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (fp16 is refused).")] = "auto",
-    attention: Annotated[str, typer.Option("--attention", help="Attention backend: auto, triton, sdpa or math.")] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (fp16 is refused).")
+    ] = "auto",
+    attention: Annotated[
+        str, typer.Option("--attention", help="Attention backend: auto, triton, sdpa or math.")
+    ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and times.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: at the end only).")] = 500,
-    sample_every: Annotated[int, typer.Option("--sample-every", help="Steps between sample grids in OUT/samples (0: at the end only).")] = 0,
-    log_every: Annotated[int, typer.Option("--log-every", help="Steps between console lines when no progress bar is shown.")] = 10,
-    max_bad_steps: Annotated[int, typer.Option("--max-bad-steps", help="Non-finite steps in a row before rolling back to the last checkpoint.")] = 5,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/latest.pt.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Run a few steps, report parameters, peak memory and seconds per step; write nothing.")] = False,
-    log_with: Annotated[Optional[str], typer.Option("--log-with", help="Accelerate tracker(s), e.g. tensorboard or wandb.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available; under accelerate launch, the process's device).")] = None,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: at the end only).")
+    ] = 500,
+    sample_every: Annotated[
+        int, typer.Option("--sample-every", help="Steps between sample grids in OUT/samples (0: at the end only).")
+    ] = 0,
+    log_every: Annotated[
+        int, typer.Option("--log-every", help="Steps between console lines when no progress bar is shown.")
+    ] = 10,
+    max_bad_steps: Annotated[
+        int,
+        typer.Option("--max-bad-steps", help="Non-finite steps in a row before rolling back to the last checkpoint."),
+    ] = 5,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in OUT from checkpoints/latest.pt.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Run a few steps, report parameters, peak memory and seconds per step; write nothing."
+        ),
+    ] = False,
+    log_with: Annotated[
+        str | None, typer.Option("--log-with", help="Accelerate tracker(s), e.g. tensorboard or wandb.")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="cpu or cuda (default: cuda when available; under accelerate launch, the process's device).",
+        ),
+    ] = None,
 ):
     """Fine-tune a flow map with Decoupled MeanFlow (FM + MeanFlow) or MF-RAE's MFD / MFT / CMT, and export its EMA weights.
 
@@ -80,15 +165,45 @@ def finetune_cmd(
 
     g_lo, g_hi = parse_floats(guidance_interval, 2, "--guidance-interval")
     recipe = Recipe(
-        loss=loss, derivative=derivative, fd_delta=fd_delta, time_proposal=parse_floats(time_proposal, 2, "--time-proposal"),
-        time_std=time_std, fm_mean=fm_mean, time_shift=time_shift, guidance_interval=(g_lo, g_hi), label_dropout=label_dropout,
-        ema=ema, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum, precision=precision, attention=attention, seed=seed,
-        checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every, max_bad_steps=max_bad_steps, depth=depth,
+        loss=loss,
+        derivative=derivative,
+        fd_delta=fd_delta,
+        time_proposal=parse_floats(time_proposal, 2, "--time-proposal"),
+        time_std=time_std,
+        fm_mean=fm_mean,
+        time_shift=time_shift,
+        guidance_interval=(g_lo, g_hi),
+        label_dropout=label_dropout,
+        ema=ema,
+        warmup=warmup,
+        grad_clip=grad_clip,
+        grad_accum=grad_accum,
+        precision=precision,
+        attention=attention,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        sample_every=sample_every,
+        log_every=log_every,
+        max_bad_steps=max_bad_steps,
+        depth=depth,
     )
     console = Console(stderr=True)
     result = finetune(
-        model, data=data, objective=objective, mg_scale=mg_scale, train=train, steps=steps, batch_size=batch_size, lr=lr,
-        out=out, resume=resume, dry_run=dry_run, log_with=log_with, device=device, console=console, recipe=recipe,
+        model,
+        data=data,
+        objective=objective,
+        mg_scale=mg_scale,
+        train=train,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        out=out,
+        resume=resume,
+        dry_run=dry_run,
+        log_with=log_with,
+        device=device,
+        console=console,
+        recipe=recipe,
     )
     if dry_run:
         p = result["parameters"]
@@ -101,13 +216,33 @@ def finetune_cmd(
         ]
         typer.echo("\n".join(lines))
     else:
-        typer.echo(f"written {out} (EMA weights; raw weights in {out / 'raw'}); sample with: flowmap sample {out} --nfe 1")
+        typer.echo(
+            f"written {out} (EMA weights; raw weights in {out / 'raw'}); sample with: flowmap sample {out} --nfe 1"
+        )
 
 
 def encode_cmd(
-    images_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (sorted folder names become labels 0..K-1).")],
-    model: Annotated[str, typer.Option("--model", help="Model whose latent space to encode into (its config names the encoder; identity for pixel models).")] = "builtin:digits-sit",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write (safetensors shards with `latents` and `labels`, plus meta.json).")] = Path("flowmap-dataset"),
+    images_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with one sub-folder of images per class (sorted folder names become labels 0..K-1)."
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Model whose latent space to encode into (its config names the encoder; identity for pixel models).",
+        ),
+    ] = "builtin:digits-sit",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Dataset directory to write (safetensors shards with `latents` and `labels`, plus meta.json).",
+        ),
+    ] = Path("flowmap-dataset"),
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")] = 10000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder call.")] = 32,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -141,7 +276,16 @@ def encode_cmd(
         for s, i0 in enumerate(range(0, len(files), shard_size)):
             chunk = files[i0 : i0 + shard_size]
             z = encode_images(load_images(chunk, latent.image_size, latent.image_channels), latent, device, batch_size)
-            save_file({"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)}, str(tmp / f"shard-{s:05d}.safetensors"))
-        meta = {"format": "flowmap-latents/1", "model": model, "latent": latent.kind, "classes": classes, "num_samples": len(files)}
+            save_file(
+                {"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)},
+                str(tmp / f"shard-{s:05d}.safetensors"),
+            )
+        meta = {
+            "format": "flowmap-latents/1",
+            "model": model,
+            "latent": latent.kind,
+            "classes": classes,
+            "num_samples": len(files),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     typer.echo(f"encoded {len(files)} images in {len(classes)} classes into {out}")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
 from rich.console import Console
 
 from .cli_common import FamilyOpt, FilenameOpt, RevisionOpt, SourceArg, TrustOpt, WeightsOpt, parse_int_list
@@ -17,6 +16,8 @@ from .errors import FlowmapError
 # cli.py imports this module to register the command, so nothing here imports cli.py (`python -m
 # flowmap_convert.cli` runs it as __main__, and a second import would be circular); the source options mirror cli's.
 console, err_console = Console(), Console(stderr=True)
+
+
 def parse_depth_range(text: str) -> list[int]:
     """'2:6' -> [2, 3, 4, 5, 6] (both ends included); 'A:B:S' adds a step."""
     parts = text.split(":")
@@ -25,7 +26,9 @@ def parse_depth_range(text: str) -> list[int]:
     except ValueError:
         nums = []
     if len(nums) not in (2, 3) or (len(nums) == 3 and nums[2] < 1) or nums[0] > nums[1]:
-        raise FlowmapError(f"--depth-range must be two or three integers with the first <= the second, got {text!r}; e.g. --depth-range 2:6 (depths 2..6) or 2:12:2 (a step of 2).")
+        raise FlowmapError(
+            f"--depth-range must be two or three integers with the first <= the second, got {text!r}; e.g. --depth-range 2:6 (depths 2..6) or 2:12:2 (a step of 2)."
+        )
     return list(range(nums[0], nums[1] + 1, nums[2] if len(nums) == 3 else 1))
 
 
@@ -61,25 +64,79 @@ def _print_table(report: dict) -> None:
 
 def search_depth_cmd(
     source: SourceArg = "builtin:digits-sit",
-    depths: Annotated[Optional[str], typer.Option("--depths", help="Comma-separated split depths, e.g. 16,18,20,22,24 (default: every depth for models up to 12 blocks, else a grid over 4/7..6/7 of the blocks).")] = None,
-    depth_range: Annotated[Optional[str], typer.Option("--depth-range", help="START:END[:STEP], both ends included, e.g. 2:6.")] = None,
-    nfe: Annotated[str, typer.Option("--nfe", help="Comma-separated network evaluations per sample to probe at, e.g. 1,2,4,16.")] = "1,4",
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Samples per (depth, NFE) (default 500: on the digits model it ranks depths like 4x as many, see benchmarks/results/search_depth-cpu.md).")] = None,
-    reference: Annotated[str, typer.Option("--reference", help="auto, dataset (builtin statistics of the extractor's dataset), teacher (the source's own many-step samples from the same noise: needs no data), or a stats .npz with mu/sigma (or arr_0 images).")] = "auto",
-    features: Annotated[str, typer.Option("--features", help="auto (digits classifier for 1x16x16 pixel models, else Inception), digits, inception, dinov2, dinov2-large, pixels.")] = "auto",
-    metric: Annotated[str, typer.Option("--metric", help="What ranks depths: fd, or mse (paired per-sample error to the teacher).")] = "fd",
-    teacher_nfe: Annotated[int, typer.Option("--teacher-nfe", help="Euler steps of the source velocity model for the teacher reference.")] = 32,
-    halving: Annotated[bool, typer.Option("--halving", help="Successive halving: all depths on few samples, the better half on twice as many, ... up to --num-samples.")] = False,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap draws for the confidence intervals (0 = none).")] = 200,
+    depths: Annotated[
+        str | None,
+        typer.Option(
+            "--depths",
+            help="Comma-separated split depths, e.g. 16,18,20,22,24 (default: every depth for models up to 12 blocks, else a grid over 4/7..6/7 of the blocks).",
+        ),
+    ] = None,
+    depth_range: Annotated[
+        str | None, typer.Option("--depth-range", help="START:END[:STEP], both ends included, e.g. 2:6.")
+    ] = None,
+    nfe: Annotated[
+        str, typer.Option("--nfe", help="Comma-separated network evaluations per sample to probe at, e.g. 1,2,4,16.")
+    ] = "1,4",
+    num_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--num-samples",
+            "-n",
+            help="Samples per (depth, NFE) (default 500: on the digits model it ranks depths like 4x as many, see benchmarks/results/search_depth-cpu.md).",
+        ),
+    ] = None,
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            help="auto, dataset (builtin statistics of the extractor's dataset), teacher (the source's own many-step samples from the same noise: needs no data), or a stats .npz with mu/sigma (or arr_0 images).",
+        ),
+    ] = "auto",
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features",
+            help="auto (digits classifier for 1x16x16 pixel models, else Inception), digits, inception, dinov2, dinov2-large, pixels.",
+        ),
+    ] = "auto",
+    metric: Annotated[
+        str, typer.Option("--metric", help="What ranks depths: fd, or mse (paired per-sample error to the teacher).")
+    ] = "fd",
+    teacher_nfe: Annotated[
+        int, typer.Option("--teacher-nfe", help="Euler steps of the source velocity model for the teacher reference.")
+    ] = 32,
+    halving: Annotated[
+        bool,
+        typer.Option(
+            "--halving",
+            help="Successive halving: all depths on few samples, the better half on twice as many, ... up to --num-samples.",
+        ),
+    ] = False,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap draws for the confidence intervals (0 = none).")
+    ] = 200,
     ci: Annotated[float, typer.Option("--ci", help="Confidence level of the intervals.")] = 0.9,
-    seed: Annotated[int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i): every depth sees the same noise.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i): every depth sees the same noise.")
+    ] = 0,
     sampler: Annotated[str, typer.Option("--sampler", help="euler, heun, restart or ctm.")] = "euler",
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class labels cycled over the samples (default: all classes).")] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Comma-separated class labels cycled over the samples (default: all classes)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 250,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for search.json, search.png and the resumable cache/.")] = Path("search-out"),
-    write_best: Annotated[Optional[Path], typer.Option("--write-best", help="Export the converted model at the best depth to this directory.")] = None,
-    best_for_nfe: Annotated[Optional[int], typer.Option("--best-for-nfe", help="Which NFE's best depth --write-best uses (default: the smallest).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory for search.json, search.png and the resumable cache/.")
+    ] = Path("search-out"),
+    write_best: Annotated[
+        Path | None,
+        typer.Option("--write-best", help="Export the converted model at the best depth to this directory."),
+    ] = None,
+    best_for_nfe: Annotated[
+        int | None,
+        typer.Option("--best-for-nfe", help="Which NFE's best depth --write-best uses (default: the smallest)."),
+    ] = None,
     revision: RevisionOpt = None,
     filename: FilenameOpt = None,
     family: FamilyOpt = None,
@@ -104,7 +161,11 @@ def search_depth_cmd(
 
     if depths is not None and depth_range is not None:
         raise FlowmapError("pass either --depths or --depth-range, not both.")
-    depth_list = parse_int_list(depths, "--depths") if depths is not None else (parse_depth_range(depth_range) if depth_range else None)
+    depth_list = (
+        parse_int_list(depths, "--depths")
+        if depths is not None
+        else (parse_depth_range(depth_range) if depth_range else None)
+    )
     nfe_list = parse_int_list(nfe, "--nfe")
     if not nfe_list:
         raise FlowmapError("--nfe needs at least one value, e.g. --nfe 1,4.")
@@ -145,7 +206,10 @@ def search_depth_cmd(
     _print_table(report)
     cached = sum(1 for r in (report["all_results"] or report["results"]) if r.get("cached"))
     lines = [f"best depth at {n} NFE: {report['best'][str(n)]}" for n in report["nfe"]]
-    lines.append(f"wall {report['wall_seconds']:.1f} s, cpu {report['cpu_seconds']:.1f} s" + (f" ({cached} results reused from {out / 'cache'})" if cached else ""))
+    lines.append(
+        f"wall {report['wall_seconds']:.1f} s, cpu {report['cpu_seconds']:.1f} s"
+        + (f" ({cached} results reused from {out / 'cache'})" if cached else "")
+    )
     lines.append(f"written {report['written'].get('json')}, {report['written'].get('plot')}")
     if write_best is not None:
         lines.append(f"exported depth {report['best_depth']} (best at {report['best_for_nfe']} NFE) to {write_best}")

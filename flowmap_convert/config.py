@@ -70,7 +70,7 @@ class ModelConfig:
         if self.conditioning == "decoupled":
             check_depth(self.depth, self.num_blocks)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (nested dicts are taken as given)."""
         return dataclasses.replace(self, **changes)
 
@@ -79,7 +79,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Rebuild from config.json content; unknown keys are a user error naming them."""
         data = dict(data)
         data.pop("flowmap_format", None)

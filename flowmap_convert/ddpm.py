@@ -97,7 +97,7 @@ def snr_matched_input(x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (x_s.double() / n).to(x_s.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_schedule() -> DDPMSchedule:
     """The shared 1000-step linear schedule of DiT (built once)."""
     return DDPMSchedule()
@@ -107,4 +107,3 @@ def covered_range() -> tuple[float, float]:
     """(s_min, s_max): the canonical times DiT's 1000 steps cover."""
     sch = default_schedule()
     return sch.s_min, sch.s_max
-

@@ -31,7 +31,9 @@ class GaussianFourierEmbedder(nn.Module):
     def __init__(self, hidden_size: int, embedding_size: int = 256):
         super().__init__()
         self.W = nn.Parameter(torch.randn(embedding_size), requires_grad=False)  # must be loaded from the checkpoint
-        self.mlp = nn.Sequential(nn.Linear(2 * embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         arg = t.float()[:, None] * self.W.float()[None, :] * 2 * torch.pi  # fp32 island, RAE's operation order
@@ -68,7 +70,10 @@ class NormAttention(nn.Module):
         if qk_norm == "none":
             self.q_norm = self.k_norm = nn.Identity()
         elif rmsnorm:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim, param_name="weight"), RMSNorm(self.head_dim, param_name="weight")
+            self.q_norm, self.k_norm = (
+                RMSNorm(self.head_dim, param_name="weight"),
+                RMSNorm(self.head_dim, param_name="weight"),
+            )
         else:
             self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.LayerNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
@@ -114,7 +119,9 @@ def _norm(dim: int, rmsnorm: bool) -> nn.Module:
 class DDTBlock(nn.Module):
     """LightningDDTBlock: adaLN from a (B, D) or token-wise (B, L, D) conditioning; 6 vectors, 4 without shift."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str, rmsnorm: bool, swiglu: bool, wo_shift: bool):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: str, rmsnorm: bool, swiglu: bool, wo_shift: bool
+    ):
         super().__init__()
         self.norm1, self.norm2 = _norm(dim, rmsnorm), _norm(dim, rmsnorm)
         self.attn = NormAttention(dim, num_heads, qk_norm, rmsnorm)
@@ -176,7 +183,9 @@ class DiTDH(nn.Module):
         o = ddt_options(cfg)
         self.cfg = cfg
         if cfg.patch_size != 1:
-            raise FlowmapError(f"DiT^DH with patch size {cfg.patch_size} is not supported (RAE's released models use 1).")
+            raise FlowmapError(
+                f"DiT^DH with patch size {cfg.patch_size} is not supported (RAE's released models use 1)."
+            )
         c, d_e, d_d = cfg.in_channels, cfg.hidden_size, int(o["decoder_hidden"])
         self.num_encoder_blocks, self.num_decoder_blocks = cfg.num_blocks, int(o["decoder_blocks"])
         self.meanflow = cfg.conditioning == "meanflow"
@@ -202,7 +211,8 @@ class DiTDH(nn.Module):
             self.enc_feat_rope = self.dec_feat_rope = None
         blk = lambda d, h: DDTBlock(d, h, cfg.mlp_ratio, cfg.qk_norm, o["rmsnorm"], o["swiglu"], o["wo_shift"])  # noqa: E731
         self.blocks = nn.ModuleList(
-            [blk(d_e, cfg.num_heads) for _ in range(self.num_encoder_blocks)] + [blk(d_d, heads_d) for _ in range(self.num_decoder_blocks)]
+            [blk(d_e, cfg.num_heads) for _ in range(self.num_encoder_blocks)]
+            + [blk(d_d, heads_d) for _ in range(self.num_decoder_blocks)]
         )
 
     def time_embeddings(self, t: torch.Tensor, r: torch.Tensor, depth: int):
@@ -214,7 +224,9 @@ class DiTDH(nn.Module):
         te_r = self.t_embedder(r)
         return te_t, te_r, te_r
 
-    def forward_flowmap(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
+    def forward_flowmap(
+        self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, depth: int
+    ) -> torch.Tensor:
         """u(x_t, t, r) in canonical time; at r = t the source's velocity eps - x0 (§6.5 / §11.1)."""
         te_a, te_b, te_head = self.time_embeddings(t, r, depth)
         ye = self.y_embedder(y)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 import math
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +33,9 @@ class SDVAEDecoder:
         try:
             from diffusers import AutoencoderKL
         except ImportError:
-            raise FlowmapError("SD-VAE decoding needs diffusers; install it with `pip install 'flowmap-convert[sdvae]'`.") from None
+            raise FlowmapError(
+                "SD-VAE decoding needs diffusers; install it with `pip install 'flowmap-convert[sdvae]'`."
+            ) from None
         repo = latent.repo or "stabilityai/sd-vae-ft-ema"
         sub = latent.extra.get("subfolder")  # diffusers pipelines keep the VAE in `vae/`
         kwargs = {"subfolder": sub} if sub else {}
@@ -45,16 +46,22 @@ class SDVAEDecoder:
         try:
             self.vae = AutoencoderKL.from_pretrained(repo, **kwargs).to(device).eval()
         except (OSError, ValueError) as e:
-            raise FlowmapError(f"could not load the SD-VAE decoder {repo!r} ({str(e).splitlines()[0]}); download it once with network access or set the latent repo to a local copy.") from None
+            raise FlowmapError(
+                f"could not load the SD-VAE decoder {repo!r} ({str(e).splitlines()[0]}); download it once with network access or set the latent repo to a local copy."
+            ) from None
         self.latent = latent
         got = int(self.vae.config.latent_channels)
         if got != latent.channels:
-            raise FlowmapError(f"the VAE at {repo!r} has {got} latent channels but the model samples {latent.channels}; point the model's latent repo at the VAE it was trained with.")
+            raise FlowmapError(
+                f"the VAE at {repo!r} has {got} latent channels but the model samples {latent.channels}; point the model's latent repo at the VAE it was trained with."
+            )
 
     def check(self, z: torch.Tensor) -> None:
         """Latents must have the VAE's channel count."""
         if z.dim() != 4 or z.shape[1] != self.latent.channels:
-            raise FlowmapError(f"latents of shape {tuple(z.shape)} do not fit this SD-VAE ({self.latent.channels} channels); use the decoder that matches the model.")
+            raise FlowmapError(
+                f"latents of shape {tuple(z.shape)} do not fit this SD-VAE ({self.latent.channels} channels); use the decoder that matches the model."
+            )
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -79,7 +86,9 @@ def resolve_file(repo: str, filename: str, revision: str | None = None) -> Path:
     local = Path(repo) / filename
     if Path(repo).is_dir():
         if not local.is_file():
-            raise FlowmapError(f"{local} does not exist; put the RAE file there or set the model's latent repo to a directory that has it.")
+            raise FlowmapError(
+                f"{local} does not exist; put the RAE file there or set the model's latent repo to a directory that has it."
+            )
         return local
     from .adapters.sources import hub_download
 
@@ -133,7 +142,17 @@ class ViTMAELayer(nn.Module):
 class RAEPixelDecoder(nn.Module):
     """RAE's GeneralDecoder (ViT-MAE decoder): embed -> [cls] + tokens + pos -> layers -> norm -> pred -> drop cls."""
 
-    def __init__(self, in_dim: int, dim: int, layers: int, heads: int, intermediate: int, num_patches: int, out_dim: int, eps: float):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        layers: int,
+        heads: int,
+        intermediate: int,
+        num_patches: int,
+        out_dim: int,
+        eps: float,
+    ):
         super().__init__()
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim), requires_grad=False)
@@ -143,7 +162,7 @@ class RAEPixelDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, out_dim)
 
     @classmethod
-    def from_state_dict(cls, sd: dict, heads: int | None, eps: float, what: str) -> "RAEPixelDecoder":
+    def from_state_dict(cls, sd: dict, heads: int | None, eps: float, what: str) -> RAEPixelDecoder:
         """Architecture from shapes (heads from the standard ViT tables unless given); strict load."""
         from .dit import heads_for_hidden
         from .io import check_keys_and_shapes
@@ -155,7 +174,9 @@ class RAEPixelDecoder(nn.Module):
             patches = sd["decoder_pos_embed"].shape[1] - 1
             out_dim = sd["decoder_pred.weight"].shape[0]
         except (KeyError, ValueError):
-            raise FlowmapError(f"{what} is not an RAE ViT-MAE decoder state dict (decoder_embed, decoder_layers.*, decoder_pred); check the model's latent decoder file.") from None
+            raise FlowmapError(
+                f"{what} is not an RAE ViT-MAE decoder state dict (decoder_embed, decoder_layers.*, decoder_pred); check the model's latent decoder file."
+            ) from None
         net = cls(in_dim, dim, layers, heads or heads_for_hidden(dim), inter, patches, out_dim, eps)
         check_keys_and_shapes(sd, {k: v.shape for k, v in net.state_dict().items()}, what)
         net.load_state_dict(sd, strict=True)
@@ -176,7 +197,9 @@ class RAEDecoder:
     def __init__(self, latent: LatentSpace, device="cpu", encoder=None):
         ex = latent.extra
         if not latent.repo or not ex.get("decoder") or not ex.get("stats"):
-            raise FlowmapError("this RAE model names no decoder/stats files in its latent space; set latent.repo, latent.extra.decoder and latent.extra.stats in config.json.")
+            raise FlowmapError(
+                "this RAE model names no decoder/stats files in its latent space; set latent.repo, latent.extra.decoder and latent.extra.stats in config.json."
+            )
         self.latent, self.device = latent, torch.device(device)
         self.eps = float(ex.get("eps", 1e-5))
         c, n = latent.channels, latent.size
@@ -188,18 +211,27 @@ class RAEDecoder:
             if t.dim() == 4 and t.shape[0] == 1:
                 t = t[0]  # accept [1, C, H, W] as well as [C, H, W]
             if tuple(t.shape) != (c, n, n):
-                raise FlowmapError(f"the RAE statistics {name} has shape {tuple(t.shape)} but the model's latents are {(c, n, n)}; use the stat.pt of the same resolution (imagenet1k for 256 px, imagenet1k_512 for 512 px).")
+                raise FlowmapError(
+                    f"the RAE statistics {name} has shape {tuple(t.shape)} but the model's latents are {(c, n, n)}; use the stat.pt of the same resolution (imagenet1k for 256 px, imagenet1k_512 for 512 px)."
+                )
             if name == "mean":
                 mean = t
             else:
                 var = t
-        self.mean, self.std = mean.to(self.device), torch.sqrt(var + self.eps).to(self.device)  # z' = (z - mean)/sqrt(var + eps)
+        self.mean, self.std = (
+            mean.to(self.device),
+            torch.sqrt(var + self.eps).to(self.device),
+        )  # z' = (z - mean)/sqrt(var + eps)
         sd = load_weights_only(resolve_file(latent.repo, ex["decoder"]), "RAE decoder file")
-        self.net = RAEPixelDecoder.from_state_dict(sd, ex.get("decoder_heads"), float(ex.get("layer_norm_eps", 1e-12)), f"the RAE decoder {ex['decoder']}").to(self.device)
+        self.net = RAEPixelDecoder.from_state_dict(
+            sd, ex.get("decoder_heads"), float(ex.get("layer_norm_eps", 1e-12)), f"the RAE decoder {ex['decoder']}"
+        ).to(self.device)
         in_dim = self.net.decoder_embed.in_features
         patches = self.net.decoder_pos_embed.shape[1] - 1
         if in_dim != c or patches != n * n:
-            raise FlowmapError(f"the RAE decoder expects {patches} tokens of {in_dim} channels but the model samples {c}x{n}x{n} latents; pick the decoder of the same resolution and encoder.")
+            raise FlowmapError(
+                f"the RAE decoder expects {patches} tokens of {in_dim} channels but the model samples {c}x{n}x{n} latents; pick the decoder of the same resolution and encoder."
+            )
         self.patch = int(round(math.sqrt(self.net.decoder_pred.out_features / latent.image_channels)))
         self.pixel_mean = torch.tensor(ex.get("image_mean", IMAGENET_MEAN), device=self.device).view(1, -1, 1, 1)
         self.pixel_std = torch.tensor(ex.get("image_std", IMAGENET_STD), device=self.device).view(1, -1, 1, 1)
@@ -209,7 +241,9 @@ class RAEDecoder:
         """Latents must be (B, C, H, W) with the model's C and side."""
         c, n = self.latent.channels, self.latent.size
         if z.dim() != 4 or tuple(z.shape[1:]) != (c, n, n):
-            raise FlowmapError(f"latents of shape {tuple(z.shape)} do not fit this RAE decoder ({c}x{n}x{n}); use the decoder that matches the model.")
+            raise FlowmapError(
+                f"latents of shape {tuple(z.shape)} do not fit this RAE decoder ({c}x{n}x{n}); use the decoder that matches the model."
+            )
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -230,12 +264,16 @@ class RAEDecoder:
             try:
                 from transformers import Dinov2WithRegistersModel
             except ImportError:
-                raise FlowmapError("encoding images into RAE latents needs transformers; install it with `pip install 'flowmap-convert[rae]'`.") from None
+                raise FlowmapError(
+                    "encoding images into RAE latents needs transformers; install it with `pip install 'flowmap-convert[rae]'`."
+                ) from None
             name = self.latent.extra.get("encoder", "facebook/dinov2-with-registers-base")
             try:
                 enc = Dinov2WithRegistersModel.from_pretrained(name)
             except OSError as e:
-                raise FlowmapError(f"could not load the RAE encoder {name!r} ({str(e).splitlines()[0]}); download it once with network access.") from None
+                raise FlowmapError(
+                    f"could not load the RAE encoder {name!r} ({str(e).splitlines()[0]}); download it once with network access."
+                ) from None
             enc.layernorm.elementwise_affine = False
             enc.layernorm.weight = None
             enc.layernorm.bias = None
@@ -267,4 +305,6 @@ def get_decoder(latent: LatentSpace, device="cpu"):
         return SDVAEDecoder(latent, device)
     if latent.kind == "rae":
         return RAEDecoder(latent, device)
-    raise FlowmapError(f"no decoder for latent space {latent.kind!r} in this version; supported: identity, sd-vae, rae.")
+    raise FlowmapError(
+        f"no decoder for latent space {latent.kind!r} in this version; supported: identity, sd-vae, rae."
+    )

@@ -51,7 +51,9 @@ def upsample_digits(images8: torch.Tensor) -> torch.Tensor:
     return x / 8.0 - 1.0  # [0, 16] -> [-1, 1]
 
 
-def split_indices(labels: np.ndarray, seed: int = 0, test_fraction: float = TEST_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, seed: int = 0, test_fraction: float = TEST_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
     """A stratified train/test split: per class, a seeded permutation, the first round(f * n_c) go to test."""
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -92,11 +94,19 @@ class DigitsClassifier(nn.Module):
         super().__init__()
         w = width
         self.conv = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 16 -> 8
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8 -> 4
         )
         self.fc = nn.Linear(2 * w * 16, feature_dim)
@@ -116,7 +126,12 @@ class DigitsClassifier(nn.Module):
 
 def classifier_config(model: DigitsClassifier) -> dict:
     """The constructor arguments of a classifier, as stored in config.json."""
-    return {"width": model.conv[0].out_channels, "feature_dim": model.fc.out_features, "num_classes": model.head.out_features, "dropout": model.drop.p}
+    return {
+        "width": model.conv[0].out_channels,
+        "feature_dim": model.fc.out_features,
+        "num_classes": model.head.out_features,
+        "dropout": model.drop.p,
+    }
 
 
 @lru_cache(maxsize=1)
@@ -129,7 +144,9 @@ def load_classifier(directory: str | None = None) -> DigitsClassifier:
         cfg = json.loads((d / "config.json").read_text())
         sd = load_file(str(d / "model.safetensors"))
     except FileNotFoundError:
-        raise FlowmapError(f"the digits classifier is missing from {d}; regenerate it with `python benchmarks/digits/train_classifier.py`.") from None
+        raise FlowmapError(
+            f"the digits classifier is missing from {d}; regenerate it with `python benchmarks/digits/train_classifier.py`."
+        ) from None
     model = DigitsClassifier(**cfg["architecture"])
     model.load_state_dict(sd, strict=True)
     return model.eval()
@@ -137,7 +154,12 @@ def load_classifier(directory: str | None = None) -> DigitsClassifier:
 
 def as_model_input(images) -> torch.Tensor:
     """uint8 NHWC arrays (as `fm.sample` returns) or float NCHW tensors in [-1, 1] -> float (N, 1, 16, 16)."""
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 or isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+    if (
+        isinstance(images, np.ndarray)
+        and images.dtype == np.uint8
+        or isinstance(images, torch.Tensor)
+        and images.dtype == torch.uint8
+    ):
         x = torch.as_tensor(np.asarray(images)).float()
         if x.ndim == 3:
             x = x.unsqueeze(-1)
@@ -155,7 +177,9 @@ def as_model_input(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def digits_features(images, batch_size: int = 500, classifier: DigitsClassifier | None = None, return_logits: bool = False):
+def digits_features(
+    images, batch_size: int = 500, classifier: DigitsClassifier | None = None, return_logits: bool = False
+):
     """64-d penultimate classifier features (N, 64) as float64 numpy (and logits when asked)."""
     clf = classifier if classifier is not None else load_classifier()
     x = as_model_input(images)

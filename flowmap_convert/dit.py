@@ -32,7 +32,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
         if qk_norm == "rms":  # DMF's RMSNorm: parameter `scale`, eps 1e-6
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
-        elif qk_norm == "layernorm":  # timm Attention(qk_norm=True) as in REPA: norm_layer=nn.LayerNorm, default eps 1e-5
+        elif (
+            qk_norm == "layernorm"
+        ):  # timm Attention(qk_norm=True) as in REPA: norm_layer=nn.LayerNorm, default eps 1e-5
             self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
             self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
         else:
@@ -106,7 +108,9 @@ class DiT(nn.Module):
         pos = torch.from_numpy(sincos_pos_embed_2d(d, grid)).float().unsqueeze(0)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed table, stored in checkpoints
         norm2_eps = float(cfg.extra.get("norm2_eps", 1e-6))
-        self.blocks = nn.ModuleList(DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, norm2_eps) for _ in range(cfg.num_blocks))
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, norm2_eps) for _ in range(cfg.num_blocks)
+        )
         self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.initialize_weights()
 

@@ -52,7 +52,11 @@ def check_keys_and_shapes(sd: dict, expected: dict, what: str) -> None:
     """Raise a FlowmapError listing missing, unexpected and mis-shaped keys (at most a few of each)."""
     missing = sorted(set(expected) - set(sd))
     extra = sorted(set(sd) - set(expected))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k])}" for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != tuple(expected[k])]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k])}"
+        for k in sorted(set(sd) & set(expected))
+        if tuple(sd[k].shape) != tuple(expected[k])
+    ]
     if not (missing or extra or shapes):
         return
     parts = []
@@ -114,7 +118,9 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
         tmp.unlink(missing_ok=True)
 
 
-def write_model_dir(model, directory: str | os.PathLike, card: str | None = None, extra_files: dict | None = None) -> Path:
+def write_model_dir(
+    model, directory: str | os.PathLike, card: str | None = None, extra_files: dict | None = None
+) -> Path:
     """Write config.json, model.safetensors and a model card into `directory` (files written in place)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,9 @@ def read_model_dir(directory: str | os.PathLike):
     try:
         data = json.loads((directory / CONFIG_NAME).read_text())
     except FileNotFoundError:
-        raise FlowmapError(f"{directory} has no config.json; point at a directory written by `flowmap convert`.") from None
+        raise FlowmapError(
+            f"{directory} has no config.json; point at a directory written by `flowmap convert`."
+        ) from None
     except ValueError as e:
         raise FlowmapError(f"{directory / CONFIG_NAME} is not valid JSON ({e}); re-export the model.") from None
     cfg = ModelConfig.from_dict(data)
@@ -165,7 +173,9 @@ def read_model_dir(directory: str | os.PathLike):
     except FileNotFoundError:
         raise FlowmapError(f"{directory} has no model.safetensors; re-export the model.") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise FlowmapError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({e}); re-download or re-export it.") from None
+        raise FlowmapError(
+            f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({e}); re-download or re-export it."
+        ) from None
     model = FlowMap(cfg)
     load_canonical_state_dict(model, sd, str(directory / WEIGHTS_NAME))
     return model.eval()

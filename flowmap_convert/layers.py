@@ -9,13 +9,17 @@ import torch
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0
+) -> torch.Tensor:
     """Sinusoidal embedding [cos | sin] of a 1-D time tensor, always in fp32 (DiT/SiT/REPA/DMF, REFERENCE §1.3).
 
     f_k = exp(-ln(max_period) k / (half - freq_shift)); diffusers' DiT uses downscale_freq_shift = 1 (§5.2).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -37,7 +41,9 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift)  # fp32 island: time features never leave fp32 here
+        freq = timestep_embedding(
+            t, self.frequency_size, freq_shift=self.freq_shift
+        )  # fp32 island: time features never leave fp32 here
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 

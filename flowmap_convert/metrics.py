@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -38,7 +38,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise FlowmapError(f"reference statistics do not match the features: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; recompute them with the same feature extractor.")
+        raise FlowmapError(
+            f"reference statistics do not match the features: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; recompute them with the same feature extractor."
+        )
     return _FrechetTo(mu2, s2)(mu1, s1)
 
 
@@ -66,7 +68,9 @@ def check_sample_count(n: int, dim: int, warn: Callable[[str], None] | None = No
     if n < 2:
         raise FlowmapError(f"a Fréchet distance needs at least 2 samples, got {n}; raise --num-samples.")
     if n < dim and warn is not None:
-        warn(f"{n} samples are fewer than the {dim} feature dimensions: the sample covariance is rank-deficient and the Fréchet distance is biased upward; use --num-samples >= {dim} for comparable numbers.")
+        warn(
+            f"{n} samples are fewer than the {dim} feature dimensions: the sample covariance is rank-deficient and the Fréchet distance is biased upward; use --num-samples >= {dim} for comparable numbers."
+        )
 
 
 def _quantiles(values: np.ndarray, ci: float) -> list[float]:
@@ -75,25 +79,39 @@ def _quantiles(values: np.ndarray, ci: float) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def bootstrap_fd(features: np.ndarray, ref_mu=None, ref_sigma=None, ref_features: np.ndarray | None = None, draws: int = 200, ci: float = 0.9, seed: int = 0) -> tuple[float, list[float]]:
+def bootstrap_fd(
+    features: np.ndarray,
+    ref_mu=None,
+    ref_sigma=None,
+    ref_features: np.ndarray | None = None,
+    draws: int = 200,
+    ci: float = 0.9,
+    seed: int = 0,
+) -> tuple[float, list[float]]:
     """FD with a bias-corrected percentile bootstrap CI: resample samples (paired with `ref_features` when given)."""
     f = np.asarray(features, np.float64)
     if ref_features is not None:
         r = np.asarray(ref_features, np.float64)
         if r.shape != f.shape:
-            raise FlowmapError(f"teacher features {r.shape} do not pair with the sample features {f.shape}; use the same --num-samples and seed.")
+            raise FlowmapError(
+                f"teacher features {r.shape} do not pair with the sample features {f.shape}; use the same --num-samples and seed."
+            )
         point = frechet_distance(*feature_stats(f), *feature_stats(r))
     else:
         fd_to = _FrechetTo(ref_mu, ref_sigma)
         if fd_to.mu.shape != (f.shape[1],) or fd_to.sigma.shape != (f.shape[1], f.shape[1]):
-            raise FlowmapError(f"reference statistics have dimension {fd_to.mu.shape[0]} but the features have {f.shape[1]}; recompute the reference with the same --features.")
+            raise FlowmapError(
+                f"reference statistics have dimension {fd_to.mu.shape[0]} but the features have {f.shape[1]}; recompute the reference with the same --features."
+            )
         point = fd_to(*feature_stats(f))
     if draws <= 0:
         return point, [point, point]
     rng = np.random.default_rng(seed)
     vals = np.empty(draws)
     with _single_thread_blas():
-        _fill_bootstrap(vals, f, r if ref_features is not None else None, None if ref_features is not None else fd_to, rng)
+        _fill_bootstrap(
+            vals, f, r if ref_features is not None else None, None if ref_features is not None else fd_to, rng
+        )
     # Resampling with replacement duplicates rows, which biases FD upward; shift the percentile interval by the
     # bootstrap bias estimate (mean of draws - point) so that it brackets the point estimate.
     bias = float(vals.mean() - point)
@@ -206,7 +224,9 @@ class DigitsFeatures:
         try:
             from . import digits
         except ImportError as e:
-            raise FlowmapError(f"the digits feature extractor is not available in this install ({e}); use --features pixels or --features inception.") from None
+            raise FlowmapError(
+                f"the digits feature extractor is not available in this install ({e}); use --features pixels or --features inception."
+            ) from None
         self._digits = digits
         self.dim = int(digits.digits_features(np.zeros((1, 16, 16, 1), np.uint8)).shape[1])  # known before sampling
 
@@ -248,10 +268,14 @@ class InceptionFeatures:
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
-            raise FlowmapError(f"Inception FID features need torch-fidelity (and torchvision), the extra flowmap-convert[fid]; install them with `{FID_INSTALL}`.") from None
+            raise FlowmapError(
+                f"Inception FID features need torch-fidelity (and torchvision), the extra flowmap-convert[fid]; install them with `{FID_INSTALL}`."
+            ) from None
         local = inception_weights_path()
         try:
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(local) if local else None)
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(local) if local else None
+            )
         except (OSError, RuntimeError) as e:  # URLError is an OSError: offline
             raise FlowmapError(
                 f"could not load the Inception FID weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); download {INCEPTION_WEIGHTS} "
@@ -291,11 +315,15 @@ class DinoV2Features:
         try:
             from transformers import AutoModel
         except ImportError:
-            raise FlowmapError("DINOv2 features need transformers, the extra flowmap-convert[rae]; install it with `pip install 'flowmap-convert[rae]'` (or `pip install transformers`).") from None
+            raise FlowmapError(
+                "DINOv2 features need transformers, the extra flowmap-convert[rae]; install it with `pip install 'flowmap-convert[rae]'` (or `pip install transformers`)."
+            ) from None
         try:
             self.net = AutoModel.from_pretrained(repo).to(device).eval()
         except OSError as e:
-            raise FlowmapError(f"could not load {repo} ({str(e).splitlines()[0] if str(e) else 'offline'}); download it once with network access (`huggingface-cli download {repo}`) or set HF_HOME to a cache that holds it.") from None
+            raise FlowmapError(
+                f"could not load {repo} ({str(e).splitlines()[0] if str(e) else 'offline'}); download it once with network access (`huggingface-cli download {repo}`) or set HF_HOME to a cache that holds it."
+            ) from None
         self.name = "dinov2" if repo == "facebook/dinov2-base" else "dinov2-" + repo.rsplit("-", 1)[-1]
         self.dim = int(self.net.config.hidden_size)
         self.device = device
@@ -390,12 +418,16 @@ def load_reference(path, extractor=None) -> ReferenceStats:
     """
     path = Path(path)
     if not path.is_file():
-        raise FlowmapError(f"reference file {path} does not exist; pass a .npz with mu/sigma (or arr_0 images), 'dataset' or 'teacher'.")
+        raise FlowmapError(
+            f"reference file {path} does not exist; pass a .npz with mu/sigma (or arr_0 images), 'dataset' or 'teacher'."
+        )
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
     except (OSError, ValueError) as e:
-        raise FlowmapError(f"cannot read reference {path} as .npz ({e}); pass a file written by numpy.savez with mu/sigma keys.") from None
+        raise FlowmapError(
+            f"cannot read reference {path} as .npz ({e}); pass a file written by numpy.savez with mu/sigma keys."
+        ) from None
     if {"mu", "sigma"} <= keys:
         mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
@@ -403,19 +435,25 @@ def load_reference(path, extractor=None) -> ReferenceStats:
         return ReferenceStats(mu, sigma, str(path))
     if "arr_0" in keys:
         if extractor is None:
-            raise FlowmapError(f"reference {path} holds images, not statistics; name a feature extractor to compute them.")
+            raise FlowmapError(
+                f"reference {path} holds images, not statistics; name a feature extractor to compute them."
+            )
         cached = path.with_name(f"{path.stem}.{extractor.name}-stats.npz")
         if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
             return load_reference(cached)
         mu, sigma = feature_stats(extractor.features(data["arr_0"]))
         save_reference(cached, mu, sigma)
         return ReferenceStats(mu, sigma, f"{path} ({extractor.name} features, cached in {cached.name})")
-    raise FlowmapError(f"reference {path} has neither mu/sigma nor arr_0 (keys: {', '.join(sorted(keys)) or 'none'}); write one with numpy.savez(path, mu=..., sigma=...).")
+    raise FlowmapError(
+        f"reference {path} has neither mu/sigma nor arr_0 (keys: {', '.join(sorted(keys)) or 'none'}); write one with numpy.savez(path, mu=..., sigma=...)."
+    )
 
 
 def dataset_reference(extractor) -> ReferenceStats:
     """Statistics of the extractor's own dataset (digits), else a clear error pointing at the alternatives."""
     if not hasattr(extractor, "dataset_reference"):
-        raise FlowmapError(f"there is no builtin dataset reference for {extractor.name} features; pass --reference stats.npz (mu/sigma, e.g. an ADM reference batch) or --reference teacher.")
+        raise FlowmapError(
+            f"there is no builtin dataset reference for {extractor.name} features; pass --reference stats.npz (mu/sigma, e.g. an ADM reference batch) or --reference teacher."
+        )
     mu, sigma = extractor.dataset_reference()
     return ReferenceStats(mu, sigma, f"builtin dataset ({extractor.name} features)")

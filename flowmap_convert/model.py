@@ -114,10 +114,12 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ conversion helpers
-    def with_depth(self, depth: int) -> "FlowMap":
+    def with_depth(self, depth: int) -> FlowMap:
         """The same weights as a decoupled flow map split at `depth` (no new parameters)."""
         if self.config.conditioning == "meanflow":
-            raise FlowmapError("this model is already a MeanFlow flow map with its own (t - r) embedder; use it without --depth.")
+            raise FlowmapError(
+                "this model is already a MeanFlow flow map with its own (t - r) embedder; use it without --depth."
+            )
         check_depth(depth, self.config.num_blocks)
         cfg = self.config.replace(conditioning="decoupled", depth=depth)
         out = FlowMap.__new__(FlowMap)
@@ -141,4 +143,6 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token, **kwargs):
         from .io import load_model
 
-        return load_model(model_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        return load_model(
+            model_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,11 +36,15 @@ class SampleSettings:
         if self.shift <= 0:
             raise FlowmapError(f"--shift must be positive, got {self.shift}.")
         if self.sampler in ("restart", "ctm") and not model.config.is_flow_map:
-            raise FlowmapError(f"the {self.sampler} sampler needs a flow map; convert the model first or use --sampler euler/heun.")
+            raise FlowmapError(
+                f"the {self.sampler} sampler needs a flow map; convert the model first or use --sampler euler/heun."
+            )
         if self.sampler == "ctm" and not 0.0 <= self.gamma < 1.0:
             raise FlowmapError(f"--gamma must be in [0, 1), got {self.gamma}.")
         if self.cfg_scale != 1.0 and model.config.class_embed_rows <= model.config.num_classes:
-            raise FlowmapError("classifier-free guidance needs a null-class embedding, which this model lacks; use --cfg-scale 1.")
+            raise FlowmapError(
+                "classifier-free guidance needs a null-class embedding, which this model lacks; use --cfg-scale 1."
+            )
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -84,12 +88,18 @@ def _call(model, x, t, r, y, s: SampleSettings) -> torch.Tensor:
         return model(xin, tt, rr, y).double()
 
 
-def sample_latents(model, noise: torch.Tensor, y: torch.Tensor, s: SampleSettings, noise_bank: NoiseBank | None = None, on_step=None) -> torch.Tensor:
+def sample_latents(
+    model, noise: torch.Tensor, y: torch.Tensor, s: SampleSettings, noise_bank: NoiseBank | None = None, on_step=None
+) -> torch.Tensor:
     """Integrate from t=1 (noise) to t=0 with the chosen sampler; returns float32 latents."""
     x = noise.double()
     t = time_grid(s.nfe if s.sampler != "heun" else (s.nfe + 1) // 2, s.shift)
     n = len(t) - 1
-    fresh = (lambda: noise_bank.draw(noise.shape[1:]).to(x.device).double()) if noise_bank else (lambda: torch.randn_like(x))
+    fresh = (
+        (lambda: noise_bank.draw(noise.shape[1:]).to(x.device).double())
+        if noise_bank
+        else (lambda: torch.randn_like(x))
+    )
     for i in range(n):
         t_cur, t_nxt = float(t[i]), float(t[i + 1])
         last = i == n - 1
@@ -185,7 +195,9 @@ def sample(
             idx = list(range(b0, min(b0 + batch_size, num_samples)))
             bank = NoiseBank(seed, idx)
             noise = bank.draw((c, size, size)).to(device)
-            z = sample_latents(model, noise, labels[idx].to(device), s, noise_bank=bank, on_step=bar.advance if bar else None)
+            z = sample_latents(
+                model, noise, labels[idx].to(device), s, noise_bank=bank, on_step=bar.advance if bar else None
+            )
             with torch.no_grad():
                 images.append(to_uint8(decoder.decode(z)))
             if return_latents:
@@ -205,7 +217,14 @@ class _Bar:
     def __init__(self, total: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.p = Progress(TextColumn("sampling"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+        self.p = Progress(
+            TextColumn("sampling"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         self.task = self.p.add_task("sampling", total=total)
         self.p.start()
 

@@ -14,9 +14,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -107,7 +107,16 @@ class _Sampler:
     """Draws (images, latents) for a model with the search's common random numbers (sample i's noise: (seed, i))."""
 
     def __init__(self, seed, sampler, classes, batch_size, device, shift, cfg_scale, decoder):
-        self.kw = dict(seed=seed, sampler=sampler, classes=classes, batch_size=batch_size, device=device, shift=shift, cfg_scale=cfg_scale, decoder=decoder)
+        self.kw = dict(
+            seed=seed,
+            sampler=sampler,
+            classes=classes,
+            batch_size=batch_size,
+            device=device,
+            shift=shift,
+            cfg_scale=cfg_scale,
+            decoder=decoder,
+        )
 
     def __call__(self, model, nfe: int, n: int):
         """Samples 0..n-1 of `model` at `nfe` evaluations: uint8 NHWC images and float latents."""
@@ -166,11 +175,15 @@ def search_depth(
         raise FlowmapError(f"--nfe lists a value twice ({nfes}); list each NFE once.")
     num_samples = DEFAULT_NUM_SAMPLES if num_samples is None else int(num_samples)
     if num_samples < 2:
-        raise FlowmapError(f"a Fréchet distance needs at least 2 samples, got --num-samples {num_samples}; use e.g. --num-samples {DEFAULT_NUM_SAMPLES}.")
+        raise FlowmapError(
+            f"a Fréchet distance needs at least 2 samples, got --num-samples {num_samples}; use e.g. --num-samples {DEFAULT_NUM_SAMPLES}."
+        )
     if metric not in ("fd", "mse"):
         raise FlowmapError(f"unknown --metric {metric!r}; choose fd or mse.")
     if metric == "mse" and reference not in ("teacher", "auto"):
-        raise FlowmapError("--metric mse is the paired error to the teacher's samples; use it with --reference teacher.")
+        raise FlowmapError(
+            "--metric mse is the paired error to the teacher's samples; use it with --reference teacher."
+        )
     if not 0 < ci < 1:
         raise FlowmapError(f"--ci must be in (0, 1), got {ci}.")
     if teacher_nfe < 1:
@@ -186,9 +199,14 @@ def search_depth(
     else:
         from .api import load
 
-        model, source_name = load(str(source), **{k: v for k, v in source_options.items() if v is not None}), str(source)
+        model, source_name = (
+            load(str(source), **{k: v for k, v in source_options.items() if v is not None}),
+            str(source),
+        )
     if model.config.conditioning == "meanflow":
-        raise FlowmapError("this checkpoint is a MeanFlow model with its own (t - r) embedder and no split depth; there is nothing to search.")
+        raise FlowmapError(
+            "this checkpoint is a MeanFlow model with its own (t - r) embedder and no split depth; there is nothing to search."
+        )
     n_blocks = model.config.num_blocks
     depths = default_depths(n_blocks) if depths is None else [int(d) for d in depths]
     if not depths:
@@ -213,9 +231,13 @@ def search_depth(
         ref_stats = load_reference(reference, extractor)
         ref_kind = "file"
     if ref_stats is not None and dim is not None and ref_stats.dim != dim:
-        raise FlowmapError(f"reference statistics {ref_stats.source} have dimension {ref_stats.dim} but {extractor.name} features have {dim}; recompute the reference with --features {extractor.name}.")
+        raise FlowmapError(
+            f"reference statistics {ref_stats.source} have dimension {ref_stats.dim} but {extractor.name} features have {dim}; recompute the reference with --features {extractor.name}."
+        )
     if metric == "mse" and ref_kind != "teacher":
-        raise FlowmapError("--metric mse is the paired error to the teacher's samples; use it with --reference teacher.")
+        raise FlowmapError(
+            "--metric mse is the paired error to the teacher's samples; use it with --reference teacher."
+        )
 
     settings = ProbeSettings(
         source_id=_source_id(model, source_name),
@@ -236,7 +258,16 @@ def search_depth(
 
     from .decoders import get_decoder
 
-    draw = _Sampler(seed, sampler, list(classes) if classes else None, batch_size, device, shift, cfg_scale, get_decoder(lat, device))
+    draw = _Sampler(
+        seed,
+        sampler,
+        list(classes) if classes else None,
+        batch_size,
+        device,
+        shift,
+        cfg_scale,
+        get_decoder(lat, device),
+    )
 
     # ---------------------------------------------------------------- the plan: (depth, nfe, n) evaluations
     rounds = _halving_rounds(len(depths), num_samples, min_halving_samples) if halving else [num_samples]
@@ -306,7 +337,13 @@ def search_depth(
         "seed": int(seed),
         "sampler": sampler,
         "features": extractor.name,
-        "reference": {"kind": ref_kind, "teacher_nfe": teacher_nfe if ref_kind == "teacher" else None, "source": ref_stats.source if ref_stats is not None else f"teacher: {teacher_nfe}-step Euler samples of the source velocity model"},
+        "reference": {
+            "kind": ref_kind,
+            "teacher_nfe": teacher_nfe if ref_kind == "teacher" else None,
+            "source": ref_stats.source
+            if ref_stats is not None
+            else f"teacher: {teacher_nfe}-step Euler samples of the source velocity model",
+        },
         "metric": metric,
         "bootstrap": {"draws": int(bootstrap), "ci": float(ci)},
         "halving": halving_log or None,
@@ -330,7 +367,13 @@ def search_depth(
 
         best_model = model.with_depth(report["best_depth"])
         prov = dict(model.config.provenance)
-        prov["depth_search"] = {"metric": metric, "nfe": chosen_nfe, "features": extractor.name, "reference": ref_kind, "num_samples": num_samples}
+        prov["depth_search"] = {
+            "metric": metric,
+            "nfe": chosen_nfe,
+            "features": extractor.name,
+            "reference": ref_kind,
+            "num_samples": num_samples,
+        }
         best_model.config = best_model.config.replace(provenance=prov)
         export(best_model, write_best)
         report["written"]["best_model"] = str(write_best)
@@ -353,7 +396,7 @@ def _halving_rounds(n_depths: int, num_samples: int, min_samples: int) -> list[i
 def _planned_evaluations(n_depths: int, n_nfe: int, rounds: list[int]) -> int:
     """How many (depth, NFE) evaluations the plan makes (for the progress bar)."""
     total, alive = 0, n_depths
-    for r in range(len(rounds)):
+    for _ in range(len(rounds)):
         total += alive * n_nfe
         alive = max(1, math.ceil(alive / 2))
     return total
@@ -382,7 +425,20 @@ def _final_rows(results: list[dict]) -> list[dict]:
 
 def _teacher(model, draw, extractor, teacher_nfe, num_samples, settings, cache, bar):
     """The teacher's latents and features for samples 0..num_samples-1 (cached as .npz in the out dir)."""
-    key = hashlib.sha256(json.dumps([settings.source_id, settings.seed, settings.features, teacher_nfe, num_samples, settings.classes, settings.shift, settings.cfg_scale]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                settings.source_id,
+                settings.seed,
+                settings.features,
+                teacher_nfe,
+                num_samples,
+                settings.classes,
+                settings.shift,
+                settings.cfg_scale,
+            ]
+        ).encode()
+    ).hexdigest()[:12]
     path = cache / f"teacher-nfe{teacher_nfe}-{key}.npz" if cache is not None else None
     if path is not None and path.is_file():
         try:
@@ -410,10 +466,16 @@ def _probe(fm, depth, n_fe, n, draw, extractor, ref_stats, teacher, settings: Pr
     seed = settings.seed * 7919 + depth * 131 + n_fe  # bootstrap draws are reproducible per cell
     row = {"depth": depth, "nfe": n_fe, "num_samples": n}
     if teacher is not None:
-        row["fd"], row["fd_ci"] = bootstrap_fd(feats, ref_features=teacher["features"][:n], draws=settings.bootstrap, ci=settings.ci, seed=seed)
-        row["mse"], row["mse_ci"] = bootstrap_mean(paired_mse(latents, teacher["latents"][:n]), draws=settings.bootstrap, ci=settings.ci, seed=seed)
+        row["fd"], row["fd_ci"] = bootstrap_fd(
+            feats, ref_features=teacher["features"][:n], draws=settings.bootstrap, ci=settings.ci, seed=seed
+        )
+        row["mse"], row["mse_ci"] = bootstrap_mean(
+            paired_mse(latents, teacher["latents"][:n]), draws=settings.bootstrap, ci=settings.ci, seed=seed
+        )
     else:
-        row["fd"], row["fd_ci"] = bootstrap_fd(feats, ref_stats.mu, ref_stats.sigma, draws=settings.bootstrap, ci=settings.ci, seed=seed)
+        row["fd"], row["fd_ci"] = bootstrap_fd(
+            feats, ref_stats.mu, ref_stats.sigma, draws=settings.bootstrap, ci=settings.ci, seed=seed
+        )
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
@@ -423,9 +485,24 @@ class _Progress:
 
     def __init__(self, total: int):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self.task = self.p.add_task("search", total=total)
         self.p.start()
 
@@ -443,7 +520,16 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- plot (PIL)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 
 
 def plot_search(report: dict, path) -> Path:
@@ -487,7 +573,12 @@ def plot_search(report: dict, path) -> Path:
         g.text((4, y - 6), f"{v:.3g}", fill="black", font=font)
     g.text((L + (W - L - R) // 2 - 30, H - 20), "split depth", fill="black", font=font)
     label = "Frechet distance" if metric == "fd" else "paired MSE"
-    g.text((L, 10), f"{label} vs depth ({report['features']} features, {report['reference']['kind']} reference, {report['num_samples']} samples{', log scale' if log else ''})", fill="black", font=font)
+    g.text(
+        (L, 10),
+        f"{label} vs depth ({report['features']} features, {report['reference']['kind']} reference, {report['num_samples']} samples{', log scale' if log else ''})",
+        fill="black",
+        font=font,
+    )
     for k, n_fe in enumerate(report["nfe"]):
         col = PALETTE[k % len(PALETTE)]
         pts = sorted((row["depth"], row[metric], row.get(f"{metric}_ci")) for row in rows if row["nfe"] == n_fe)

@@ -52,7 +52,7 @@ def get_default_backend() -> str:
     return _default_backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether the Triton kernel module imports (triton is installed)."""
     try:
@@ -154,9 +154,9 @@ def _recompute_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 # Dispatch keys through which torch.func wraps every tensor op, factories included.
-_FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode) | torch._C.DispatchKeySet(
-    torch._C.DispatchKey.FuncTorchDynamicLayerBackMode
-)
+_FUNCTORCH_KEYS = torch._C.DispatchKeySet(
+    torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode
+) | torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerBackMode)
 
 
 def _plain(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -220,7 +220,9 @@ def attention(
     module docstring.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects (B, H, L, D) tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+        raise ValueError(
+            f"attention expects (B, H, L, D) tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
     name = _check_backend(backend or _default_backend)
     if name == "auto":
         name = "triton" if q.is_cuda and triton_available() else "math"

@@ -46,16 +46,42 @@ def interpreting() -> bool:
 
 
 def _attn_fwd_jvp_kernel(
-    Q, K, V, TQ, TK, TV, O, TO,  # primal inputs, tangent inputs, outputs (O read when HAS_O)
-    s_qb, s_qh, s_ql,  # strides of Q (batch, head, row); the last dim is contiguous
-    s_kb, s_kh, s_kl,
-    s_vb, s_vh, s_vl,
-    s_tqb, s_tqh, s_tql,
-    s_tkb, s_tkh, s_tkl,
-    s_tvb, s_tvh, s_tvl,
-    s_ob, s_oh, s_ol,
-    s_tob, s_toh, s_tol,
-    H, L_Q, L_K, D,  # heads, query length, key length, true head dim
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    TV,
+    O,
+    TO,  # primal inputs, tangent inputs, outputs (O read when HAS_O)
+    s_qb,
+    s_qh,
+    s_ql,  # strides of Q (batch, head, row); the last dim is contiguous
+    s_kb,
+    s_kh,
+    s_kl,
+    s_vb,
+    s_vh,
+    s_vl,
+    s_tqb,
+    s_tqh,
+    s_tql,
+    s_tkb,
+    s_tkh,
+    s_tkl,
+    s_tvb,
+    s_tvh,
+    s_tvl,
+    s_ob,
+    s_oh,
+    s_ol,
+    s_tob,
+    s_toh,
+    s_tol,
+    H,
+    L_Q,
+    L_K,
+    D,  # heads, query length, key length, true head dim
     scale,  # softmax scale
     D_PAD: tl.constexpr,  # head dim padded to a power of two (tl.arange needs it)
     HAS_O: tl.constexpr,  # O is given (from the primal forward): skip the P V product
@@ -227,11 +253,15 @@ def attention_fwd_jvp(
     """Attention output and its tangent for (B, H, L, D) inputs; pass `out` to reuse a primal output."""
     check_triton_usable(q.device)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects (B, H, L, D) tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+        raise ValueError(
+            f"attention expects (B, H, L, D) tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
     B, H, L_Q, D = q.shape
     L_K = k.shape[2]
     if k.shape != (B, H, L_K, D) or v.shape != (B, H, L_K, D):
-        raise ValueError(f"k and v must be (B, H, L_K, D) = {(B, H, L_K, D)}, got {tuple(k.shape)} and {tuple(v.shape)}.")
+        raise ValueError(
+            f"k and v must be (B, H, L_K, D) = {(B, H, L_K, D)}, got {tuple(k.shape)} and {tuple(v.shape)}."
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q, k, v must share one dtype out of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}.")
     interpret = interpreting()
@@ -247,11 +277,27 @@ def attention_fwd_jvp(
     d_pad = max(16, triton.next_power_of_2(D))  # tl.dot needs every dim >= 16
 
     args = (
-        q, k, v, tq, tk, tv, o, t_out,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *tq.stride()[:3], *tk.stride()[:3], *tv.stride()[:3],
-        *o.stride()[:3], *t_out.stride()[:3],
-        H, L_Q, L_K, D, scale,
+        q,
+        k,
+        v,
+        tq,
+        tk,
+        tv,
+        o,
+        t_out,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *tq.stride()[:3],
+        *tk.stride()[:3],
+        *tv.stride()[:3],
+        *o.stride()[:3],
+        *t_out.stride()[:3],
+        H,
+        L_Q,
+        L_K,
+        D,
+        scale,
     )
     consts = dict(D_PAD=d_pad, HAS_O=has_o, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if interpret:

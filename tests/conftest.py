@@ -33,8 +33,15 @@ def tiny_config(**overrides):
     from flowmap_convert.config import LatentSpace, ModelConfig
 
     base = dict(
-        input_size=16, in_channels=1, patch_size=2, hidden_size=64, num_blocks=4, num_heads=4, mlp_ratio=2.0,
-        num_classes=10, class_embed_rows=11,
+        input_size=16,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=64,
+        num_blocks=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        num_classes=10,
+        class_embed_rows=11,
         latent=LatentSpace(kind="identity", channels=1, size=16, image_channels=1, image_size=16),
     )
     base.update(overrides)
@@ -45,7 +52,7 @@ def randomize(model, seed: int = 0, std: float = 0.05):
     """Give every trainable weight random values so zero-init layers do not hide bugs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
@@ -64,6 +71,13 @@ def tiny_vae():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
     ).eval()

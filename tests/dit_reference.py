@@ -92,7 +92,20 @@ def ref_logvar(sd, t, r):
     return _lin(sd, "logvar_linear", feats).reshape(-1, 1, 1, 1)
 
 
-def make_sd(hidden=64, blocks=4, channels=4, patch=2, size=8, classes=10, learn_sigma=False, qk="none", logvar=False, projectors=False, seed=0, std=0.1):
+def make_sd(
+    hidden=64,
+    blocks=4,
+    channels=4,
+    patch=2,
+    size=8,
+    classes=10,
+    learn_sigma=False,
+    qk="none",
+    logvar=False,
+    projectors=False,
+    seed=0,
+    std=0.1,
+):
     """A random state dict with exactly the key names and shapes of REFERENCE §1.2 (+ §2.2 / §3.2 extras)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -116,13 +129,20 @@ def make_sd(hidden=64, blocks=4, channels=4, patch=2, size=8, classes=10, learn_
     }
     for i in range(blocks):
         p = f"blocks.{i}."
-        sd.update({
-            p + "attn.qkv.weight": r(3 * d, d), p + "attn.qkv.bias": r(3 * d),
-            p + "attn.proj.weight": r(d, d), p + "attn.proj.bias": r(d),
-            p + "mlp.fc1.weight": r(4 * d, d), p + "mlp.fc1.bias": r(4 * d),
-            p + "mlp.fc2.weight": r(d, 4 * d), p + "mlp.fc2.bias": r(d),
-            p + "adaLN_modulation.1.weight": r(6 * d, d), p + "adaLN_modulation.1.bias": r(6 * d),
-        })
+        sd.update(
+            {
+                p + "attn.qkv.weight": r(3 * d, d),
+                p + "attn.qkv.bias": r(3 * d),
+                p + "attn.proj.weight": r(d, d),
+                p + "attn.proj.bias": r(d),
+                p + "mlp.fc1.weight": r(4 * d, d),
+                p + "mlp.fc1.bias": r(4 * d),
+                p + "mlp.fc2.weight": r(d, 4 * d),
+                p + "mlp.fc2.bias": r(d),
+                p + "adaLN_modulation.1.weight": r(6 * d, d),
+                p + "adaLN_modulation.1.bias": r(6 * d),
+            }
+        )
         hd = d // 4  # the tests build qk-norm models with 4 heads
         if qk == "layernorm":
             for n in ("q_norm", "k_norm"):
@@ -135,9 +155,14 @@ def make_sd(hidden=64, blocks=4, channels=4, patch=2, size=8, classes=10, learn_
         sd["logvar_linear.weight"], sd["logvar_linear.bias"] = r(1, 256), r(1)
     if projectors:
         for j in range(1):
-            sd.update({
-                f"projectors.{j}.0.weight": r(32, d), f"projectors.{j}.0.bias": r(32),
-                f"projectors.{j}.2.weight": r(32, 32), f"projectors.{j}.2.bias": r(32),
-                f"projectors.{j}.4.weight": r(16, 32), f"projectors.{j}.4.bias": r(16),
-            })
+            sd.update(
+                {
+                    f"projectors.{j}.0.weight": r(32, d),
+                    f"projectors.{j}.0.bias": r(32),
+                    f"projectors.{j}.2.weight": r(32, 32),
+                    f"projectors.{j}.2.bias": r(32),
+                    f"projectors.{j}.4.weight": r(16, 32),
+                    f"projectors.{j}.4.bias": r(16),
+                }
+            )
     return sd

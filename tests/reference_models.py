@@ -33,7 +33,15 @@ def _attn(x, qkv_w, qkv_b, proj_w, proj_b, heads):
     return F.linear((a @ v).transpose(1, 2).reshape(b, n, d), proj_w, proj_b)
 
 
-def dit_eps(sd: dict, x: torch.Tensor, tau_blocks: list, tau_head: torch.Tensor, y: torch.Tensor, heads: int, layout: str = "original") -> torch.Tensor:
+def dit_eps(
+    sd: dict,
+    x: torch.Tensor,
+    tau_blocks: list,
+    tau_head: torch.Tensor,
+    y: torch.Tensor,
+    heads: int,
+    layout: str = "original",
+) -> torch.Tensor:
     """DiT forward (§1.2) with a per-block DDPM time; returns the full 2C-channel output.
 
     layout "original": DiT keys, frequency divisor 128, norm2 eps 1e-6; "diffusers": §5.2 keys read directly,
@@ -42,7 +50,7 @@ def dit_eps(sd: dict, x: torch.Tensor, tau_blocks: list, tau_head: torch.Tensor,
     diff = layout == "diffusers"
     pw = sd["pos_embed.proj.weight" if diff else "x_embedder.proj.weight"]
     pb = sd["pos_embed.proj.bias" if diff else "x_embedder.proj.bias"]
-    d, c, p = pw.shape[0], pw.shape[1], pw.shape[2]
+    d, p = pw.shape[0], pw.shape[2]
     h = F.conv2d(x, pw, pb, stride=p).flatten(2).transpose(1, 2)
     grid = x.shape[-1] // p
     h = h + torch.from_numpy(sincos_2d(d, grid)).float()[None] if diff else h + sd["pos_embed"]
@@ -51,9 +59,17 @@ def dit_eps(sd: dict, x: torch.Tensor, tau_blocks: list, tau_head: torch.Tensor,
     def cond(tau):
         if diff:
             pre = "transformer_blocks.0.norm1.emb."
-            e = _lin(F.silu(_lin(sinusoid(tau, 127.0), sd, pre + "timestep_embedder.linear_1")), sd, pre + "timestep_embedder.linear_2")
+            e = _lin(
+                F.silu(_lin(sinusoid(tau, 127.0), sd, pre + "timestep_embedder.linear_1")),
+                sd,
+                pre + "timestep_embedder.linear_2",
+            )
             return e + sd[pre + "class_embedder.embedding_table.weight"][y]
-        e = F.linear(F.silu(F.linear(sinusoid(tau, 128.0), sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])), sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+        e = F.linear(
+            F.silu(F.linear(sinusoid(tau, 128.0), sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+            sd["t_embedder.mlp.2.weight"],
+            sd["t_embedder.mlp.2.bias"],
+        )
         return e + sd["y_embedder.embedding_table.weight"][y]
 
     for i in range(n):
@@ -73,11 +89,15 @@ def dit_eps(sd: dict, x: torch.Tensor, tau_blocks: list, tau_head: torch.Tensor,
             fc1, fc2, eps2 = pre + "mlp.fc1", pre + "mlp.fc2", 1e-6
         sh1, sc1, g1, sh2, sc2, g2 = [m[:, None] for m in mod.chunk(6, -1)]
         h = h + g1 * _attn(F.layer_norm(h, (d,), eps=1e-6) * (1 + sc1) + sh1, qkv_w, qkv_b, *proj, heads)
-        h = h + g2 * _lin(F.gelu(_lin(F.layer_norm(h, (d,), eps=eps2) * (1 + sc2) + sh2, sd, fc1), approximate="tanh"), sd, fc2)
+        h = h + g2 * _lin(
+            F.gelu(_lin(F.layer_norm(h, (d,), eps=eps2) * (1 + sc2) + sh2, sd, fc1), approximate="tanh"), sd, fc2
+        )
     c_h = cond(tau_head)
     mod = _lin(F.silu(c_h), sd, "proj_out_1" if diff else "final_layer.adaLN_modulation.1")
     shift, scale = [m[:, None] for m in mod.chunk(2, -1)]
-    out = _lin(F.layer_norm(h, (d,), eps=1e-6) * (1 + scale) + shift, sd, "proj_out_2" if diff else "final_layer.linear")
+    out = _lin(
+        F.layer_norm(h, (d,), eps=1e-6) * (1 + scale) + shift, sd, "proj_out_2" if diff else "final_layer.linear"
+    )
     co = out.shape[-1] // (p * p)
     out = out.reshape(x.shape[0], grid, grid, p, p, co).permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq
     return out.reshape(x.shape[0], co, grid * p, grid * p)
@@ -85,6 +105,7 @@ def dit_eps(sd: dict, x: torch.Tensor, tau_blocks: list, tau_head: torch.Tensor,
 
 def sincos_2d(dim: int, grid: int, cls_row: bool = False) -> np.ndarray:
     """§1.4: half 1 encodes the column w, half 2 the row h; each [sin | cos], omega_k = 1/1e4^(k/(D/4))."""
+
     def one(d, pos):
         om = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         o = pos.reshape(-1)[:, None] * om[None]
@@ -172,13 +193,22 @@ def fourier(sd, pre, t):
 
 def ddt_forward(sd, x, t, y, heads_enc, heads_dec, r=None):
     """§6.5 DiTwDDTHead.forward(x, t, y); with `r` given, §11.1 DiTwDDTHead_MF.forward(x, r, t, y)."""
-    n_enc = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and sd[k].shape[-1] == sd["s_embedder.proj.weight"].shape[0] and k.endswith("norm1.weight"))
+    n_enc = 1 + max(
+        int(k.split(".")[1])
+        for k in sd
+        if k.startswith("blocks.")
+        and sd[k].shape[-1] == sd["s_embedder.proj.weight"].shape[0]
+        and k.endswith("norm1.weight")
+    )
     n_all = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     te = fourier(sd, "t_embedder", t)
     if r is not None:
         te = te + fourier(sd, "r_embedder", t - r)  # MF: r_embedder sees t - r
     c = F.silu(te + sd["y_embedder.embedding_table.weight"][y])
-    s = F.conv2d(x, sd["s_embedder.proj.weight"], sd["s_embedder.proj.bias"]).flatten(2).transpose(1, 2) + sd["pos_embed"]
+    s = (
+        F.conv2d(x, sd["s_embedder.proj.weight"], sd["s_embedder.proj.bias"]).flatten(2).transpose(1, 2)
+        + sd["pos_embed"]
+    )
     d_e = s.shape[-1]
     grid = x.shape[-1]
     rope_e = rope_tables(d_e // heads_enc, grid)

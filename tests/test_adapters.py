@@ -7,17 +7,15 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from dit_reference import make_sd, ref_forward, ref_logvar, ref_sit_velocity
+from flowmap_convert.adapters import load_source
 from safetensors.torch import save_file
 
 import flowmap_convert as fm
-from flowmap_convert.adapters import load_source
 from flowmap_convert.errors import FlowmapError
 from flowmap_convert.io import export
 
-from dit_reference import make_sd, ref_forward, ref_logvar, ref_sit_velocity
-
 TOL = 1e-5
-
 
 
 def inputs(b=3, c=4, size=8, classes=10, seed=1):
@@ -41,14 +39,27 @@ def save_pt(obj, path):
 def test_repa_training_dict_with_namespace_projectors_and_layernorm_qk(tmp_path, capsys):
     ema = make_sd(qk="layernorm", projectors=True, seed=1)
     raw = make_sd(qk="layernorm", projectors=True, seed=2)
-    args = argparse.Namespace(model="SiT-B/2", enc_type="dinov2-vit-b", encoder_depth=2, proj_coeff=np.float64(0.5), num_classes=10)
-    path = save_pt({"model": raw, "ema": ema, "opt": {"state": {}}, "args": args, "steps": 4000}, tmp_path / "0004000.pt")
+    args = argparse.Namespace(
+        model="SiT-B/2", enc_type="dinov2-vit-b", encoder_depth=2, proj_coeff=np.float64(0.5), num_classes=10
+    )
+    path = save_pt(
+        {"model": raw, "ema": ema, "opt": {"state": {}}, "args": args, "steps": 4000}, tmp_path / "0004000.pt"
+    )
     x, t, y = inputs()
     model, info = load_source(path, num_heads=4)
     err = capsys.readouterr().err
     assert "projectors" in err and "family repa" in err and "weights: ema" in err
-    assert info["weights"] == "ema" and info["family"] == "repa" and len(info["sha256"]) == 64 and info["train_steps"] == 4000
-    assert model.config.qk_norm == "layernorm" and model.config.latent.kind == "sd-vae" and model.config.latent.image_size == 64
+    assert (
+        info["weights"] == "ema"
+        and info["family"] == "repa"
+        and len(info["sha256"]) == 64
+        and info["train_steps"] == 4000
+    )
+    assert (
+        model.config.qk_norm == "layernorm"
+        and model.config.latent.kind == "sd-vae"
+        and model.config.latent.image_size == 64
+    )
     v_src = ref_forward(ema, x, t, y, heads=4, qk="layernorm")
     for depth in (1, 2, 3, 4):
         conv = fm.convert(path, depth=depth, num_heads=4)
@@ -83,7 +94,9 @@ def test_repa_legacy_decoder_blocks(tmp_path):
                 k = f"decoder_blocks.{i - 1}." + k.split(".", 2)[2]
         legacy[k] = v
     x, t, y = inputs()
-    path = save_pt({"ema": legacy, "args": argparse.Namespace(encoder_depth=1, enc_type="dinov2-vit-b")}, tmp_path / "legacy.pt")
+    path = save_pt(
+        {"ema": legacy, "args": argparse.Namespace(encoder_depth=1, enc_type="dinov2-vit-b")}, tmp_path / "legacy.pt"
+    )
     model, _ = load_source(path, num_heads=4)
     assert maxerr(model.velocity(x, t, y), ref_forward(sd, x, t, y, heads=4)) <= TOL
     plain = save_pt(legacy, tmp_path / "legacy_plain.pt")
@@ -171,7 +184,9 @@ def test_dmf_plain_dict_with_logvar_and_rms_qk(tmp_path, fmt):
 
 def test_dmf_depth_from_training_args(tmp_path):
     sd = make_sd(logvar=True, seed=10)
-    path = save_pt({"ema": sd, "model": sd, "args": argparse.Namespace(dmf_depth=1, model="DMFT-B/2")}, tmp_path / "0400000.pt")
+    path = save_pt(
+        {"ema": sd, "model": sd, "args": argparse.Namespace(dmf_depth=1, model="DMFT-B/2")}, tmp_path / "0400000.pt"
+    )
     model = fm.convert(path, num_heads=4)
     assert model.config.depth == 1
     assert fm.convert(path, depth=4, num_heads=4).config.depth == 4
@@ -226,10 +241,15 @@ def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path):
 
 def test_non_linear_or_non_velocity_training_args_are_refused(tmp_path):
     sd = make_sd(seed=15)
-    cosine = save_pt({"ema": sd, "args": argparse.Namespace(enc_type="dinov2-vit-b", path_type="cosine")}, tmp_path / "cos.pt")
+    cosine = save_pt(
+        {"ema": sd, "args": argparse.Namespace(enc_type="dinov2-vit-b", path_type="cosine")}, tmp_path / "cos.pt"
+    )
     with pytest.raises(FlowmapError, match="'cosine' path"):
         load_source(cosine, num_heads=4)
-    noise = save_pt({"ema": sd, "args": argparse.Namespace(model="SiT-B/2", path_type="Linear", prediction="noise")}, tmp_path / "eps.pt")
+    noise = save_pt(
+        {"ema": sd, "args": argparse.Namespace(model="SiT-B/2", path_type="Linear", prediction="noise")},
+        tmp_path / "eps.pt",
+    )
     with pytest.raises(FlowmapError, match="predicts 'noise'"):
         load_source(noise, num_heads=4)
 

@@ -12,19 +12,23 @@ import sys
 
 import pytest
 import torch
+from dit_reference import make_sd, ref_forward
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from flowmap_convert.cli import app
 
-from dit_reference import make_sd, ref_forward
-
-
 
 def run_cli(*args, env=None):
     """The real console entry point in a fresh interpreter."""
     full_env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "flowmap_convert.cli", *map(str, args)], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
 
 
 def test_convert_export_load_sample_round_trip(tmp_path):
@@ -101,7 +105,9 @@ def test_bad_input_is_one_line_exit_2_and_no_output(files, case):
 
 def test_trust_pickle_opt_in_loads_the_file(files):
     out = files["tmp"] / "trusted"
-    result = CliRunner().invoke(app, ["convert", str(files["evil"]), "--trust-pickle", "--num-heads", "4", "--depth", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["convert", str(files["evil"]), "--trust-pickle", "--num-heads", "4", "--depth", "2", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()
 
@@ -121,7 +127,12 @@ def test_bad_out_fails_before_any_loading_and_leaves_foreign_files_alone(files):
     foreign = files["tmp"] / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"meow")
-    for out, message in ((files["blocker"] / "x" / "out", "is a file, not a directory"), (foreign, "is not a flowmap output")):
+    for out, message in (
+        (files["blocker"] / "x" / "out", "is a file, not a directory"),
+        (foreign, "is not a flowmap output"),
+    ):
         result = CliRunner().invoke(app, ["convert", str(files["good"]), "--out", str(out)])
-        assert result.exit_code == 2 and message in result.stderr and "family" not in result.stderr  # nothing was loaded
+        assert (
+            result.exit_code == 2 and message in result.stderr and "family" not in result.stderr
+        )  # nothing was loaded
     assert (foreign / "cat.jpg").read_bytes() == b"meow" and [p.name for p in foreign.iterdir()] == ["cat.jpg"]

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_vae
 from hubcache import add_repo, torch_bytes
 
@@ -16,8 +15,6 @@ from flowmap_convert.decoders import IMAGENET_MEAN, IMAGENET_STD, RAEDecoder, ge
 from flowmap_convert.errors import FlowmapError
 
 # ------------------------------------------------------------------------------------------------ SD-VAE
-
-
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +27,9 @@ def vae_dir(tmp_path_factory):
 
 def test_sd_vae_decode_and_encode_match_diffusers(vae_dir):
     root, vae = vae_dir
-    lat = LatentSpace(kind="sd-vae", channels=4, size=8, image_size=16, repo=str(root), scale=0.18215, extra={"subfolder": "vae"})
+    lat = LatentSpace(
+        kind="sd-vae", channels=4, size=8, image_size=16, repo=str(root), scale=0.18215, extra={"subfolder": "vae"}
+    )
     dec = get_decoder(lat)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -65,10 +64,14 @@ def rae_decoder_sd(seed=0, in_dim=C, patches=SIDE * SIDE) -> dict:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
     sd = {
-        "decoder_embed.weight": r(DIM, in_dim), "decoder_embed.bias": r(DIM),
-        "decoder_pos_embed": r(1, patches + 1, DIM), "trainable_cls_token": r(1, 1, DIM),
-        "decoder_norm.weight": 1 + r(DIM), "decoder_norm.bias": r(DIM),
-        "decoder_pred.weight": r(PATCH * PATCH * 3, DIM), "decoder_pred.bias": r(PATCH * PATCH * 3),
+        "decoder_embed.weight": r(DIM, in_dim),
+        "decoder_embed.bias": r(DIM),
+        "decoder_pos_embed": r(1, patches + 1, DIM),
+        "trainable_cls_token": r(1, 1, DIM),
+        "decoder_norm.weight": 1 + r(DIM),
+        "decoder_norm.bias": r(DIM),
+        "decoder_pred.weight": r(PATCH * PATCH * 3, DIM),
+        "decoder_pred.bias": r(PATCH * PATCH * 3),
     }
     for i in range(LAYERS):
         p = f"decoder_layers.{i}."
@@ -90,16 +93,23 @@ def reference_rae_decode(sd, stats, z, eps=1e-5, ln_eps=1e-12):
     x = torch.cat([sd["trainable_cls_token"].expand(b, -1, -1), x], 1) + sd["decoder_pos_embed"]
     for i in range(LAYERS):
         p = f"decoder_layers.{i}."
-        lin = lambda h, n: F.linear(h, sd[p + n + ".weight"], sd[p + n + ".bias"])  # noqa: E731
+        lin = lambda h, n, p=p: F.linear(h, sd[p + n + ".weight"], sd[p + n + ".bias"])  # noqa: E731
         h = F.layer_norm(x, (DIM,), sd[p + "layernorm_before.weight"], sd[p + "layernorm_before.bias"], ln_eps)
-        q, k, v = [lin(h, f"attention.attention.{n}").reshape(b, -1, HEADS, DIM // HEADS).transpose(1, 2) for n in ("query", "key", "value")]
+        q, k, v = [
+            lin(h, f"attention.attention.{n}").reshape(b, -1, HEADS, DIM // HEADS).transpose(1, 2)
+            for n in ("query", "key", "value")
+        ]
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DIM // HEADS), -1) @ v
         x = x + lin(a.transpose(1, 2).reshape(b, -1, DIM), "attention.output.dense")
         h = F.layer_norm(x, (DIM,), sd[p + "layernorm_after.weight"], sd[p + "layernorm_after.bias"], ln_eps)
         x = x + lin(F.gelu(lin(h, "intermediate.dense")), "output.dense")
     x = F.layer_norm(x, (DIM,), sd["decoder_norm.weight"], sd["decoder_norm.bias"], ln_eps)
     logits = F.linear(x, sd["decoder_pred.weight"], sd["decoder_pred.bias"])[:, 1:]
-    img = logits.reshape(b, SIDE, SIDE, PATCH, PATCH, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, SIDE * PATCH, SIDE * PATCH)
+    img = (
+        logits.reshape(b, SIDE, SIDE, PATCH, PATCH, 3)
+        .permute(0, 5, 1, 3, 2, 4)
+        .reshape(b, 3, SIDE * PATCH, SIDE * PATCH)
+    )
     img = img * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     return img.clamp(0, 1) * 2 - 1
 
@@ -119,9 +129,18 @@ def write_rae_dir(root, sd=None, stats=None):
 
 
 def rae_latent(repo, **extra):
-    ex = {"decoder": "decoders/model.pt", "stats": "stats/stat.pt", "eps": 1e-5, "layer_norm_eps": 1e-12, "decoder_heads": HEADS, "encoder_input_size": 28}
+    ex = {
+        "decoder": "decoders/model.pt",
+        "stats": "stats/stat.pt",
+        "eps": 1e-5,
+        "layer_norm_eps": 1e-12,
+        "decoder_heads": HEADS,
+        "encoder_input_size": 28,
+    }
     ex.update(extra)
-    return LatentSpace(kind="rae", channels=C, size=SIDE, image_channels=3, image_size=SIDE * PATCH, repo=str(repo), extra=ex)
+    return LatentSpace(
+        kind="rae", channels=C, size=SIDE, image_channels=3, image_size=SIDE * PATCH, repo=str(repo), extra=ex
+    )
 
 
 @pytest.mark.parametrize("lead", [False, True])
@@ -196,13 +215,21 @@ def test_rae_mismatches_are_user_errors(tmp_path):
 
 def test_rae_files_resolve_from_an_offline_hub_cache(tmp_path, monkeypatch):
     sd, stats = rae_decoder_sd(seed=9), rae_stats(seed=9)
-    add_repo(tmp_path / "hub", "nyu-visionx/RAE-collections", {
-        "decoders/dinov2/wReg_base/ViTXL_n08/model.pt": torch_bytes(sd),
-        "stats/dinov2/wReg_base/imagenet1k/stat.pt": torch_bytes(stats),
-    })
+    add_repo(
+        tmp_path / "hub",
+        "nyu-visionx/RAE-collections",
+        {
+            "decoders/dinov2/wReg_base/ViTXL_n08/model.pt": torch_bytes(sd),
+            "stats/dinov2/wReg_base/imagenet1k/stat.pt": torch_bytes(stats),
+        },
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    lat = rae_latent("nyu-visionx/RAE-collections", decoder="decoders/dinov2/wReg_base/ViTXL_n08/model.pt", stats="stats/dinov2/wReg_base/imagenet1k/stat.pt")
+    lat = rae_latent(
+        "nyu-visionx/RAE-collections",
+        decoder="decoders/dinov2/wReg_base/ViTXL_n08/model.pt",
+        stats="stats/dinov2/wReg_base/imagenet1k/stat.pt",
+    )
     dec = get_decoder(lat)
     z = torch.randn(1, C, SIDE, SIDE)
     assert (dec.decode(z) - reference_rae_decode(sd, stats, z)).abs().max().item() < 1e-5

@@ -8,8 +8,9 @@ import torch
 
 pytest.importorskip("sklearn")
 
-import flowmap_convert as fm
 from flowmap_convert.adapters import builtin_path
+
+import flowmap_convert as fm
 from flowmap_convert.digits import (
     builtin_dataset,
     digits_features,
@@ -53,7 +54,9 @@ def test_train_test_split_is_disjoint_and_stratified():
     assert 0.18 < len(xte) / 1797 < 0.22
     assert torch.bincount(yte, minlength=10).min() >= 34  # every class held out
     flat_tr = {tuple(v) for v in xtr.reshape(len(xtr), -1).numpy().round(4)}
-    assert sum(tuple(v) in flat_tr for v in xte.reshape(len(xte), -1).numpy().round(4)) <= 2  # sklearn has a few duplicate images
+    assert (
+        sum(tuple(v) in flat_tr for v in xte.reshape(len(xte), -1).numpy().round(4)) <= 2
+    )  # sklearn has a few duplicate images
     with pytest.raises(FlowmapError):
         builtin_dataset("builtin:cifar")
     with pytest.raises(FlowmapError):
@@ -132,9 +135,39 @@ def test_demo_commands_run(tmp_path):
     import sys
 
     out = tmp_path / "digits-dmf5"
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "convert", "builtin:digits-sit", "--depth", "5", "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmap_convert.cli",
+            "convert",
+            "builtin:digits-sit",
+            "--depth",
+            "5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "sample", str(out), "--nfe", "4", "--num-samples", "10", "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmap_convert.cli",
+            "sample",
+            str(out),
+            "--nfe",
+            "4",
+            "--num-samples",
+            "10",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert meta["shape"] == [10, 16, 16, 1] and (tmp_path / "s" / "grid.png").is_file()

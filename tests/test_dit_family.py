@@ -7,17 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, tiny_vae
+from flowmap_convert.adapters import FAMILIES
+from flowmap_convert.adapters.dit import (
+    DiTFamily,
+    diffusers_to_canonical,
+    is_diffusers_dir,
+    load_diffusers_dir,
+    read_diffusers_dir,
+)
+from reference_models import alpha_bar_at, dit_eps, tau_of
 from torch import nn
 
-from conftest import tiny_config, tiny_vae
-from reference_models import alpha_bar_at, dit_eps, tau_of
-
-from flowmap_convert.adapters import FAMILIES
-from flowmap_convert.adapters.dit import DiTFamily, diffusers_to_canonical, is_diffusers_dir, load_diffusers_dir, read_diffusers_dir
 from flowmap_convert.ddpm import covered_range, default_schedule
 from flowmap_convert.errors import FlowmapError
 from flowmap_convert.model import FlowMap
-
 
 TOL = 1e-5  # fp32, absolute (DESIGN.md: the r = t invariant)
 
@@ -27,21 +31,34 @@ def random_dit_sd(c=4, d=32, n=3, p=2, grid=4, rows=11, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
     sd = {
-        "x_embedder.proj.weight": r(d, c, p, p), "x_embedder.proj.bias": r(d),
-        "t_embedder.mlp.0.weight": r(d, 256), "t_embedder.mlp.0.bias": r(d),
-        "t_embedder.mlp.2.weight": r(d, d), "t_embedder.mlp.2.bias": r(d),
-        "y_embedder.embedding_table.weight": r(rows, d), "pos_embed": r(1, grid * grid, d),
-        "final_layer.linear.weight": r(p * p * 2 * c, d), "final_layer.linear.bias": r(p * p * 2 * c),
-        "final_layer.adaLN_modulation.1.weight": r(2 * d, d), "final_layer.adaLN_modulation.1.bias": r(2 * d),
+        "x_embedder.proj.weight": r(d, c, p, p),
+        "x_embedder.proj.bias": r(d),
+        "t_embedder.mlp.0.weight": r(d, 256),
+        "t_embedder.mlp.0.bias": r(d),
+        "t_embedder.mlp.2.weight": r(d, d),
+        "t_embedder.mlp.2.bias": r(d),
+        "y_embedder.embedding_table.weight": r(rows, d),
+        "pos_embed": r(1, grid * grid, d),
+        "final_layer.linear.weight": r(p * p * 2 * c, d),
+        "final_layer.linear.bias": r(p * p * 2 * c),
+        "final_layer.adaLN_modulation.1.weight": r(2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": r(2 * d),
     }
     for i in range(n):
-        sd.update({
-            f"blocks.{i}.attn.qkv.weight": r(3 * d, d), f"blocks.{i}.attn.qkv.bias": r(3 * d),
-            f"blocks.{i}.attn.proj.weight": r(d, d), f"blocks.{i}.attn.proj.bias": r(d),
-            f"blocks.{i}.mlp.fc1.weight": r(4 * d, d), f"blocks.{i}.mlp.fc1.bias": r(4 * d),
-            f"blocks.{i}.mlp.fc2.weight": r(d, 4 * d), f"blocks.{i}.mlp.fc2.bias": r(d),
-            f"blocks.{i}.adaLN_modulation.1.weight": r(6 * d, d), f"blocks.{i}.adaLN_modulation.1.bias": r(6 * d),
-        })
+        sd.update(
+            {
+                f"blocks.{i}.attn.qkv.weight": r(3 * d, d),
+                f"blocks.{i}.attn.qkv.bias": r(3 * d),
+                f"blocks.{i}.attn.proj.weight": r(d, d),
+                f"blocks.{i}.attn.proj.bias": r(d),
+                f"blocks.{i}.mlp.fc1.weight": r(4 * d, d),
+                f"blocks.{i}.mlp.fc1.bias": r(4 * d),
+                f"blocks.{i}.mlp.fc2.weight": r(d, 4 * d),
+                f"blocks.{i}.mlp.fc2.bias": r(d),
+                f"blocks.{i}.adaLN_modulation.1.weight": r(6 * d, d),
+                f"blocks.{i}.adaLN_modulation.1.bias": r(6 * d),
+            }
+        )
     return sd
 
 
@@ -207,7 +224,16 @@ def save_diffusers_dit(root, num_layers: int = 3):
     """A tiny random DiTTransformer2DModel + AutoencoderKL saved in the facebook/DiT-XL-2-256 layout."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    tr = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    tr = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in tr.named_parameters():
@@ -216,7 +242,7 @@ def save_diffusers_dit(root, num_layers: int = 3):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         # one shared embedder, copied into every block as the conversion script does
         blocks = tr.transformer_blocks
-        for name, p in blocks[0].norm1.emb.named_parameters():
+        for p in blocks[0].norm1.emb.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for blk in blocks[1:]:
             blk.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
@@ -237,7 +263,9 @@ def test_diffusers_dit_equals_diffusers_and_the_reference(diffusers_repo):
     assert is_diffusers_dir(root) and is_diffusers_dir(root / "transformer")
     model = load_diffusers_dir(root)
     cfg = model.config
-    assert cfg.extra["freq_shift"] == 1 and cfg.extra["norm2_eps"] == 1e-5 and cfg.num_heads == 2 and cfg.input_size == 8
+    assert (
+        cfg.extra["freq_shift"] == 1 and cfg.extra["norm2_eps"] == 1e-5 and cfg.num_heads == 2 and cfg.input_size == 8
+    )
     assert cfg.latent.repo == str(root) and cfg.latent.extra == {"subfolder": "vae"}
     sd, _ = read_diffusers_dir(root)
     g = torch.Generator().manual_seed(6)
@@ -283,7 +311,9 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
     (tmp_path / "transformer").mkdir()
     shutil.copy(root / "transformer" / "config.json", tmp_path / "transformer" / "config.json")
     sd = load_file(str(root / "transformer" / "diffusion_pytorch_model.safetensors"))
-    torch.save(sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin")  # main branch of facebook/DiT-XL-2-256 (§5.2)
+    torch.save(
+        sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin"
+    )  # main branch of facebook/DiT-XL-2-256 (§5.2)
     fam = FAMILIES["dit"]
     assert fam.claims_dir(tmp_path) and fam.claims_dir(root)
     model, used = fam.build_dir(tmp_path, {})
@@ -291,6 +321,20 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
     ref = load_diffusers_dir(root)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
     assert torch.equal(model.velocity(x, t, y), ref.velocity(x, t, y))
-    files = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors", "README.md"]
-    assert fam.claims_layout(files) == ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors", "vae/config.json"]
+    files = [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.bin",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.safetensors",
+        "README.md",
+    ]
+    assert fam.claims_layout(files) == [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+    ]
     assert fam.claims_layout(["model.pt", "README.md"]) is None

@@ -10,14 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_vae
+from flowmap_convert.adapters import load_source
 from hubcache import add_repo, dir_files, torch_bytes
 from test_decoders import rae_decoder_sd, rae_stats
 from test_dit_family import random_dit_sd
 from test_rae_family import ddt_state_dict
-
-from flowmap_convert.adapters import load_source
 
 RAE_STAGE2 = "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt"
 RAE_DECODER = "decoders/dinov2/wReg_base/ViTXL_n08/model.pt"
@@ -26,7 +24,9 @@ SIDE16 = 16  # the 256-px latent side, so RAE's real decoder/stats paths are the
 
 
 def cli(args, env):
-    return subprocess.run([sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.fixture
@@ -43,19 +43,33 @@ def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
     cache, env = offline
     sd = ddt_state_dict(seed=11, side=SIDE16)
     dec_sd = rae_decoder_sd(seed=12, patches=SIDE16 * SIDE16)
-    stats = {"mean": torch.zeros(1, 8, SIDE16, SIDE16), "var": torch.ones(1, 8, SIDE16, SIDE16)}  # [1, C, H, W] accepted
-    add_repo(cache, "nyu-visionx/RAE-collections", {
-        RAE_STAGE2: torch_bytes({"ema": sd, "model": sd, "step": 7}),
-        RAE_DECODER: torch_bytes(dec_sd), RAE_STATS: torch_bytes(stats),
-    })
+    stats = {
+        "mean": torch.zeros(1, 8, SIDE16, SIDE16),
+        "var": torch.ones(1, 8, SIDE16, SIDE16),
+    }  # [1, C, H, W] accepted
+    add_repo(
+        cache,
+        "nyu-visionx/RAE-collections",
+        {
+            RAE_STAGE2: torch_bytes({"ema": sd, "model": sd, "step": 7}),
+            RAE_DECODER: torch_bytes(dec_sd),
+            RAE_STATS: torch_bytes(stats),
+        },
+    )
     model, info = load_source("nyu-visionx/RAE-collections", filename=RAE_STAGE2)
     assert info["family"] == "rae" and info["weights"] == "ema" and model.config.latent.extra["decoder"] == RAE_DECODER
     out = tmp_path / "rae-dmf"
     r = cli(["convert", "bytetriper/RAE", "--out", str(out)], env)  # the alias names the same Hub file
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["arch"] == "ddt" and cfg["depth"] == 3 and cfg["sampling"]["shift"] == pytest.approx((8 * 256 / 4096) ** 0.5)
-    r = cli(["sample", str(out), "--nfe", "2", "-n", "2", "--classes", "1,2", "--npz", "--out", str(tmp_path / "s")], env)
+    assert (
+        cfg["arch"] == "ddt"
+        and cfg["depth"] == 3
+        and cfg["sampling"]["shift"] == pytest.approx((8 * 256 / 4096) ** 0.5)
+    )
+    r = cli(
+        ["sample", str(out), "--nfe", "2", "-n", "2", "--classes", "1,2", "--npz", "--out", str(tmp_path / "s")], env
+    )
     assert r.returncode == 0, r.stderr
     arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert arr.shape == (2, SIDE16 * 2, SIDE16 * 2, 3) and arr.dtype == np.uint8  # 16 tokens/side x patch 2
@@ -65,7 +79,9 @@ def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
     from flowmap_convert.sampling import sample
 
     add_repo(cache, "nyu-visionx/RAE-collections", {RAE_STATS: torch_bytes(rae_stats())}, commit="b" * 40)
-    with pytest.raises(FlowmapError, match=r"statistics mean has shape \(8, 4, 4\) but the model's latents are \(8, 16, 16\)"):
+    with pytest.raises(
+        FlowmapError, match=r"statistics mean has shape \(8, 4, 4\) but the model's latents are \(8, 16, 16\)"
+    ):
         sample(load(str(out)), nfe=1, classes=[0])
 
 
@@ -74,7 +90,9 @@ def put_diffusers_dit(cache, tmp_path):
 
     src = tmp_path / "src"
     save_diffusers_dit(src, num_layers=2)
-    add_repo(cache, "facebook/DiT-XL-2-256", {**dir_files(src), "scheduler/scheduler_config.json": b"{}", "README.md": b"x"})
+    add_repo(
+        cache, "facebook/DiT-XL-2-256", {**dir_files(src), "scheduler/scheduler_config.json": b"{}", "README.md": b"x"}
+    )
 
 
 def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline):
@@ -85,7 +103,9 @@ def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline):
     cache, _ = offline
     put_diffusers_dit(cache, tmp_path)
     model, info = load_source("facebook/DiT-XL-2-256")
-    assert info["family"] == "dit" and model.config.time_convention == "ddpm-eps" and model.config.extra["freq_shift"] == 1
+    assert (
+        info["family"] == "dit" and model.config.time_convention == "ddpm-eps" and model.config.extra["freq_shift"] == 1
+    )
     assert model.config.latent.repo == "facebook/DiT-XL-2-256" and model.config.latent.extra == {"subfolder": "vae"}
     assert model.config.latent.image_size == 16
     export(convert("facebook/DiT-XL-2-256", depth=1), tmp_path / "dit-dmf")
@@ -127,10 +147,14 @@ def test_mf_rae_file_samples_in_one_step(tmp_path, offline):
 
     cache, _ = offline
     # MF-RAE: a local file (their weights live on Google Drive), its own meanflow conditioning, RAE decoder files
-    add_repo(cache, "nyu-visionx/RAE-collections", {
-        RAE_DECODER: torch_bytes(rae_decoder_sd(patches=SIDE16 * SIDE16)),
-        RAE_STATS: torch_bytes(rae_stats_16()),
-    })
+    add_repo(
+        cache,
+        "nyu-visionx/RAE-collections",
+        {
+            RAE_DECODER: torch_bytes(rae_decoder_sd(patches=SIDE16 * SIDE16)),
+            RAE_STATS: torch_bytes(rae_stats_16()),
+        },
+    )
     mf = tmp_path / "ema.pt"
     torch.save({"ema": ddt_state_dict(meanflow=True, side=SIDE16)}, mf)
     model, info = load_source(str(mf))
@@ -144,4 +168,7 @@ def test_mf_rae_file_samples_in_one_step(tmp_path, offline):
 
 def rae_stats_16():
     g = torch.Generator().manual_seed(0)
-    return {"mean": torch.randn(8, SIDE16, SIDE16, generator=g) * 0.1, "var": torch.rand(8, SIDE16, SIDE16, generator=g) + 0.5}
+    return {
+        "mean": torch.randn(8, SIDE16, SIDE16, generator=g) * 0.1,
+        "var": torch.rand(8, SIDE16, SIDE16, generator=g) + 0.5,
+    }

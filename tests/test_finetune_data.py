@@ -10,9 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
-
 
 
 def test_repa_moments_folder_samples_the_posterior(tmp_path):
@@ -65,11 +63,32 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
 
     export(FlowMap(tiny_config()), tmp_path / "m")
     np.savez(tmp_path / "d.npz", latents=np.zeros((4, 3, 16, 16), np.float32), labels=np.zeros(4, np.int64))
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
-                        "--depth", "2", "--out", str(tmp_path / "run")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmap_convert.cli",
+            "finetune",
+            str(tmp_path / "m"),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--depth",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2 and "error:" in r.stderr and "shape" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--precision", "fp16"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "m"), "--precision", "fp16"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2 and "fp16" in r.stderr
 
 
@@ -85,10 +104,30 @@ def test_encode_image_folder_round_trip(tmp_path):
         (tmp_path / "imgs" / name).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((20, 24), 40 * (c + 1) + i, np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "encode", str(tmp_path / "imgs"), "--model", str(tmp_path / "m"),
-                        "--out", str(tmp_path / "lat"), "--shard-size", "4"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmap_convert.cli",
+            "encode",
+            str(tmp_path / "imgs"),
+            "--model",
+            str(tmp_path / "m"),
+            "--out",
+            str(tmp_path / "lat"),
+            "--shard-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["meta.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == [
+        "meta.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     ds = load_dataset(str(tmp_path / "lat"))
     check_dataset(ds, tiny_config())
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
@@ -100,8 +139,25 @@ def test_encode_image_folder_round_trip(tmp_path):
 
 def test_cli_defaults_to_builtin_digits_dry_run(tmp_path):
     """`flowmap finetune --mg-scale 0.6` with no MODEL uses builtin:digits-sit + builtin:digits (dry run: nothing written)."""
-    r = subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "finetune", "--mg-scale", "0.6", "--dry-run", "--batch-size", "4",
-                        "--train", "decoder"], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowmap_convert.cli",
+            "finetune",
+            "--mg-scale",
+            "0.6",
+            "--dry-run",
+            "--batch-size",
+            "4",
+            "--train",
+            "decoder",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "trainable" in r.stdout and "seconds/step" in r.stdout and "nothing written" in r.stdout
     assert list(tmp_path.iterdir()) == []

@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
-
 from conftest import randomize, tiny_config
-
+from torch.func import jvp
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -102,7 +100,9 @@ def test_meanflow_target_matches_independent_jvp(train):
     x, v, t, r, y = inputs()
     u, u_tgt, dudt = mf_target(ctx_for(model, train), x, t, r, y, v)
     sd = canonical_state_dict(model)
-    u_ref, dudt_ref = jvp(lambda x_, t_, r_: ref_u(sd, model.config, x_, t_, r_, y, 2), (x, t, r), (v, torch.ones(3), torch.zeros(3)))
+    u_ref, dudt_ref = jvp(
+        lambda x_, t_, r_: ref_u(sd, model.config, x_, t_, r_, y, 2), (x, t, r), (v, torch.ones(3), torch.zeros(3))
+    )
     tgt_ref = v + (r - t).reshape(-1, 1, 1, 1) * dudt_ref  # DMF Eq. 3 target
     assert torch.allclose(u, u_ref, atol=1e-5)
     assert torch.allclose(dudt, dudt_ref, atol=1e-5)
@@ -188,7 +188,10 @@ def test_dmf_loss_matches_reference_with_same_random_draws():
 
     sd = canonical_state_dict(model)
     cfg, b = model.config, 6
-    f = lambda x, t, r, y: ref_u(sd, cfg, x, t, r, y, 2)
+
+    def f(x, t, r, y):
+        return ref_u(sd, cfg, x, t, r, y, 2)
+
     g = torch.Generator().manual_seed(9)
     drop = torch.rand(b, generator=g) < 0.3
     y = torch.where(drop, torch.full_like(y0, 10), y0)
@@ -198,6 +201,7 @@ def test_dmf_loss_matches_reference_with_same_random_draws():
             fr = torch.exp(-math.log(10000.0) * torch.arange(64) / 64)
             a = tt[:, None] * fr[None]
             return torch.cat([torch.cos(a), torch.sin(a)], -1)
+
         return (torch.cat([e(t), e(r)], -1) @ sd["logvar_linear.weight"].T + sd["logvar_linear.bias"]).reshape(-1)
 
     def guided(xt, t, vt):
@@ -249,7 +253,10 @@ def test_cmt_trajectory_and_chords_with_a_constant_teacher():
     from flowmap_convert.finetuning.recipe import Recipe
 
     c = 0.7
-    teacher = lambda x, t, y: torch.full_like(x, c)
+
+    def teacher(x, t, y):
+        return torch.full_like(x, c)
+
     z = torch.zeros(2, 1, 16, 16)
     states = teacher_trajectory(teacher, z, torch.tensor([1, 2]), 16, 1.0)
     assert states.shape[0] == 16 and torch.allclose(states[-1], torch.full_like(z, -0.999 * c).double())

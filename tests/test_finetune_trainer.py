@@ -12,9 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize, tiny_config
-
 
 
 def small_model(**over):
@@ -39,15 +37,27 @@ def test_decoder_only_keeps_encoder_bit_identical_and_exports(tmp_path):
 
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ema = finetune(model, data=small_data(), train="decoder", steps=4, batch_size=4, lr=1e-3, out=tmp_path / "run",
-                   mg_scale=0.5, checkpoint_every=2, progress=False)
+    ema = finetune(
+        model,
+        data=small_data(),
+        train="decoder",
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        out=tmp_path / "run",
+        mg_scale=0.5,
+        checkpoint_every=2,
+        progress=False,
+    )
     after = model.state_dict()
     enc = ("net.x_embedder.", "net.t_embedder.", "net.y_embedder.", "net.pos_embed", "net.blocks.0.", "net.blocks.1.")
     for k, v in before.items():
         if k.startswith(enc):
             assert torch.equal(v, after[k]), k
     assert not torch.equal(before["net.blocks.2.mlp.fc1.weight"], after["net.blocks.2.mlp.fc1.weight"])
-    assert not torch.equal(after["logvar_linear.weight"], torch.zeros_like(after["logvar_linear.weight"]))  # added, zero-init, trained
+    assert not torch.equal(
+        after["logvar_linear.weight"], torch.zeros_like(after["logvar_linear.weight"])
+    )  # added, zero-init, trained
     out = tmp_path / "run"
     assert is_model_dir(out) and is_model_dir(out / "raw") and (out / "grid.png").is_file()
     loaded = read_model_dir(out)
@@ -56,7 +66,10 @@ def test_decoder_only_keeps_encoder_bit_identical_and_exports(tmp_path):
     assert cfg.training["weights"] == "ema" and cfg.sampling["sampler"] == "euler" and cfg.logvar
     for k, v in ema.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
-    assert torch.equal(read_model_dir(out / "raw").state_dict()["net.final_layer.linear.weight"], after["net.final_layer.linear.weight"])
+    assert torch.equal(
+        read_model_dir(out / "raw").state_dict()["net.final_layer.linear.weight"],
+        after["net.final_layer.linear.weight"],
+    )
     assert "Training recipe" in (out / "README.md").read_text()
     assert len(read_metrics(out / "metrics.jsonl")) == 4
 
@@ -83,8 +96,20 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path, monkeypatch):
         def print(self, msg, **kw):
             messages.append(msg)
 
-    finetune(small_model(), data=small_data(), objective="fm", steps=6, batch_size=4, out=tmp_path / "run", checkpoint_every=2,
-             max_bad_steps=3, progress=False, console=Console(), log_every=100, grid=False)
+    finetune(
+        small_model(),
+        data=small_data(),
+        objective="fm",
+        steps=6,
+        batch_size=4,
+        out=tmp_path / "run",
+        checkpoint_every=2,
+        max_bad_steps=3,
+        progress=False,
+        console=Console(),
+        log_every=100,
+        grid=False,
+    )
     text = "\n".join(messages)
     assert "non-finite loss or gradient at step 4: skipped" in text
     assert "3 non-finite steps in a row at step 6; rolled back to the checkpoint at step 4" in text
@@ -97,23 +122,61 @@ def test_dry_run_writes_nothing_and_reports(tmp_path):
 
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = finetune(model, data=small_data(), steps=5, batch_size=4, out=tmp_path / "run", dry_run=True, dry_run_steps=2, train="decoder")
+    rep = finetune(
+        model,
+        data=small_data(),
+        steps=5,
+        batch_size=4,
+        out=tmp_path / "run",
+        dry_run=True,
+        dry_run_steps=2,
+        train="decoder",
+    )
     assert not (tmp_path / "run").exists()
-    assert rep["parameters"]["trainable"] < rep["parameters"]["total"] and rep["seconds_per_step"] > 0 and rep["peak_memory_bytes"] > 0
+    assert (
+        rep["parameters"]["trainable"] < rep["parameters"]["total"]
+        and rep["seconds_per_step"] > 0
+        and rep["peak_memory_bytes"] > 0
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def _cli(tmp_path, out, steps, extra=()):
-    return [sys.executable, "-m", "flowmap_convert.cli", "finetune", str(tmp_path / "base"), "--data", str(tmp_path / "d.npz"),
-            "--depth", "2", "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "3", "--out", str(out),
-            "--lr", "1e-3", "--mg-scale", "0.5", "--log-every", "1000", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "flowmap_convert.cli",
+        "finetune",
+        str(tmp_path / "base"),
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--depth",
+        "2",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        str(out),
+        "--lr",
+        "1e-3",
+        "--mg-scale",
+        "0.5",
+        "--log-every",
+        "1000",
+        *extra,
+    ]
 
 
 def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
     """Fast variant: a run stopped at step 3 and resumed to 6 matches an uninterrupted 6-step run."""
     from flowmap_convert.finetuning import finetune
 
-    kw = dict(data=small_data(), steps=6, batch_size=4, lr=1e-3, mg_scale=0.5, progress=False, grid=False, log_every=100)
+    kw = dict(
+        data=small_data(), steps=6, batch_size=4, lr=1e-3, mg_scale=0.5, progress=False, grid=False, log_every=100
+    )
     finetune(small_model(), out=tmp_path / "ref", **kw)
     finetune(small_model(), out=tmp_path / "run", **{**kw, "steps": 3})
     finetune(small_model(), out=tmp_path / "run", resume=True, **kw)
@@ -139,7 +202,11 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (run / "checkpoints" / "latest.pt").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+        if (
+            (run / "checkpoints" / "latest.pt").exists()
+            and metrics.exists()
+            and len(metrics.read_text().splitlines()) >= 5
+        ):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -19,8 +19,6 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "0")  # one fixed config on CUDA; the bf16 test re-enables it
 
 import pytest  # noqa: E402
-from torch.autograd import forward_ad as fwAD  # noqa: E402
-
 from flowmap_convert.kernels import (
     attention,
     describe,
@@ -30,6 +28,7 @@ from flowmap_convert.kernels import (
     set_default_backend,
     triton_available,
 )
+from torch.autograd import forward_ad as fwAD  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -95,7 +94,7 @@ def assert_matches(got, want, dtype):
     names = ["output", "tangent", "grad q", "grad k", "grad v"]
     for i, (g, w) in enumerate(zip(got, want)):
         atol, rtol = (a1, r1) if i < 2 else (a2, r2)
-        torch.testing.assert_close(g.double().cpu(), w, atol=atol, rtol=rtol, msg=lambda m: f"{names[i]}: {m}")
+        torch.testing.assert_close(g.double().cpu(), w, atol=atol, rtol=rtol, msg=lambda m, i=i: f"{names[i]}: {m}")
 
 
 # ---------------------------------------------------------------- fused kernel
@@ -226,7 +225,10 @@ def test_math_backend_meanflow_pattern_and_half_dtype():
     """math: the MeanFlow pattern's gradients are exact; fp16 inputs give fp16 outputs from fp32 accumulation."""
     xs, ref = make_inputs(torch.float32, 65, 64)
     g = torch.Generator().manual_seed(2)
-    w_o, w_t = torch.randn(ref[0].shape, generator=g, dtype=torch.float64), torch.randn(ref[0].shape, generator=g, dtype=torch.float64)
+    w_o, w_t = (
+        torch.randn(ref[0].shape, generator=g, dtype=torch.float64),
+        torch.randn(ref[0].shape, generator=g, dtype=torch.float64),
+    )
     assert_matches(run_meanflow("math", xs, w_o, w_t), reference_meanflow(ref, w_o, w_t), torch.float32)
     half, ref_half = make_inputs(torch.float16, 65, 64)
     o = attention(*half[:3], backend="math")
@@ -289,7 +291,9 @@ def test_default_backend_setter_and_describe():
         assert describe("auto") == "attention[auto]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent) / math (CPU)"
     assert describe("auto", device="cpu") == "attention[auto]: math (CPU)"
     assert describe("math") == "attention[math]: math"
-    assert describe("triton", device="cuda") == "attention[triton]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent)"
+    assert (
+        describe("triton", device="cuda") == "attention[triton]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent)"
+    )
 
 
 def test_default_backend_from_environment():

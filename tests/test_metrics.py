@@ -126,7 +126,9 @@ def test_inception_needs_the_fid_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(FlowmapError) as e:
         get_extractor("inception")
-    assert "flowmap-convert[fid]" in str(e.value) and "pip install torch==2.14.1 torchvision==0.29.1 torch-fidelity" in str(e.value)
+    assert "flowmap-convert[fid]" in str(
+        e.value
+    ) and "pip install torch==2.14.1 torchvision==0.29.1 torch-fidelity" in str(e.value)
 
 
 def test_inception_uses_local_weights_and_explains_offline(monkeypatch, tmp_path):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import randomize, tiny_config
 
 from flowmap_convert.errors import FlowmapError
 from flowmap_convert.model import FlowMap
-
-from conftest import randomize, tiny_config
 
 
 def test_r_equals_t_is_the_velocity_at_every_depth(tiny_model):

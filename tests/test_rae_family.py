@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference_models as R
 import torch
 import torch.nn.functional as F
-
-import reference_models as R
-
+from flowmap_convert.adapters import FAMILIES
 from reference_models import ddt_forward, rope_tables
 
-from flowmap_convert.adapters import FAMILIES
 from flowmap_convert.errors import FlowmapError
 
 C, SIDE, DE, DD, NE, ND, HE, HD, K = 8, 4, 32, 48, 3, 2, 2, 3, 10
@@ -24,16 +22,30 @@ def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False,
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
     L = side * side
     sd = {
-        "s_embedder.proj.weight": r(DE, C, 1, 1), "s_embedder.proj.bias": r(DE),
-        "x_embedder.proj.weight": r(DD, C, 1, 1), "x_embedder.proj.bias": r(DD),
-        "s_projector.weight": r(DD, DE), "s_projector.bias": r(DD),
-        "y_embedder.embedding_table.weight": r(K + 1, DE), "pos_embed": r(1, L, DE),
-        "final_layer.norm_final.weight": 1 + r(DD), "final_layer.linear.weight": r(C, DD), "final_layer.linear.bias": r(C),
-        "final_layer.adaLN_modulation.1.weight": r(2 * DD, DD), "final_layer.adaLN_modulation.1.bias": r(2 * DD),
+        "s_embedder.proj.weight": r(DE, C, 1, 1),
+        "s_embedder.proj.bias": r(DE),
+        "x_embedder.proj.weight": r(DD, C, 1, 1),
+        "x_embedder.proj.bias": r(DD),
+        "s_projector.weight": r(DD, DE),
+        "s_projector.bias": r(DD),
+        "y_embedder.embedding_table.weight": r(K + 1, DE),
+        "pos_embed": r(1, L, DE),
+        "final_layer.norm_final.weight": 1 + r(DD),
+        "final_layer.linear.weight": r(C, DD),
+        "final_layer.linear.bias": r(C),
+        "final_layer.adaLN_modulation.1.weight": r(2 * DD, DD),
+        "final_layer.adaLN_modulation.1.bias": r(2 * DD),
     }
     for emb in ("t_embedder",) + (("r_embedder",) if meanflow else ()):
-        sd.update({f"{emb}.W": torch.randn(256, generator=g), f"{emb}.mlp.0.weight": r(DE, 512), f"{emb}.mlp.0.bias": r(DE),
-                   f"{emb}.mlp.2.weight": r(DE, DE), f"{emb}.mlp.2.bias": r(DE)})
+        sd.update(
+            {
+                f"{emb}.W": torch.randn(256, generator=g),
+                f"{emb}.mlp.0.weight": r(DE, 512),
+                f"{emb}.mlp.0.bias": r(DE),
+                f"{emb}.mlp.2.weight": r(DE, DE),
+                f"{emb}.mlp.2.bias": r(DE),
+            }
+        )
     for name, d, h in (("enc", DE, HE), ("dec", DD, HD)):
         cos, sin = rope_tables(d // h, side)
         sd[f"{name}_feat_rope.freqs_cos"], sd[f"{name}_feat_rope.freqs_sin"] = cos, sin
@@ -41,12 +53,22 @@ def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False,
         d, h = (DE, HE) if i < NE else (DD, HD)
         hid = int(2 / 3 * 4 * d)
         p = f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": 1 + r(d), p + "norm2.weight": 1 + r(d),
-            p + "attn.qkv.weight": r(3 * d, d), p + "attn.qkv.bias": r(3 * d), p + "attn.proj.weight": r(d, d), p + "attn.proj.bias": r(d),
-            p + "mlp.w12.weight": r(2 * hid, d), p + "mlp.w12.bias": r(2 * hid), p + "mlp.w3.weight": r(d, hid), p + "mlp.w3.bias": r(d),
-            p + "adaLN_modulation.1.weight": r(6 * d, d), p + "adaLN_modulation.1.bias": r(6 * d),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": 1 + r(d),
+                p + "norm2.weight": 1 + r(d),
+                p + "attn.qkv.weight": r(3 * d, d),
+                p + "attn.qkv.bias": r(3 * d),
+                p + "attn.proj.weight": r(d, d),
+                p + "attn.proj.bias": r(d),
+                p + "mlp.w12.weight": r(2 * hid, d),
+                p + "mlp.w12.bias": r(2 * hid),
+                p + "mlp.w3.weight": r(d, hid),
+                p + "mlp.w3.bias": r(d),
+                p + "adaLN_modulation.1.weight": r(6 * d, d),
+                p + "adaLN_modulation.1.bias": r(6 * d),
+            }
+        )
         if qk_norm:
             sd[p + "attn.q_norm.weight"], sd[p + "attn.k_norm.weight"] = 1 + r(d // h), 1 + r(d // h)
     return sd
@@ -54,7 +76,11 @@ def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False,
 
 def inputs(seed=1, b=3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, C, SIDE, SIDE, generator=g), torch.rand(b, generator=g) * 0.98 + 0.01, torch.tensor([0, 7, K])[:b]
+    return (
+        torch.randn(b, C, SIDE, SIDE, generator=g),
+        torch.rand(b, generator=g) * 0.98 + 0.01,
+        torch.tensor([0, 7, K])[:b],
+    )
 
 
 def test_rope_tables_match_the_released_shapes():
@@ -74,7 +100,14 @@ def test_rae_equals_the_reference_forward_at_every_depth(qk_norm):
     assert FAMILIES["rae"].detect(sd) and not FAMILIES["mf-rae"].detect(sd)
     model = FAMILIES["rae"].build(sd, {})
     cfg = model.config
-    assert (cfg.arch, cfg.num_blocks, cfg.num_heads, cfg.extra["decoder_heads"], cfg.in_channels, cfg.input_size) == ("ddt", NE, HE, HD, C, SIDE)
+    assert (cfg.arch, cfg.num_blocks, cfg.num_heads, cfg.extra["decoder_heads"], cfg.in_channels, cfg.input_size) == (
+        "ddt",
+        NE,
+        HE,
+        HD,
+        C,
+        SIDE,
+    )
     assert cfg.qk_norm == ("rms" if qk_norm else "none") and cfg.time_convention == "canonical"
     assert cfg.sampling["shift"] == pytest.approx(math.sqrt(C * SIDE * SIDE / 4096))
     x, t, y = inputs()
@@ -98,7 +131,10 @@ def test_rae_decoupled_head_sees_r():
         # the expected output, built by hand from the reference pieces
         te = lambda s: R.fourier(sd, "t_embedder", s)  # noqa: E731
         c = F.silu(te(t) + sd["y_embedder.embedding_table.weight"][y])
-        s = F.conv2d(x, sd["s_embedder.proj.weight"], sd["s_embedder.proj.bias"]).flatten(2).transpose(1, 2) + sd["pos_embed"]
+        s = (
+            F.conv2d(x, sd["s_embedder.proj.weight"], sd["s_embedder.proj.bias"]).flatten(2).transpose(1, 2)
+            + sd["pos_embed"]
+        )
         for i in range(NE):
             s = R.ddt_block(s, c, sd, f"blocks.{i}.", HE, rope_tables(DE // HE, SIDE))
         s = R._lin(F.silu(te(r)[:, None] + s), sd, "s_projector")
@@ -114,7 +150,9 @@ def test_mf_rae_is_a_meanflow_flow_map_matching_its_forward():
     sd = ddt_state_dict(meanflow=True, seed=5)
     assert FAMILIES["mf-rae"].detect(sd) and not FAMILIES["rae"].detect(sd)
     model = FAMILIES["mf-rae"].build({"ema": sd, "model": {}}, {})  # training containers: 'ema' is used
-    assert model.config.conditioning == "meanflow" and model.config.is_flow_map and model.config.sampling["shift"] == 1.0
+    assert (
+        model.config.conditioning == "meanflow" and model.config.is_flow_map and model.config.sampling["shift"] == 1.0
+    )
     x, t, y = inputs(seed=6)
     r = t * torch.tensor([0.0, 0.5, 1.0])
     with torch.no_grad():

@@ -28,7 +28,7 @@ def no_dataset(monkeypatch):
 
 
 def test_teacher_probe_needs_no_dataset(tiny_model, no_dataset, tmp_path):
-    from flowmap_convert.metrics import bootstrap_fd, feature_stats, frechet_distance, get_extractor, paired_mse
+    from flowmap_convert.metrics import feature_stats, frechet_distance, get_extractor, paired_mse
     from flowmap_convert.sampling import sample
     from flowmap_convert.search import velocity_model
 
@@ -67,7 +67,9 @@ def test_results_are_cached_and_reused(tiny_model, tmp_path):
 
 
 def test_halving_prunes_and_spends_more_on_survivors(tiny_model):
-    report = search_depth(tiny_model, depths=[1, 2, 3, 4], nfe=[1], num_samples=32, halving=True, min_halving_samples=8, **SMALL)
+    report = search_depth(
+        tiny_model, depths=[1, 2, 3, 4], nfe=[1], num_samples=32, halving=True, min_halving_samples=8, **SMALL
+    )
     rounds = report["halving"]
     assert [r["num_samples"] for r in rounds] == [16, 32]
     kept = rounds[0]["kept"]
@@ -81,7 +83,9 @@ def test_halving_prunes_and_spends_more_on_survivors(tiny_model):
 def test_write_best_exports_the_chosen_depth(tiny_model, tmp_path):
     from flowmap_convert.io import read_model_dir
 
-    report = search_depth(tiny_model, depths=[1, 4], nfe=[1, 2], num_samples=16, write_best=tmp_path / "best", best_for_nfe=2, **SMALL)
+    report = search_depth(
+        tiny_model, depths=[1, 4], nfe=[1, 2], num_samples=16, write_best=tmp_path / "best", best_for_nfe=2, **SMALL
+    )
     m = read_model_dir(tmp_path / "best")
     assert m.config.depth == report["best"]["2"] == report["best_depth"]
     assert m.config.conditioning == "decoupled"
@@ -107,7 +111,13 @@ def test_default_depths():
 
 # ------------------------------------------------------------------------------------------------ CLI
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "flowmap_convert.cli", "search-depth", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", "search-depth", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -139,12 +149,35 @@ def test_cli_bad_input_exit_2_one_line(tiny_dir, tmp_path, args, message):
 
 def test_cli_warns_when_fewer_samples_than_feature_dims(tiny_dir, tmp_path):
     out = tmp_path / "o"
-    p = cli(tiny_dir, "--features", "pixels", "--reference", "teacher", "--teacher-nfe", "2", "--depths", "2,4", "--nfe", "1", "-n", "8", "--bootstrap", "0", "--out", str(out), "--write-best", str(tmp_path / "best"), cwd=tmp_path)
+    p = cli(
+        tiny_dir,
+        "--features",
+        "pixels",
+        "--reference",
+        "teacher",
+        "--teacher-nfe",
+        "2",
+        "--depths",
+        "2,4",
+        "--nfe",
+        "1",
+        "-n",
+        "8",
+        "--bootstrap",
+        "0",
+        "--out",
+        str(out),
+        "--write-best",
+        str(tmp_path / "best"),
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert "warning:" in p.stderr and "fewer than the 64 feature dimensions" in p.stderr
     assert "best depth at 1 NFE" in p.stdout
     report = json.loads((out / "search.json").read_text())
-    assert report["num_samples"] == 8 and (out / "search.png").is_file() and (tmp_path / "best" / "config.json").is_file()
+    assert (
+        report["num_samples"] == 8 and (out / "search.png").is_file() and (tmp_path / "best" / "config.json").is_file()
+    )
 
 
 def test_digits_default_probe_matches_digits_fd(tiny_model):

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from dit_reference import make_sd, ref_forward
 from flowmap_convert.adapters import load_source
 from flowmap_convert.adapters.sources import resolve
+
 from flowmap_convert.errors import FlowmapError
 
-from dit_reference import make_sd, ref_forward
-
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-
 
 
 def pt_bytes(obj) -> bytes:
@@ -51,15 +49,35 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("FLOWMAP_CACHE", str(tmp_path / "flowmap-cache"))
-    sds = {name: make_sd(seed=i, logvar=name.startswith("dmf")) for i, name in enumerate(["v1", "v2", "repa256", "repa512", "dmf"])}
-    add_snapshot(cache, "acme/tiny-sit", COMMIT_A, {"model.pt": pt_bytes(sds["v1"]), "weights/ema.pt": pt_bytes(sds["v1"])}, refs=("v1.0",))
-    add_snapshot(cache, "acme/tiny-sit", COMMIT_B, {"model.pt": pt_bytes(sds["v2"]), "weights/ema.pt": pt_bytes(sds["v2"])}, refs=("main",))
-    add_snapshot(cache, "kyungmnlee/DMF", COMMIT_A, {
-        "sit_xl_2_repa_512.pt": pt_bytes(sds["repa512"]),
-        "sit_xl_2_repa_256.pt": pt_bytes(sds["repa256"]),
-        "dmf_xl_2_256.pt": pt_bytes(sds["dmf"]),
-        "imgnet256.pkl": b"stats",
-    })
+    sds = {
+        name: make_sd(seed=i, logvar=name.startswith("dmf"))
+        for i, name in enumerate(["v1", "v2", "repa256", "repa512", "dmf"])
+    }
+    add_snapshot(
+        cache,
+        "acme/tiny-sit",
+        COMMIT_A,
+        {"model.pt": pt_bytes(sds["v1"]), "weights/ema.pt": pt_bytes(sds["v1"])},
+        refs=("v1.0",),
+    )
+    add_snapshot(
+        cache,
+        "acme/tiny-sit",
+        COMMIT_B,
+        {"model.pt": pt_bytes(sds["v2"]), "weights/ema.pt": pt_bytes(sds["v2"])},
+        refs=("main",),
+    )
+    add_snapshot(
+        cache,
+        "kyungmnlee/DMF",
+        COMMIT_A,
+        {
+            "sit_xl_2_repa_512.pt": pt_bytes(sds["repa512"]),
+            "sit_xl_2_repa_256.pt": pt_bytes(sds["repa256"]),
+            "dmf_xl_2_256.pt": pt_bytes(sds["dmf"]),
+            "imgnet256.pkl": b"stats",
+        },
+    )
     return cache, sds
 
 
@@ -210,27 +228,34 @@ def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_p
     model, info = load_source(str(local))
     assert info["family"] == "fake-diffusers" and velocity_matches(model, sd)
     save_file(sd, str(tmp_path / "w.safetensors"))
-    add_snapshot(hub[0], "acme/pipe", COMMIT_A, {
-        "model_index.json": b"{}",
-        "transformer/diffusion_pytorch_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
-        "vae/diffusion_pytorch_model.safetensors": b"not needed",
-    })
+    add_snapshot(
+        hub[0],
+        "acme/pipe",
+        COMMIT_A,
+        {
+            "model_index.json": b"{}",
+            "transformer/diffusion_pytorch_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+            "vae/diffusion_pytorch_model.safetensors": b"not needed",
+        },
+    )
     model, info = load_source("acme/pipe")
     assert info["family"] == "fake-diffusers" and info["revision"] == COMMIT_A and velocity_matches(model, sd)
     assert COMMIT_A in str(seen["path"])
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("RepositoryNotFoundError", "does not exist or is private"),
-    ("GatedRepoError", "is gated"),
-    ("RevisionNotFoundError", "has no revision 'v9'"),
-    ("RemoteEntryNotFoundError", "has no file 'x.pt'"),
-    ("LocalEntryNotFoundError", "not in the local Hub cache"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("RepositoryNotFoundError", "does not exist or is private"),
+        ("GatedRepoError", "is gated"),
+        ("RevisionNotFoundError", "has no revision 'v9'"),
+        ("RemoteEntryNotFoundError", "has no file 'x.pt'"),
+        ("LocalEntryNotFoundError", "not in the local Hub cache"),
+    ],
+)
 def test_hub_exceptions_become_one_sentence_fixes(name, expected, monkeypatch):
-    from huggingface_hub import errors as he
-
     from flowmap_convert.adapters.sources import _hub_error
+    from huggingface_hub import errors as he
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cls = getattr(he, name)
@@ -248,7 +273,13 @@ def test_connection_errors_read_as_network_problems():
 
 def test_alias_family_must_match_the_weights(hub, monkeypatch):
     cache, sds = hub
-    add_snapshot(cache, "kyungmnlee/DMF", COMMIT_B, {"dmf_xl_2_256.pt": pt_bytes(make_sd(seed=41, learn_sigma=True))}, refs=("other",))
+    add_snapshot(
+        cache,
+        "kyungmnlee/DMF",
+        COMMIT_B,
+        {"dmf_xl_2_256.pt": pt_bytes(make_sd(seed=41, learn_sigma=True))},
+        refs=("other",),
+    )
     with pytest.raises(FlowmapError, match="does not look like a dmf checkpoint.*sit"):
         load_source("kyungmnlee/DMF", revision="other", num_heads=4)
 
@@ -258,7 +289,9 @@ def test_an_exported_flowmap_on_the_hub_loads_with_its_depth(hub, tmp_path):
     from flowmap_convert.io import export
 
     cache, sds = hub
-    out = export(fm.convert(str(resolve("acme/tiny-sit", filename="model.pt").path), depth=2, num_heads=4), tmp_path / "exp")
+    out = export(
+        fm.convert(str(resolve("acme/tiny-sit", filename="model.pt").path), depth=2, num_heads=4), tmp_path / "exp"
+    )
     add_snapshot(cache, "acme/exported", COMMIT_A, {p.name: p.read_bytes() for p in out.iterdir()})
     model, info = load_source("acme/exported")
     assert info["family"] == "flowmap" and model.config.depth == 2 and velocity_matches(model, sds["v2"])

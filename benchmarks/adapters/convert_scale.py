@@ -60,8 +60,12 @@ def main() -> None:
         t_fwd = time.perf_counter() - t0
         ref = ref_forward(sd, x, t, y, heads=heads)
     err = (u - ref).abs().max().item()
-    print(f"machine     {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, pid {os.getpid()}")
-    print(f"model       SiT-{a.size}/2 (hidden {hidden}, {blocks} blocks, heads {model.config.num_heads} inferred), {n_params / 1e6:.1f}M params")
+    print(
+        f"machine     {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, pid {os.getpid()}"
+    )
+    print(
+        f"model       SiT-{a.size}/2 (hidden {hidden}, {blocks} blocks, heads {model.config.num_heads} inferred), {n_params / 1e6:.1f}M params"
+    )
     print(f"checkpoint  {size_mb:.0f} MiB (model + ema + args), saved in {t_save:.2f} s")
     print(f"convert     {t_convert:.2f} s (read + sha256 + detect + build + strict load), depth {model.config.depth}")
     print(f"export      {t_export:.2f} s")

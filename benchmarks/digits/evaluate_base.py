@@ -55,7 +55,11 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:digits-sit", help="model to evaluate (any flowmap source)")
     ap.add_argument("--nfe", default="1,2,4,8,16,32", help="comma-separated Euler step counts")
     ap.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--convert-depths", default="", help="also sample the converted model (no training) at these depths, e.g. 2,3,4,5")
+    ap.add_argument(
+        "--convert-depths",
+        default="",
+        help="also sample the converted model (no training) at these depths, e.g. 2,3,4,5",
+    )
     ap.add_argument("--convert-nfe", type=int, default=4, help="Euler steps for the --convert-depths rows")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on shared cores)")
     ap.add_argument("--json", type=Path, default=HERE / "results.json", help="where to write the numbers")
@@ -82,10 +86,22 @@ def main() -> None:
     if seed0_32 is not None:
         m1, images1, _ = sample_eval(model, 32, seed=1, cfg_scale=args.cfg_scale)
         between = frechet_distance(*feature_stats(digits_features(seed0_32)), *feature_stats(digits_features(images1)))
-        floor.update({"seed0_vs_seed1_32": between, "seed0_to_real_32": rows[[r["nfe"] for r in rows].index(32)]["fd"], "seed1_to_real_32": m1["fd"], "seed1_acc_32": m1["acc"]})
-        print(f"seed 0 vs seed 1 at 32 steps: FD {between:.2f}; seed 1 to real {m1['fd']:.2f} (acc {m1['acc']:.3f})", flush=True)
+        floor.update(
+            {
+                "seed0_vs_seed1_32": between,
+                "seed0_to_real_32": rows[[r["nfe"] for r in rows].index(32)]["fd"],
+                "seed1_to_real_32": m1["fd"],
+                "seed1_acc_32": m1["acc"],
+            }
+        )
+        print(
+            f"seed 0 vs seed 1 at 32 steps: FD {between:.2f}; seed 1 to real {m1['fd']:.2f} (acc {m1['acc']:.3f})",
+            flush=True,
+        )
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
     except OSError:
         commit = "?"
     result = {
@@ -98,7 +114,10 @@ def main() -> None:
         "machine": f"{platform.machine()} cpu ({platform.processor() or 'unknown'}), {torch.get_num_threads()} threads, shared cores",
         "torch": torch.__version__,
         "commit": commit,
-        "command": "python benchmarks/digits/evaluate_base.py" + (f" --model {args.model}" if args.model != "builtin:digits-sit" else "") + (f" --cfg-scale {args.cfg_scale}" if args.cfg_scale != 1.0 else "") + (f" --convert-depths {args.convert_depths}" if args.convert_depths else ""),
+        "command": "python benchmarks/digits/evaluate_base.py"
+        + (f" --model {args.model}" if args.model != "builtin:digits-sit" else "")
+        + (f" --cfg-scale {args.cfg_scale}" if args.cfg_scale != 1.0 else "")
+        + (f" --convert-depths {args.convert_depths}" if args.convert_depths else ""),
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json} ({result['wall_seconds']:.0f} s)")

@@ -30,7 +30,9 @@ def evaluate(model, nfes, n, seed):
 
     out = {}
     for nfe in nfes:
-        images, _, labels, _ = sample(model, nfe=nfe, num_samples=n, seed=seed, batch_size=250, device="cpu", return_latents=True)
+        images, _, labels, _ = sample(
+            model, nfe=nfe, num_samples=n, seed=seed, batch_size=250, device="cpu", return_latents=True
+        )
         out[nfe] = evaluate_digits(images, labels)
     return out
 
@@ -69,9 +71,24 @@ def main():
 
     shutil.rmtree(a.run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    ema = finetune(convert(a.model, depth=a.depth), data="builtin:digits", objective="dmf", mg_scale=a.mg_scale, train=a.train,
-                   steps=a.steps, batch_size=a.batch_size, lr=a.lr, out=a.run_dir, loss=a.loss, derivative=a.derivative,
-                   ema=a.ema, checkpoint_every=0, progress=sys.stderr.isatty(), log_every=25, device="cpu")
+    ema = finetune(
+        convert(a.model, depth=a.depth),
+        data="builtin:digits",
+        objective="dmf",
+        mg_scale=a.mg_scale,
+        train=a.train,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        out=a.run_dir,
+        loss=a.loss,
+        derivative=a.derivative,
+        ema=a.ema,
+        checkpoint_every=0,
+        progress=sys.stderr.isatty(),
+        log_every=25,
+        device="cpu",
+    )
     wall = time.perf_counter() - t0
     raw = read_model_dir(Path(a.run_dir) / "raw")
     after_ema = evaluate(ema, nfes, a.num_samples, seed=0)
@@ -82,37 +99,42 @@ def main():
         return f"| {name} | " + " | ".join(f"{res[n]['fd']:.1f} / {res[n]['acc']:.2f}" for n in nfes) + " |"
 
     metrics = [json.loads(line) for line in open(Path(a.run_dir) / "metrics.jsonl")]
-    first, last = metrics[: max(1, len(metrics) // 10)], metrics[-max(1, len(metrics) // 10):]
-    mean = lambda ms, k: sum(m.get(k, float("nan")) for m in ms) / len(ms)
+    first, last = metrics[: max(1, len(metrics) // 10)], metrics[-max(1, len(metrics) // 10) :]
+
+    def mean(ms, k):
+        return sum(m.get(k, float("nan")) for m in ms) / len(ms)
+
     cmd = "PYTHONPATH=. python " + " ".join([sys.argv[0]] + sys.argv[1:])
     load = os.getloadavg()
-    text = "\n".join([
-        "# Digits: DMF fine-tuning of the converted builtin model",
-        "",
-        f"Command: `{cmd}`",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs (shared with other jobs; load average at the end "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32.",
-        "",
-        f"Fine-tune: `flowmap finetune {a.model} --depth {a.depth} --data builtin:digits --objective dmf --mg-scale {a.mg_scale} "
-        f"--train {a.train} --loss {a.loss} --derivative {a.derivative} --steps {a.steps} --batch-size {a.batch_size} --lr {a.lr}` "
-        f"(EMA decay {ema.config.training['ema_decay']}); **{a.steps} steps in {wall / 60:.1f} min wall** "
-        f"({wall / a.steps:.2f} s/step, including the export's sample grids).",
-        f"Loss (first / last 10% of steps): {mean(first, 'loss'):.4f} -> {mean(last, 'loss'):.4f}; "
-        f"FM {mean(first, 'fm'):.4f} -> {mean(last, 'fm'):.4f}; MF {mean(first, 'mf'):.4f} -> {mean(last, 'mf'):.4f}; "
-        f"skipped steps {metrics[-1]['skipped_total']}.",
-        "",
-        f"Evaluation: Euler flow-map sampling, {a.num_samples} samples cycling through the 10 classes, seed 0 for every model "
-        f"(paired), digits FD / label accuracy from `flowmap_convert.digits.evaluate_digits` ({eval_s / 2:.0f} s per model pass).",
-        "",
-        "| model | " + " | ".join(f"{n} step{'s' if n > 1 else ''}: FD / acc" for n in nfes) + " |",
-        "|---|" + "---|" * len(nfes),
-        row(f"converted at depth {a.depth}, no training (seed 0)", before),
-        row("same, sampling seed 1 (noise floor)", floor),
-        row("fine-tuned, EMA weights (seed 0)", after_ema),
-        row("fine-tuned, raw weights (seed 0)", after_raw),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Digits: DMF fine-tuning of the converted builtin model",
+            "",
+            f"Command: `{cmd}`",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs (shared with other jobs; load average at the end "
+            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32.",
+            "",
+            f"Fine-tune: `flowmap finetune {a.model} --depth {a.depth} --data builtin:digits --objective dmf --mg-scale {a.mg_scale} "
+            f"--train {a.train} --loss {a.loss} --derivative {a.derivative} --steps {a.steps} --batch-size {a.batch_size} --lr {a.lr}` "
+            f"(EMA decay {ema.config.training['ema_decay']}); **{a.steps} steps in {wall / 60:.1f} min wall** "
+            f"({wall / a.steps:.2f} s/step, including the export's sample grids).",
+            f"Loss (first / last 10% of steps): {mean(first, 'loss'):.4f} -> {mean(last, 'loss'):.4f}; "
+            f"FM {mean(first, 'fm'):.4f} -> {mean(last, 'fm'):.4f}; MF {mean(first, 'mf'):.4f} -> {mean(last, 'mf'):.4f}; "
+            f"skipped steps {metrics[-1]['skipped_total']}.",
+            "",
+            f"Evaluation: Euler flow-map sampling, {a.num_samples} samples cycling through the 10 classes, seed 0 for every model "
+            f"(paired), digits FD / label accuracy from `flowmap_convert.digits.evaluate_digits` ({eval_s / 2:.0f} s per model pass).",
+            "",
+            "| model | " + " | ".join(f"{n} step{'s' if n > 1 else ''}: FD / acc" for n in nfes) + " |",
+            "|---|" + "---|" * len(nfes),
+            row(f"converted at depth {a.depth}, no training (seed 0)", before),
+            row("same, sampling seed 1 (noise floor)", floor),
+            row("fine-tuned, EMA weights (seed 0)", after_ema),
+            row("fine-tuned, raw weights (seed 0)", after_raw),
+            "",
+        ]
+    )
     Path(a.record).parent.mkdir(parents=True, exist_ok=True)
     with open(a.record, "a") as f:
         f.write(text + "\n")

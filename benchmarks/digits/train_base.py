@@ -59,9 +59,18 @@ class BaseRecipe:
 def model_config(r: BaseRecipe) -> ModelConfig:
     """The flowmap config of the base SiT for a recipe."""
     return ModelConfig(
-        arch="dit", conditioning="velocity", time_convention="canonical", input_size=16, in_channels=1,
-        patch_size=r.patch_size, hidden_size=r.hidden_size, num_blocks=r.num_blocks, num_heads=r.num_heads,
-        mlp_ratio=r.mlp_ratio, num_classes=10, class_embed_rows=11,
+        arch="dit",
+        conditioning="velocity",
+        time_convention="canonical",
+        input_size=16,
+        in_channels=1,
+        patch_size=r.patch_size,
+        hidden_size=r.hidden_size,
+        num_blocks=r.num_blocks,
+        num_heads=r.num_heads,
+        mlp_ratio=r.mlp_ratio,
+        num_classes=10,
+        class_embed_rows=11,
         latent=LatentSpace(kind="identity", channels=1, size=16, image_channels=1, image_size=16),
     )
 
@@ -119,7 +128,10 @@ def train(r: BaseRecipe, log_every: int = 100) -> tuple[FlowMap, FlowMap, dict]:
         if (step + 1) % log_every == 0 or step + 1 == r.steps:
             el = time.time() - t0
             losses.append({"step": step + 1, "loss": sum(recent) / len(recent), "seconds": round(el, 1)})
-            print(f"step {step + 1:5d}/{r.steps}  loss {losses[-1]['loss']:.4f}  lr {lr_at(r, step):.2e}  {(step + 1) / el:.2f} steps/s  {el / 60:.1f} min", flush=True)
+            print(
+                f"step {step + 1:5d}/{r.steps}  loss {losses[-1]['loss']:.4f}  lr {lr_at(r, step):.2e}  {(step + 1) / el:.2f} steps/s  {el / 60:.1f} min",
+                flush=True,
+            )
             recent = []
     wall = time.time() - t0
     log = {
@@ -146,9 +158,17 @@ def parse_overrides(items: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=BaseRecipe.steps, help="optimizer steps (the shipped model: default)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="exported model directory (default: the shipped builtin)")
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="exported model directory (default: the shipped builtin)"
+    )
     ap.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights to export")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a BaseRecipe field, e.g. --set batch_size=64 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a BaseRecipe field, e.g. --set batch_size=64 (repeatable)",
+    )
     args = ap.parse_args()
     recipe = BaseRecipe(steps=args.steps, **parse_overrides(args.set))
     raw, ema, log = train(recipe)
@@ -158,7 +178,9 @@ def main() -> None:
         "data": "builtin:digits (all 1797 sklearn digits, bilinear 8->16, align_corners=False, [-1, 1])",
         "weights": args.weights,
         "recipe": asdict(recipe),
-        "command": " ".join(["python benchmarks/digits/train_base.py", f"--steps {args.steps}", *(f"--set {o}" for o in args.set)]),
+        "command": " ".join(
+            ["python benchmarks/digits/train_base.py", f"--steps {args.steps}", *(f"--set {o}" for o in args.set)]
+        ),
         **{k: v for k, v in log.items() if k != "loss_curve"},
     }
     prov = {"source": "builtin:digits-sit", "family": "flowmap", "flowmap_version": __version__}

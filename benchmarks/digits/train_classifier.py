@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flowmap_convert.digits import CLASSIFIER_DIR, DigitsClassifier, classifier_config, load_digits_tensor, write_reference_stats
+from flowmap_convert.digits import (
+    CLASSIFIER_DIR,
+    DigitsClassifier,
+    classifier_config,
+    load_digits_tensor,
+    write_reference_stats,
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,10 @@ def train(r: ClassifierRecipe) -> tuple[DigitsClassifier, dict]:
             opt.step()
             sched.step()
         if (epoch + 1) % 5 == 0 or epoch == r.epochs - 1:
-            print(f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  held-out acc {accuracy(model, xte, yte):.4f}  ({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  held-out acc {accuracy(model, xte, yte):.4f}  ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     log = {
         "heldout_accuracy": accuracy(model, xte, yte),
         "train_accuracy": accuracy(model, xtr, ytr),
@@ -107,7 +116,9 @@ def main() -> None:
     }
     (args.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     stats = write_reference_stats(args.out)
-    print(f"held-out accuracy {log['heldout_accuracy']:.4f} on {log['n_test']} images; wrote {args.out} and {stats.name}")
+    print(
+        f"held-out accuracy {log['heldout_accuracy']:.4f} on {log['n_test']} images; wrote {args.out} and {stats.name}"
+    )
 
 
 if __name__ == "__main__":

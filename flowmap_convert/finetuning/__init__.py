@@ -35,11 +35,24 @@ def finetune(
     Returns the EMA FlowMap, or with dry_run=True a report dict (parameters, peak memory, seconds per step) and
     nothing written.
     """
-    from .trainer import Trainer, dry_run as run_dry
+    from .trainer import Trainer
+    from .trainer import dry_run as run_dry
 
     base = recipe or Recipe()
-    recipe = base.replace(objective=objective, mg_scale=mg_scale, train=train, steps=steps, batch_size=batch_size, lr=lr, **options)
-    trainer = Trainer(model_or_source, data, recipe, out, log_with=None if dry_run else log_with, device=device, progress=progress, console=console, grid=grid)
+    recipe = base.replace(
+        objective=objective, mg_scale=mg_scale, train=train, steps=steps, batch_size=batch_size, lr=lr, **options
+    )
+    trainer = Trainer(
+        model_or_source,
+        data,
+        recipe,
+        out,
+        log_with=None if dry_run else log_with,
+        device=device,
+        progress=progress,
+        console=console,
+        grid=grid,
+    )
     if dry_run:
         return run_dry(trainer, dry_run_steps)
     return trainer.run(resume=resume)

@@ -7,8 +7,8 @@ resumed run draws exactly the numbers an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.func import jvp
@@ -77,10 +77,14 @@ def per_sample_loss(err: torch.Tensor, lv: torch.Tensor | None, recipe: Recipe) 
     if recipe.loss == "adaptive":
         mse = err.pow(2).mean(dim=(1, 2, 3))
         lv = lv.float().reshape(-1)
-        return torch.log(mse * torch.exp(-lv) + recipe.logvar_eps) + lv  # DMF log_lv_loss (adaptive, Eq. 10 of 2510.24474)
+        return (
+            torch.log(mse * torch.exp(-lv) + recipe.logvar_eps) + lv
+        )  # DMF log_lv_loss (adaptive, Eq. 10 of 2510.24474)
     if recipe.loss == "adaptive-weight":
         m = err.pow(2).sum(dim=(1, 2, 3))
-        w = 1.0 / (m.detach() + recipe.adaptive_c) ** recipe.adaptive_p  # MeanFlow adaptive weight, w = sg(1/(|e|^2 + c)^p)
+        w = (
+            1.0 / (m.detach() + recipe.adaptive_c) ** recipe.adaptive_p
+        )  # MeanFlow adaptive weight, w = sg(1/(|e|^2 + c)^p)
         return w * m
     return err.pow(2).mean(dim=(1, 2, 3))  # plain MSE
 
@@ -101,7 +105,9 @@ class Calls:
     def can_split(model) -> bool:
         """True when the backbone exposes encode/decode and the model is decoupled."""
         net = model.net
-        return model.config.conditioning == "decoupled" and hasattr(net, "encode") and not hasattr(net, "forward_flowmap")
+        return (
+            model.config.conditioning == "decoupled" and hasattr(net, "encode") and not hasattr(net, "forward_flowmap")
+        )
 
     # the two halves of FlowMap.forward for a split backbone (same convention handling)
     def encode(self, x, t, y):
@@ -140,7 +146,9 @@ class Calls:
         v = v.to(x.dtype)
         x3 = torch.cat([x, x + delta * v, x - delta * v])
         t3 = torch.cat([t, t + delta, t - delta])
-        with torch.autocast(x.device.type, enabled=False):  # a difference quotient over 2 delta = 0.01 needs fp32, not bf16
+        with torch.autocast(
+            x.device.type, enabled=False
+        ):  # a difference quotient over 2 delta = 0.01 needs fp32, not bf16
             hi = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (float64 stays float64)
             u3 = self.u(x3.to(hi), t3, torch.cat([r, r, r]), torch.cat([y, y, y])).to(hi)
         u, up, um = u3[:b], u3[b : 2 * b], u3[2 * b :]

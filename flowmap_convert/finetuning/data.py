@@ -56,7 +56,9 @@ class LatentDataset:
             mean, std = rows.chunk(2, dim=1)
             rows = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scale  # REPA sample_posterior
         if not torch.isfinite(rows).all():
-            raise FlowmapError(f"{self.name} has non-finite latents among rows {idx.tolist()[:8]}; re-encode the dataset.")
+            raise FlowmapError(
+                f"{self.name} has non-finite latents among rows {idx.tolist()[:8]}; re-encode the dataset."
+            )
         return rows.float(), self.labels[idx]
 
 
@@ -72,9 +74,13 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             with np.load(path, allow_pickle=False) as z:
                 d = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
     except Exception as e:  # corrupt archives raise many types
-        raise FlowmapError(f"{path} is not a readable dataset shard ({type(e).__name__}: {e}); re-run `flowmap encode`.") from None
+        raise FlowmapError(
+            f"{path} is not a readable dataset shard ({type(e).__name__}: {e}); re-run `flowmap encode`."
+        ) from None
     if "latents" not in d or "labels" not in d:
-        raise FlowmapError(f"{path} lacks `latents` and `labels` arrays (has {sorted(d)}); write shards with `flowmap encode`.")
+        raise FlowmapError(
+            f"{path} lacks `latents` and `labels` arrays (has {sorted(d)}); write shards with `flowmap encode`."
+        )
     return d["latents"].float(), d["labels"].long().reshape(-1)
 
 
@@ -83,10 +89,14 @@ def read_shards(path: Path) -> LatentDataset:
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in SHARD_EXTS)
     parts = [_read_shard(f) for f in files]
     if not parts:
-        raise FlowmapError(f"{path} holds no .safetensors or .npz shards; point --data at a dataset written by `flowmap encode`.")
+        raise FlowmapError(
+            f"{path} holds no .safetensors or .npz shards; point --data at a dataset written by `flowmap encode`."
+        )
     for f, (x, y) in zip(files, parts):
         if x.ndim != 4 or len(x) != len(y):
-            raise FlowmapError(f"{f}: latents must be (N, C, H, W) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}.")
+            raise FlowmapError(
+                f"{f}: latents must be (N, C, H, W) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}."
+            )
     return LatentDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), name=str(path))
 
 
@@ -97,15 +107,23 @@ def read_moments_folder(path: Path) -> LatentDataset:
     try:
         labels = json.loads(meta.read_text())["labels"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FlowmapError(f"{meta} is missing or not REPA's dataset.json ({{\"labels\": [[file, label], ...]}}): {e}.") from None
+        raise FlowmapError(
+            f'{meta} is missing or not REPA\'s dataset.json ({{"labels": [[file, label], ...]}}): {e}.'
+        ) from None
     if labels is None:
-        raise FlowmapError(f"{meta} has no labels; the fine-tuner needs class labels (regenerate it with REPA's dataset_tool).")
+        raise FlowmapError(
+            f"{meta} has no labels; the fine-tuner needs class labels (regenerate it with REPA's dataset_tool)."
+        )
     table = {str(f).replace("\\", "/"): int(c) for f, c in labels}
     files = sorted(str(p.relative_to(root)).replace("\\", "/") for p in root.rglob("*.npy"))
     missing = [f for f in files if f not in table]
     if missing:
-        raise FlowmapError(f"{len(missing)} moments files have no label in {meta} (e.g. {missing[0]}); regenerate dataset.json.")
-    return LatentDataset(files=files, root=root, labels=[table[f] for f in files], posterior=True, scale=SD_VAE_SCALE, name=str(path))
+        raise FlowmapError(
+            f"{len(missing)} moments files have no label in {meta} (e.g. {missing[0]}); regenerate dataset.json."
+        )
+    return LatentDataset(
+        files=files, root=root, labels=[table[f] for f in files], posterior=True, scale=SD_VAE_SCALE, name=str(path)
+    )
 
 
 def list_image_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -133,7 +151,9 @@ def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
             raise FlowmapError(f"cannot read image {f} ({e}); remove it or fix the file.") from None
         w, h = img.size
         s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
+            (size, size), Image.BICUBIC
+        )
         a = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
         out.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0)
     return torch.stack(out)
@@ -165,7 +185,9 @@ def builtin_data(name: str, latent, device="cpu") -> LatentDataset:
     try:
         from ..digits import builtin_dataset
     except ImportError:
-        raise FlowmapError(f"{name} needs flowmap_convert.digits, which this installation lacks; pass --data PATH instead.") from None
+        raise FlowmapError(
+            f"{name} needs flowmap_convert.digits, which this installation lacks; pass --data PATH instead."
+        ) from None
     images, labels = builtin_dataset(name)
     x = images if latent is None or latent.kind == "identity" else encode_images(images, latent, device)
     return LatentDataset(x.float(), labels, name=name)
@@ -182,7 +204,9 @@ def load_dataset(spec, latent=None, device="cpu") -> LatentDataset:
         return builtin_data(spec, latent, device)
     path = Path(spec)
     if not path.exists():
-        raise FlowmapError(f"dataset {spec!r} does not exist; pass builtin:digits, a `flowmap encode` output, a REPA vae-sd folder or an image folder.")
+        raise FlowmapError(
+            f"dataset {spec!r} does not exist; pass builtin:digits, a `flowmap encode` output, a REPA vae-sd folder or an image folder."
+        )
     if path.is_file():
         return read_shards(path)
     if (path / "vae-sd").is_dir() or (path / "dataset.json").is_file():
@@ -190,7 +214,9 @@ def load_dataset(spec, latent=None, device="cpu") -> LatentDataset:
     if any(p.suffix in SHARD_EXTS for p in path.iterdir()):
         return read_shards(path)
     if latent is None:
-        raise FlowmapError(f"{path} looks like an image folder; encoding it needs the model's latent space (pass the model too).")
+        raise FlowmapError(
+            f"{path} looks like an image folder; encoding it needs the model's latent space (pass the model too)."
+        )
     return read_image_folder(path, latent, device)
 
 
@@ -202,10 +228,14 @@ def check_dataset(ds: LatentDataset, cfg) -> None:
     got = ds.sample_shape
     if tuple(got) != want:
         extra = " (REPA moments hold 2C channels: mean and std)" if ds.posterior else ""
-        raise FlowmapError(f"dataset {ds.name} has samples of shape {tuple(got)}{extra} but the model takes {want}; encode the data for this model's latent space.")
+        raise FlowmapError(
+            f"dataset {ds.name} has samples of shape {tuple(got)}{extra} but the model takes {want}; encode the data for this model's latent space."
+        )
     lo, hi = int(ds.labels.min()), int(ds.labels.max())
     if lo < 0 or hi >= cfg.num_classes:
-        raise FlowmapError(f"dataset {ds.name} has labels {lo}..{hi} but the model knows classes 0..{cfg.num_classes - 1}; fix the labels or use a model with more classes.")
+        raise FlowmapError(
+            f"dataset {ds.name} has labels {lo}..{hi} but the model knows classes 0..{cfg.num_classes - 1}; fix the labels or use a model with more classes."
+        )
     if ds.latents is not None:
         bad = (~torch.isfinite(ds.latents.reshape(len(ds.latents), -1))).any(dim=1)
         if bool(bad.any()):

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .common import Context, dmf_mf_times, drop_labels, interpolant, logit_normal, mf_target, model_guidance, per_sample_loss, randn
+from .common import (
+    Context,
+    dmf_mf_times,
+    drop_labels,
+    interpolant,
+    logit_normal,
+    mf_target,
+    model_guidance,
+    per_sample_loss,
+    randn,
+)
 
 
 def dmf_loss(ctx: Context, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Context, mf_target, drop_labels, interpolant, mfrae_times, per_sample_loss, randn
+from .common import Context, drop_labels, interpolant, mf_target, mfrae_times, per_sample_loss, randn
 
 
 def mfd_loss(ctx: Context, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator):

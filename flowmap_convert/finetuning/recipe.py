@@ -20,7 +20,9 @@ ATTENTION = ("auto", "triton", "sdpa", "math")
 class Recipe:
     """Every knob of a fine-tuning run; defaults follow DMF's ImageNet scripts (REFERENCE §2.3) unless noted."""
 
-    objective: str = "dmf"  # dmf (FM + MeanFlow, 2510.24474) | mfd | mft | cmt (MF-RAE, 2511.13019) | fm (flow matching only)
+    objective: str = (
+        "dmf"  # dmf (FM + MeanFlow, 2510.24474) | mfd | mft | cmt (MF-RAE, 2511.13019) | fm (flow matching only)
+    )
     train: str = "all"  # all parameters, or the decoder only (blocks[depth:] + head; encoder and embedders frozen)
     steps: int = 1000  # optimizer steps
     batch_size: int = 64  # per-process micro-batch
@@ -62,7 +64,9 @@ class Recipe:
 
         def one_of(name, value, options):
             if value not in options:
-                raise FlowmapError(f"--{name.replace('_', '-')} {value!r} is not supported; choose one of {', '.join(options)}.")
+                raise FlowmapError(
+                    f"--{name.replace('_', '-')} {value!r} is not supported; choose one of {', '.join(options)}."
+                )
 
         one_of("objective", self.objective, OBJECTIVES)
         one_of("loss", self.loss, LOSSES)
@@ -81,7 +85,9 @@ class Recipe:
         if not self.lr > 0:
             raise FlowmapError(f"--lr must be positive, got {self.lr}.")
         if not 0.0 <= self.mg_scale < 1.0:
-            raise FlowmapError(f"--mg-scale must be in [0, 1) (the effective CFG scale is 1/(1 - omega)), got {self.mg_scale}.")
+            raise FlowmapError(
+                f"--mg-scale must be in [0, 1) (the effective CFG scale is 1/(1 - omega)), got {self.mg_scale}."
+            )
         lo, hi = self.guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise FlowmapError(f"the guidance interval must satisfy 0 <= g_min <= g_max <= 1, got ({lo}, {hi}).")
@@ -100,7 +106,7 @@ class Recipe:
             return float(self.ema)
         return float(min(0.9999, max(0.9, 1.0 - 10.0 / self.steps)))
 
-    def replace(self, **changes) -> "Recipe":
+    def replace(self, **changes) -> Recipe:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -110,7 +116,7 @@ class Recipe:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
         """Inverse of to_dict; unknown keys are ignored with no effect on training."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}

@@ -59,7 +59,9 @@ def prepare_model(model_or_source, recipe: Recipe):
         model.config = model.config.replace(logvar=True)
     needs_null = recipe.label_dropout > 0 or recipe.mg_scale > 0
     if needs_null and model.config.class_embed_rows <= model.config.num_classes:
-        raise FlowmapError("this model has no null-class embedding, which label dropout and model guidance need; pass --label-dropout 0 --mg-scale 0.")
+        raise FlowmapError(
+            "this model has no null-class embedding, which label dropout and model guidance need; pass --label-dropout 0 --mg-scale 0."
+        )
     return model.float()
 
 
@@ -86,11 +88,22 @@ def set_attention_backend(backend: str) -> None:
     if setter is not None:
         setter(backend)
     elif backend not in ("auto",):
-        raise FlowmapError(f"--attention {backend} needs flowmap_convert.kernels.set_default_backend, which this build lacks; use --attention auto.")
+        raise FlowmapError(
+            f"--attention {backend} needs flowmap_convert.kernels.set_default_backend, which this build lacks; use --attention auto."
+        )
 
 
-TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",), "comet_ml": ("comet_ml",),
-                   "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",), "trackio": ("trackio",), "swanlab": ("swanlab",)}
+TRACKER_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "aim": ("aim",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "trackio": ("trackio",),
+    "swanlab": ("swanlab",),
+}
 
 
 def check_trackers(log_with) -> None:
@@ -105,7 +118,9 @@ def check_trackers(log_with) -> None:
         if mods is None:
             raise FlowmapError(f"unknown tracker {name!r} for --log-with; choose from {', '.join(TRACKER_MODULES)}.")
         if not any(importlib.util.find_spec(m) for m in mods):
-            raise FlowmapError(f"--log-with {name} needs the `{mods[0]}` package; install it with `pip install {mods[0]}` or drop --log-with.")
+            raise FlowmapError(
+                f"--log-with {name} needs the `{mods[0]}` package; install it with `pip install {mods[0]}` or drop --log-with."
+            )
 
 
 def count_params(model) -> dict:
@@ -160,7 +175,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -205,7 +226,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Trainer:
     """One fine-tuning run: build, train (with checkpoints / resume / rollback), export."""
 
-    def __init__(self, model_or_source, data, recipe: Recipe, out, log_with=None, device=None, progress=None, console=None, grid=True):
+    def __init__(
+        self,
+        model_or_source,
+        data,
+        recipe: Recipe,
+        out,
+        log_with=None,
+        device=None,
+        progress=None,
+        console=None,
+        grid=True,
+    ):
         from accelerate import Accelerator
 
         check_trackers(log_with)
@@ -236,12 +268,16 @@ class Trainer:
         self.calls = Calls(self.model, decoder_only=recipe.train == "decoder")
         self.ctx = Context(self.calls, recipe, self.model.config.num_classes, self.teacher)
         self.objective = OBJECTIVE_FNS[recipe.objective]
-        self.opt = torch.optim.AdamW(self.trainable, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay, eps=1e-8)
+        self.opt = torch.optim.AdamW(
+            self.trainable, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay, eps=1e-8
+        )
         warm = max(0, recipe.warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.ema = EMA(self.model, recipe.ema_decay(), recipe.ema_warmup)
         self.step = 0
-        self.micro = 0  # micro-batches drawn so far, skipped ones included: data position and noise move past bad batches
+        self.micro = (
+            0  # micro-batches drawn so far, skipped ones included: data position and noise move past bad batches
+        )
         self.skipped = 0
         self.rollbacks = 0
         self.bad_run = 0
@@ -294,7 +330,9 @@ class Trainer:
         digests = [None] * self.world
         dist.all_gather_object(digests, self.weights_digest())
         if len(set(digests)) != 1:
-            raise FlowmapError(f"the {self.world} replicas hold different weights after step {self.step}; this is a bug, please report it.")
+            raise FlowmapError(
+                f"the {self.world} replicas hold different weights after step {self.step}; this is a bug, please report it."
+            )
         self.say(f"replicas identical across {self.world} processes (sha256 {digests[0][:12]})")
 
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
@@ -385,11 +423,15 @@ class Trainer:
         except FileNotFoundError:
             raise FlowmapError(f"no checkpoint at {path} to resume from; drop --resume to start a new run.") from None
         except Exception as e:
-            raise FlowmapError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it or start a new --out.") from None
+            raise FlowmapError(
+                f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it or start a new --out."
+            ) from None
         if s.get("format") != CKPT_FORMAT:
             raise FlowmapError(f"{path} is not a flowmap fine-tuning checkpoint; start a new --out.")
         if s["world"] != self.world or s["recipe"].get("batch_size") != self.recipe.batch_size:
-            raise FlowmapError(f"{path} was written with {s['world']} processes and batch {s['recipe'].get('batch_size')}; resume with the same settings.")
+            raise FlowmapError(
+                f"{path} was written with {s['world']} processes and batch {s['recipe'].get('batch_size')}; resume with the same settings."
+            )
         self.model.load_state_dict(s["model"])
         self.ema.load_state_dict(s["ema"])
         self.opt.load_state_dict(s["optimizer"])
@@ -409,12 +451,16 @@ class Trainer:
             )
         rollbacks, skipped, micro = self.rollbacks + 1, self.skipped, self.micro
         if rollbacks > MAX_ROLLBACKS:
-            raise FlowmapError(f"training kept diverging after {MAX_ROLLBACKS} rollbacks (last at step {bad_at}); lower --lr or --mg-scale.")
+            raise FlowmapError(
+                f"training kept diverging after {MAX_ROLLBACKS} rollbacks (last at step {bad_at}); lower --lr or --mg-scale."
+            )
         self.load_checkpoint()
         self.rollbacks = rollbacks  # new random numbers from here on, so the same bad batch is not replayed
         self.skipped = skipped  # skipped steps stay counted across the rollback
         self.micro = micro  # and the data keeps moving forward past the batches that went wrong
-        self.say(f"[yellow]warning:[/] {self.recipe.max_bad_steps} non-finite steps in a row at step {bad_at}; rolled back to the checkpoint at step {self.step} (rollback {rollbacks}/{MAX_ROLLBACKS}).")
+        self.say(
+            f"[yellow]warning:[/] {self.recipe.max_bad_steps} non-finite steps in a row at step {bad_at}; rolled back to the checkpoint at step {self.step} (rollback {rollbacks}/{MAX_ROLLBACKS})."
+        )
 
     # -------------------------------------------------------------- logging
     def say(self, msg: str) -> None:
@@ -448,7 +494,9 @@ class Trainer:
             self.load_checkpoint()
             self.say(f"resumed from {self.ckpt_path} at step {self.step}")
         elif self.ckpt_path.exists():  # every rank checks, so none waits at a barrier for a rank that failed
-            raise FlowmapError(f"{self.out} already holds a run (checkpoints/latest.pt); pass --resume to continue it or choose another --out.")
+            raise FlowmapError(
+                f"{self.out} already holds a run (checkpoints/latest.pt); pass --resume to continue it or choose another --out."
+            )
         self.acc.wait_for_everyone()
         mf = self._metrics_file(self.step) if self.main else None
         if self.log_with and self.main:
@@ -466,7 +514,9 @@ class Trainer:
                 if self.log_with:
                     self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
                 if m.get("skipped"):
-                    self.say(f"[yellow]warning:[/] non-finite loss or gradient at step {m['step']}: skipped ({self.skipped} so far)")
+                    self.say(
+                        f"[yellow]warning:[/] non-finite loss or gradient at step {m['step']}: skipped ({self.skipped} so far)"
+                    )
                     if self.bad_run >= rec.max_bad_steps:
                         self.rollback()
                     continue
@@ -505,7 +555,10 @@ class Trainer:
 
         model = model or self.ema_model()
         k = min(10, model.config.num_classes)
-        rows = [sample(model, nfe=n, classes=list(range(k)), num_samples=k, seed=0, device=self.device) for n in (nfe, 2 * nfe)]
+        rows = [
+            sample(model, nfe=n, classes=list(range(k)), num_samples=k, seed=0, device=self.device)
+            for n in (nfe, 2 * nfe)
+        ]
         path.parent.mkdir(parents=True, exist_ok=True)
         im = to_pil(make_grid(np.concatenate(rows), ncols=k))  # one row per NFE, one column per class
         up = max(1, 64 // model.config.latent.image_size)
@@ -527,9 +580,12 @@ class Trainer:
             "skipped_steps": self.skipped,
             "ema_decay": self.ema.decay,
             "processes": self.world,
-            "guidance": {"type": "mg" if rec.mg_scale > 0 else "none", "mg_scale": rec.mg_scale,
-                         "guidance_interval": list(rec.guidance_interval),
-                         "effective_cfg": 1.0 / (1.0 - rec.mg_scale)},  # MG fixed point: CFG scale 1 / (1 - omega)
+            "guidance": {
+                "type": "mg" if rec.mg_scale > 0 else "none",
+                "mg_scale": rec.mg_scale,
+                "guidance_interval": list(rec.guidance_interval),
+                "effective_cfg": 1.0 / (1.0 - rec.mg_scale),
+            },  # MG fixed point: CFG scale 1 / (1 - omega)
             "data": self.data.name,
             "weights": "ema",
         }
@@ -554,7 +610,11 @@ def _export_into(model, directory: Path, trainer: Trainer, model_card, write_mod
         if trainer.grid:
             trainer.write_sample_grid(tmp / "grid.png", model=model)
         write_model_dir(model, tmp, card=model_card(model.config, has_grid=trainer.grid))
-        for name in (["grid.png"] if trainer.grid else []) + ["model.safetensors", "README.md", "config.json"]:  # config last: is_model_dir flips at the end
+        for name in (["grid.png"] if trainer.grid else []) + [
+            "model.safetensors",
+            "README.md",
+            "config.json",
+        ]:  # config last: is_model_dir flips at the end
             os.replace(tmp / name, directory / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -577,7 +637,13 @@ class _Bar:
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.p = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.description}"))
+            self.p = Progress(
+                TextColumn("fine-tune"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
             self.p.start()
             self.task = self.p.add_task("", total=total, completed=done)
 
