@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import __version__
-from .config import check_depth
+from .config import check_depth, default_depth
 from .errors import FlowmapError
 
 
@@ -16,7 +16,7 @@ def load(source: str, **options):
 
 
 def convert(source: str, depth: int | None = None, **options):
-    """Load `source` and rewire it as a decoupled flow map split at `depth` (default: 2/3 of the blocks)."""
+    """Load `source` and rewire it as a decoupled flow map split at `depth` (default: config.default_depth)."""
     from .adapters import load_source
 
     model, info = load_source(str(source), depth=depth, **options)
@@ -28,12 +28,7 @@ def convert(source: str, depth: int | None = None, **options):
             )
         return model.eval()
     if depth is None:
-        if model.config.conditioning == "decoupled":
-            depth = model.config.depth
-        elif model.config.arch == "ddt":
-            depth = n  # RAE DiT^DH: the encoder sees t, the whole DDT head sees r
-        else:
-            depth = max(1, round(2 * n / 3))
+        depth = default_depth(model.config)
     check_depth(depth, n)
     out = model.with_depth(depth)
     prov = dict(info)

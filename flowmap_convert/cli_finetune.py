@@ -70,7 +70,9 @@ def finetune_cmd(
     depth: Annotated[
         int | None,
         typer.Option(
-            "--depth", "-d", help="Encoder/decoder split when MODEL is a base flow model (default 2/3 of the blocks)."
+            "--depth",
+            "-d",
+            help="Encoder/decoder split when MODEL is a base flow model (default: the depth search-depth chose, else 2/3 of the blocks).",
         ),
     ] = None,
     loss: Annotated[

@@ -106,6 +106,24 @@ class ModelConfig:
         return self.conditioning != "velocity"
 
 
+def default_depth(cfg: ModelConfig) -> int:
+    """The one default encoder/decoder split, used by convert, finetune and the digits demo.
+
+    In order: the split of a model that is already decoupled; the depth `flowmap search-depth` chose for this
+    model (`provenance["search"]["best_depth"]`, written by `--write-best`); for RAE DiT^DH all encoder blocks
+    (the whole DDT head sees r); otherwise 2/3 of the blocks (DMF's choice, 20 of 28 for SiT-XL/2).
+    """
+    n = cfg.num_blocks
+    if cfg.conditioning == "decoupled" and cfg.depth is not None:
+        return cfg.depth
+    searched = (cfg.provenance.get("search") or {}).get("best_depth") if isinstance(cfg.provenance, dict) else None
+    if isinstance(searched, int) and not isinstance(searched, bool) and 1 <= searched <= n:
+        return searched
+    if cfg.arch == "ddt":
+        return n
+    return max(1, round(2 * n / 3))
+
+
 def check_depth(depth: Any, num_blocks: int) -> int:
     """Validate an encoder/decoder split: legal depths are 1..N."""
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_blocks:

@@ -112,3 +112,20 @@ def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path)
             raise RuntimeError("writer failed")
     assert np.load(target)["mu"].shape == (2,)  # the old file is untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["stats.npz"]
+
+
+def test_default_depth_rule():
+    from flowmap_convert.config import ModelConfig, default_depth
+
+    cfg = ModelConfig(num_blocks=28, hidden_size=64, num_heads=4)
+    assert default_depth(cfg) == 19  # 2/3 of 28, rounded
+    assert default_depth(cfg.replace(arch="ddt")) == 28  # RAE DiT^DH: the whole DDT head on r
+    assert default_depth(cfg.replace(provenance={"search": {"best_depth": 22}})) == 22
+    assert default_depth(cfg.replace(provenance={"search": {"best_depth": 99}})) == 19  # out of range: ignored
+    assert default_depth(cfg.replace(conditioning="decoupled", depth=7)) == 7
+
+
+def test_builtin_carries_its_searched_depth():
+    import flowmap_convert as fm
+
+    assert fm.convert("builtin:digits-sit").depth == 5

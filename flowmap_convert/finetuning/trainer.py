@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import default_depth
 from ..errors import FlowmapError
 from .common import Calls, Context
 from .data import EpochSampler, check_dataset, load_dataset
@@ -48,8 +49,7 @@ def prepare_model(model_or_source, recipe: Recipe):
 
         model = convert(str(model_or_source), depth=recipe.depth)
     if model.config.conditioning == "velocity":
-        n = model.config.num_blocks
-        model = model.with_depth(recipe.depth or max(1, round(2 * n / 3)))
+        model = model.with_depth(recipe.depth or default_depth(model.config))
     elif recipe.depth is not None and model.config.conditioning == "decoupled" and recipe.depth != model.config.depth:
         model = model.with_depth(recipe.depth)
     if recipe.loss == "adaptive" and model.logvar_linear is None:
