@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import LatentSpace, ModelConfig
+from ..config import SD_VAE_SCALE, LatentSpace, ModelConfig
 from ..errors import FlowmapError
 from . import register
 
-SD_VAE_SCALE = 0.18215  # REFERENCE §8: every DiT-family code base hard-codes it
 DIFFUSERS_PREFIX = "transformer_blocks."
 _DIFF_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 # Original DiT file names (download.py): indistinguishable from original SiT by keys, so named hints decide.

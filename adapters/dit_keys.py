@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import LatentSpace
+from ..config import SD_VAE_SCALE, LatentSpace
 from ..dit import SIZES, heads_for_hidden
 from ..errors import FlowmapError
 from . import note
@@ -176,7 +176,7 @@ def latent_for(channels: int, input_size: int) -> LatentSpace:
             image_channels=3,
             image_size=8 * input_size,
             repo="stabilityai/sd-vae-ft-ema",
-            scale=0.18215,
+            scale=SD_VAE_SCALE,
         )
     return LatentSpace(
         kind="identity", channels=channels, size=input_size, image_channels=channels, image_size=input_size

@@ -77,7 +77,11 @@ class GaussianOracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.seen = []
 
-    def forward_split(self, x, tau_t, tau_r, y, depth):
+    def encode(self, x, tau_t, y, depth):
+        return x, tau_t
+
+    def decode(self, h, tau_r, y, depth):
+        x, tau_t = h
         self.seen.append((tau_t.clone(), tau_r.clone()))
         ab = torch.from_numpy(alpha_bar_at(tau_t.double().numpy())).reshape(-1, 1, 1, 1)
         # x = sqrt(ab) x0 + sqrt(1 - ab) eps  =>  E[eps | x] = sqrt(1-ab) (x - sqrt(ab) mu) / (ab sigma^2 + 1 - ab)
