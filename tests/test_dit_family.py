@@ -342,3 +342,29 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
         "vae/config.json",
     ]
     assert fam.claims_layout(["model.pt", "README.md"]) is None
+
+
+# ------------------------------------------------------------------------------------------------ DDPM step precision
+@pytest.mark.parametrize("step, tol", [(0, 1e-5), (10, 1e-5), (400, 1e-5), (900, 1e-5), (999, 1e-4)])
+def test_r_equals_t_matches_the_source_fed_its_integer_ddpm_step(step, tol):
+    """u(x_s, s, s) against the source's own forward at DDPM step k and the matching x, s = s_k in float64.
+
+    The time embedding is made steep (first time-MLP layer x30, as in trained DiTs), so a canonical time rounded
+    to float32 (about 2e-5 of a step at k = 400, 1e-4 at k = 999) shows up in u; a float64 time reaches step k.
+    """
+    sd = random_dit_sd(seed=11)
+    sd["t_embedder.mlp.0.weight"] = sd["t_embedder.mlp.0.weight"] * 30
+    model = DiTFamily().build(sd, {"num_heads": 4})
+    lam = default_schedule().log_snr[step]
+    s = torch.sigmoid(-lam / 2).reshape(1).repeat(2)  # float64: log-SNR(s) = 2 log((1 - s)/s) = lambda_k
+    n = torch.sqrt((1 - s) ** 2 + s**2).reshape(-1, 1, 1, 1)
+    x_s = (n * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).double()).float()
+    x_ddpm = (x_s.double() / n).float()  # the matching DDPM input, x_s / n(s)
+    y, tau = torch.tensor([1, 10]), torch.full((2,), float(step))
+    eps = dit_eps(sd, x_ddpm, [tau] * 3, tau, y, heads=4)[:, :4].double()
+    ab = torch.sigmoid(lam)  # alpha_bar_k
+    x0 = (x_ddpm.double() - torch.sqrt(1 - ab) * eps) / torch.sqrt(ab)
+    v = eps - x0  # the source's velocity at its own step
+    with torch.no_grad():
+        u = model(x_s, s, s, y).double()
+    assert (u - v).abs().max().item() <= tol * v.abs().max().item()
