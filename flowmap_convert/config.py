@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import FlowmapError
 
-# Every convention a source can speak; adapters pick one, the model translates at its boundary (DESIGN.md).
+# Every convention a source can speak; adapters pick one, the model translates at its boundary (docs/conventions.md).
 TIME_CONVENTIONS = (
     "canonical",  # t=1 noise, t=0 data, network returns v = eps - x0 (REPA, DMF, RAE, our own)
     "reversed",  # original SiT: t=1 data, network returns x0 - eps

@@ -1,4 +1,4 @@
-"""DDPM schedule tables and the epsilon-prediction -> canonical-velocity conversion (DiT, REFERENCE §5).
+"""DDPM schedule tables and the epsilon-prediction -> canonical-velocity conversion (DiT, docs/conventions.md).
 
 Canonical time s in [0, 1] (s = 1 noise) has the state x_s = (1 - s) x0 + s eps. The DDPM state with the same
 signal-to-noise ratio is x_ddpm = x_s / n(s), n(s) = sqrt((1 - s)^2 + s^2), at alpha_bar(s) = (1 - s)^2 / n(s)^2.

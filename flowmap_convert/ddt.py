@@ -1,4 +1,4 @@
-"""RAE's DiT^DH backbone (`DiTwDDTHead`, REFERENCE §6) and MF-RAE's variant with a (t - r) embedder (§11.1).
+"""RAE's DiT^DH backbone (`DiTwDDTHead`, docs/checkpoints.md) and MF-RAE's variant with a (t - r) embedder.
 
 A LightningDiT encoder (RMSNorm, SwiGLU, 2-D RoPE, optional QK-norm, adaLN with or without shift) on the
 Gaussian-Fourier time embedding, then a wide DDT head whose blocks are modulated token-wise by the encoder output
@@ -26,7 +26,7 @@ from .layers import LabelEmbedder, RMSNorm, modulate, sincos_pos_embed_2d
 
 
 class GaussianFourierEmbedder(nn.Module):
-    """arg = t W 2 pi with a frozen W ~ N(0, 1) [256] -> [sin | cos] -> Linear(512, D) -> SiLU -> Linear (§6.4)."""
+    """arg = t W 2 pi with a frozen W ~ N(0, 1) [256] -> [sin | cos] -> Linear(512, D) -> SiLU -> Linear (RAE)."""
 
     def __init__(self, hidden_size: int, embedding_size: int = 256):
         super().__init__()
@@ -42,7 +42,7 @@ class GaussianFourierEmbedder(nn.Module):
 
 
 class VisionRope(nn.Module):
-    """EVA's VisionRotaryEmbeddingFast(dim = head_dim / 2): rows rotate the first half, columns the second (§6.4)."""
+    """EVA's VisionRotaryEmbeddingFast(dim = head_dim / 2): rows rotate the first half, columns the second."""
 
     def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
         super().__init__()
@@ -157,7 +157,7 @@ class DDTFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-# Architecture switches in ModelConfig.extra, with RAE's released values as defaults (§6.2).
+# Architecture switches in ModelConfig.extra, with RAE's released values as defaults (docs/checkpoints.md).
 DDT_DEFAULTS = {
     "decoder_hidden": 2048,  # D_d of the DDT head
     "decoder_blocks": 2,  # N_d

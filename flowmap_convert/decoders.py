@@ -77,7 +77,7 @@ class SDVAEDecoder:
 
 
 # ------------------------------------------------------------------------------------------------ RAE (§7)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (REFERENCE §7, §14.8)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (docs/checkpoints.md, RAE latents)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 

@@ -1,4 +1,4 @@
-"""Independent plain-PyTorch source forwards written from REFERENCE.md, taking raw state dicts (test oracles).
+"""Independent plain-PyTorch source forwards written from the sources' code (docs/checkpoints.md), taking raw state dicts (test oracles).
 
 Nothing here imports flowmap_convert: these are the sources' own forwards, re-derived from the facts sheet, so a
 bug in the package cannot hide in its reference.

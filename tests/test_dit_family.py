@@ -23,7 +23,7 @@ from flowmap_convert.ddpm import covered_range, default_schedule
 from flowmap_convert.errors import FlowmapError
 from flowmap_convert.model import FlowMap
 
-TOL = 1e-5  # fp32, absolute (DESIGN.md: the r = t invariant)
+TOL = 1e-5  # fp32, absolute (docs/conventions.md: the r = t invariant)
 
 
 def random_dit_sd(c=4, d=32, n=3, p=2, grid=4, rows=11, seed=0) -> dict:
@@ -107,7 +107,7 @@ def oracle_model(mu=0.7, sigma=0.5):
 
 def test_covered_range_matches_the_schedule():
     lo, hi = covered_range()
-    assert abs(lo - 0.0099) < 1e-4 and abs(hi - 0.9937) < 1e-4  # REFERENCE §5.1
+    assert abs(lo - 0.0099) < 1e-4 and abs(hi - 0.9937) < 1e-4  # DiT's 1000 linear betas (docs/conventions.md)
     sch = default_schedule()
     for k in (0, 1, 17, 500, 998, 999):
         s = torch.tensor([tau_s := 1.0 / (1.0 + math.exp(sch.log_snr[k].item() / 2))], dtype=torch.float64)
@@ -214,7 +214,7 @@ def test_detection_dit_vs_sit_needs_a_hint():
     from flowmap_convert.adapters import choose_family
 
     sd = random_dit_sd()
-    assert FAMILIES["dit"].detect(sd) and FAMILIES["sit"].detect(sd)  # identical keys (REFERENCE §5.1)
+    assert FAMILIES["dit"].detect(sd) and FAMILIES["sit"].detect(sd)  # identical keys (docs/checkpoints.md)
     assert choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "dit"
     assert choose_family(sd, {"name": "SiT-XL-2-256x256.pt"})[0] == "sit"
     assert choose_family(sd, {"args": {"model": "DiT-XL/2"}})[0] == "dit"
@@ -315,9 +315,7 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
     (tmp_path / "transformer").mkdir()
     shutil.copy(root / "transformer" / "config.json", tmp_path / "transformer" / "config.json")
     sd = load_file(str(root / "transformer" / "diffusion_pytorch_model.safetensors"))
-    torch.save(
-        sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin"
-    )  # main branch of facebook/DiT-XL-2-256 (§5.2)
+    torch.save(sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin")  # main branch of facebook/DiT-XL-2-256
     fam = FAMILIES["dit"]
     assert fam.claims_dir(tmp_path) and fam.claims_dir(root)
     model, used = fam.build_dir(tmp_path, {})

@@ -194,7 +194,7 @@ def model_guidance(ctx: Context, x_t, t, y, drop, v_t) -> torch.Tensor:
         tt = torch.cat([t, t])
         out = ctx.model(torch.cat([x_t, x_t]), tt, tt, torch.cat([y, torch.full_like(y, ctx.null)]))
         v_c, v_u = out[:b].float(), out[b:].float()
-        guided = v_t + omega * (v_c - v_u)  # DMF mg target (REFERENCE §10)
+        guided = v_t + omega * (v_c - v_u)  # DMF Eq. 4 (model guidance target)
     return torch.where(bcast(use), guided, v_t).detach()
 
 
