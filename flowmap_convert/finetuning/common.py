@@ -77,9 +77,7 @@ def per_sample_loss(err: torch.Tensor, lv: torch.Tensor | None, recipe: Recipe) 
     if recipe.loss == "adaptive":
         mse = err.pow(2).mean(dim=(1, 2, 3))
         lv = lv.float().reshape(-1)
-        return (
-            torch.log(mse * torch.exp(-lv) + recipe.logvar_eps) + lv
-        )  # DMF log_lv_loss (adaptive, Eq. 10 of 2510.24474)
+        return torch.log(mse * torch.exp(-lv) + recipe.logvar_eps) + lv  # DMF log_lv_loss (adaptive, DMF Eq. 6 / Eq. 9)
     if recipe.loss == "adaptive-weight":
         m = err.pow(2).sum(dim=(1, 2, 3))
         w = (
