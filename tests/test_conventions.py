@@ -109,3 +109,20 @@ def test_velocity_models_cannot_be_fine_tuned_decoder_only_until_split():
     model = DiTFamily().build(random_dit_sd(seed=27), {"num_heads": 4})
     assert model.config.conditioning == "velocity" and not Calls.can_split(model)
     assert Calls.can_split(model.with_depth(1))
+
+
+def test_rae_decoder_only_training_reaches_only_the_decoder():
+    from flowmap_convert.finetuning.common import Context, mf_target
+    from flowmap_convert.finetuning.recipe import Recipe
+    from flowmap_convert.finetuning.trainer import set_trainable
+
+    model = rae_model()
+    set_trainable(model, "decoder")
+    x, v, t, r, y = batch(model)
+    ctx = Context(Calls(model, decoder_only=True), Recipe(train="decoder"), model.config.num_classes)
+    u, u_tgt, _ = mf_target(ctx, x, t, r, y, v)
+    (u - u_tgt).pow(2).sum().backward()
+    net = model.net
+    assert all(p.grad is None for p in net.blocks[0].parameters())  # encoder block on t: frozen, not run with grad
+    assert net.blocks[2].adaLN_modulation[1].weight.grad.abs().sum() > 0  # encoder block on r: decoder side
+    assert net.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0 and net.final_layer.linear.weight.grad.abs().sum() > 0

@@ -366,3 +366,18 @@ def test_r_equals_t_matches_the_source_fed_its_integer_ddpm_step(step, tol):
     with torch.no_grad():
         u = model(x_s, s, s, y).double()
     assert (u - v).abs().max().item() <= tol * v.abs().max().item()
+
+
+def test_diffusers_dit_decoder_only_u_and_dudt_equal_the_full_model(diffusers_repo):
+    from torch.func import jvp
+
+    from flowmap_convert.finetuning.common import Calls
+
+    model = load_diffusers_dir(diffusers_repo[0]).with_depth(2).eval()
+    g = torch.Generator().manual_seed(8)
+    x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, r, y = torch.tensor([0.8, 0.3]), torch.tensor([0.1, 0.3]), torch.tensor([2, 10])
+    u_ref, dudt_ref = jvp(lambda x_, t_: model(x_, t_, r, y), (x, t), (v, torch.ones(2)))
+    u, dudt = Calls(model, decoder_only=True).u_and_dudt_jvp(x, t, r, y, v)
+    assert (u - u_ref).abs().max().item() <= 1e-6
+    assert (dudt - dudt_ref).abs().max().item() <= 1e-5 * max(1.0, dudt_ref.abs().max().item())
