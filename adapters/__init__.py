@@ -1,6 +1,6 @@
 """Source adapters: resolve a source, read it safely, detect its family and build a canonical FlowMap.
 
-Pipeline (DESIGN.md): resolve -> download/cache -> read state dict safely -> detect family -> build -> load strictly.
+Pipeline (docs/architecture.md): resolve -> download/cache -> read state dict safely -> detect family -> build -> load strictly.
 `load_source(source, ...)` is the single entry point and returns `(model, info)`: `model` is a FlowMap in the
 canonical convention (a base velocity model, or already a flow map for DMF / MF-RAE / exported sources) and
 `info` its provenance (source, revision, file, sha256, weights, family).

@@ -1,7 +1,7 @@
 """Safe checkpoint reading: safetensors first, `.pt` through `torch.load(weights_only=True)` with a small allowlist.
 
 A training checkpoint is a dict `{'model', 'ema', 'opt', 'args', ...}` whose `args` is an `argparse.Namespace`
-(DiT, SiT, REPA, DMF; REFERENCE §12); a released file is a plain state dict. `read_checkpoint` returns both
+(DiT, SiT, REPA, DMF; docs/checkpoints.md); a released file is a plain state dict. `read_checkpoint` returns both
 kinds as a `Checkpoint` holding one state dict (EMA by default), the training args as a plain dict, and what
 was chosen. Pickles needing anything beyond tensors, containers, `argparse.Namespace` and numpy scalars are
 refused unless the user passes `--trust-pickle`.

@@ -1,4 +1,4 @@
-"""DiT family (REFERENCE §5): original `.pt` state dicts and diffusers-format repos, both epsilon-prediction DDPM.
+"""DiT family (docs/checkpoints.md): original `.pt` state dicts and diffusers-format repos, both epsilon-prediction DDPM.
 
 Both become a `dit` backbone with `time_convention="ddpm-eps"`: the FlowMap boundary maps canonical t to the DDPM
 step with the same signal-to-noise ratio and turns epsilon into v = eps - x0 (flowmap_convert/ddpm.py).
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import LatentSpace, ModelConfig
+from ..config import SD_VAE_SCALE, LatentSpace, ModelConfig
 from ..errors import FlowmapError
 from . import register
 
-SD_VAE_SCALE = 0.18215  # REFERENCE §8: every DiT-family code base hard-codes it
 DIFFUSERS_PREFIX = "transformer_blocks."
 _DIFF_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 # Original DiT file names (download.py): indistinguishable from original SiT by keys, so named hints decide.
@@ -27,12 +26,12 @@ NAME_HINT = re.compile(r"(^|/)DiT-(XL|L|B|S)-\d+-\d+x\d+\.pt$", re.IGNORECASE)
 
 
 def is_diffusers_dit(sd: dict) -> bool:
-    """True for a diffusers DiTTransformer2DModel state dict (§5.2 key names)."""
+    """True for a diffusers DiTTransformer2DModel state dict (diffusers key names)."""
     return "proj_out_2.weight" in sd and f"{DIFFUSERS_PREFIX}0.norm1.emb.timestep_embedder.linear_1.weight" in sd
 
 
 def is_original_dit(sd: dict) -> bool:
-    """True for a DiT §1.2 state dict with a learn_sigma head (2C outputs) and no REPA/DMF extras."""
+    """True for a DiT-layout state dict with a learn_sigma head (2C outputs) and no REPA/DMF extras."""
     need = (
         "x_embedder.proj.weight",
         "t_embedder.mlp.0.weight",
@@ -52,7 +51,7 @@ def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
     """Rename diffusers DiT keys to the canonical DiT keys (the inverse of diffusers' convert_dit_to_diffusers.py).
 
     The timestep and class embedders are copied into every block in diffusers; block 0's copy is taken after
-    checking that all copies are equal (the final layer uses block 0's, REFERENCE §5.2).
+    checking that all copies are equal (the final layer uses block 0's, docs/checkpoints.md).
     """
     out: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
@@ -195,7 +194,7 @@ def build_dit(sd: dict, options: dict, diffusers_config: dict | None = None):
         sub = {"subfolder": latent_repo[1]} if latent_repo[1] else {}
         cfg = cfg.replace(latent=dataclasses.replace(cfg.latent, repo=latent_repo[0], extra=sub))
     sd = dict(sd)
-    if "pos_embed" not in sd:  # diffusers: a fixed sin-cos table, identical formula (§1.4)
+    if "pos_embed" not in sd:  # diffusers: a fixed sin-cos table, identical formula
         table = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
         sd["pos_embed"] = torch.from_numpy(table).float().unsqueeze(0)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
@@ -210,7 +209,7 @@ class DiTFamily:
     tie_winner = False  # an original DiT file has exactly SiT's keys: the name, args or --family decide
 
     def detect(self, sd: dict) -> bool:
-        """Diffusers DiT keys, or a §1.2 state dict with a learn_sigma head (shared with original SiT)."""
+        """Diffusers DiT keys, or a DiT-layout state dict with a learn_sigma head (shared with original SiT)."""
         return is_diffusers_dit(sd) or is_original_dit(sd)
 
     def hint(self, meta: dict) -> bool:
@@ -274,7 +273,7 @@ class DiTFamily:
 
 # ---------------------------------------------------------------------------------------------- diffusers repos
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # older configs name the generic class (§5.2)
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # older configs name the generic class
 _SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}")
 
 

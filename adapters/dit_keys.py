@@ -1,6 +1,6 @@
 """Shared reading of DiT-style state dicts (DiT, SiT, REPA, DMF): infer the architecture from keys and shapes.
 
-Key patterns and shapes: REFERENCE §1.2. Everything `ModelConfig` needs is read from the weights; only the head
+Key patterns and shapes: docs/checkpoints.md. Everything `ModelConfig` needs is read from the weights; only the head
 count is not stored, so it comes from `--num-heads`, the training args' model name (`SiT-XL/2`), the QK-norm
 width, or the standard table by hidden size (`dit.heads_for_hidden`), in that order.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import LatentSpace
+from ..config import SD_VAE_SCALE, LatentSpace
 from ..dit import SIZES, heads_for_hidden
 from ..errors import FlowmapError
 from . import note
@@ -89,7 +89,7 @@ def infer_dit_config(
         )
     n = num_blocks(sd)
     rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
-    # The class table has K + 1 rows when a null label exists (class dropout > 0, REFERENCE §13); training
+    # The class table has K + 1 rows when a null label exists (class dropout > 0, docs/checkpoints.md); training
     # args name K when present, otherwise the standard layout (null row last) is assumed.
     num_classes = int(args.get("num_classes", rows - 1) or rows - 1)
     if num_classes not in (rows, rows - 1):
@@ -167,7 +167,7 @@ def check_linear_velocity(args: dict[str, Any], family: str) -> None:
 
 
 def latent_for(channels: int, input_size: int) -> LatentSpace:
-    """SD-VAE latents for 4-channel ImageNet models (REFERENCE §8); pixels otherwise."""
+    """SD-VAE latents for 4-channel ImageNet models (docs/checkpoints.md); pixels otherwise."""
     if channels == 4:
         return LatentSpace(
             kind="sd-vae",
@@ -176,7 +176,7 @@ def latent_for(channels: int, input_size: int) -> LatentSpace:
             image_channels=3,
             image_size=8 * input_size,
             repo="stabilityai/sd-vae-ft-ema",
-            scale=0.18215,
+            scale=SD_VAE_SCALE,
         )
     return LatentSpace(
         kind="identity", channels=channels, size=input_size, image_channels=channels, image_size=input_size

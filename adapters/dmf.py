@@ -1,7 +1,7 @@
 """Official Decoupled MeanFlow checkpoints (kyungmnlee/DMF `DMFT`): already flow maps in canonical time.
 
 The file does not store the encoder/decoder split; `--depth` gives it, else a training checkpoint's
-`args.dmf_depth`, else DMF's released split (20 for XL/2), else 2/3 of the blocks (REFERENCE §2.3). The
+`args.dmf_depth`, else DMF's released split (20 for XL/2), else 2/3 of the blocks (docs/checkpoints.md). The
 `logvar_linear` head of the adaptive loss is kept (ModelConfig.logvar); QK-norm is DMF's RMSNorm (`q_norm.scale`).
 """
 

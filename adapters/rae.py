@@ -1,16 +1,16 @@
-"""RAE DiT^DH stage-2 models (nyu-visionx/RAE-collections, REFERENCE §6) and MF-RAE (sony/mf-rae, §11).
+"""RAE DiT^DH stage-2 models (nyu-visionx/RAE-collections) and MF-RAE (sony/mf-rae); layouts in docs/checkpoints.md.
 
 Both are canonical-time models over RAE's DINOv2 latent space [768, 16, 16] (256 px) or [768, 32, 32] (512 px).
 RAE becomes a velocity FlowMap on arch "ddt" (convert splits it; the default depth puts the whole DDT head on r);
 MF-RAE keeps its own "meanflow" conditioning (an r_embedder of t - r), so it already is a flow map.
 
 Sampling defaults. RAE models get `sampling["shift"] = sqrt(C H W / 4096)` (sqrt(48) = 6.93 at 256 px, sqrt(192) at
-512 px), the shift RAE applies to its training times and its sampling grid (§6.4). RAE's own ODE grid is
+512 px), the shift RAE applies to its training times and its sampling grid (docs/conventions.md). RAE's own ODE grid is
 shift(1 - linspace(0, 0.999, N)): N - 1 Euler steps that stop at shift(0.001) ~ 0.0069 with no final denoise.
 Our grid is shift(linspace(1, 0, nfe + 1)): nfe steps that end exactly at t = 0, so the last step jumps all the way
 to data (a flow map's u(x_t, t, 0) is made for that). For a base RAE velocity model at many steps the two agree up
 to that last 0.0069 of time; at a few steps ours spends one more step's worth of time on the cleanest end.
-MF-RAE samples on an unshifted uniform grid with 1-4 steps (§11.6), so its default shift is 1.
+MF-RAE samples on an unshifted uniform grid with 1-4 steps, so its default shift is 1.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from . import register
 
 RAE_REPO = "nyu-visionx/RAE-collections"
 DINO_ENCODER = "facebook/dinov2-with-registers-base"
-# Decoder and normalisation statistics per latent side (REFERENCE §7; paths in RAE-collections).
+# Decoder and normalisation statistics per latent side (docs/checkpoints.md; paths in RAE-collections).
 RAE_FILES = {
     16: ("decoders/dinov2/wReg_base/ViTXL_n08/model.pt", "stats/dinov2/wReg_base/imagenet1k/stat.pt", 224),
     32: ("decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt", "stats/dinov2/wReg_base/imagenet1k_512/stat.pt", 448),
 }
-# Stage-2 checkpoints inside RAE-collections (§6.1), for the alias table / file picking.
+# Stage-2 checkpoints inside RAE-collections (docs/checkpoints.md), for the alias table / file picking.
 RAE_STAGE2 = {
     "DiTDH-XL-256": "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt",
     "DiTDH-S-256": "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-S_ep14/stage2_model.pt",
@@ -38,12 +38,12 @@ RAE_STAGE2 = {
 
 
 def rae_time_shift(channels: int, side: int, base: int = 4096) -> float:
-    """RAE's resolution-dependent shift sqrt(C H W / 4096): sqrt(48) at 256 px, sqrt(192) at 512 px (§6.4)."""
+    """RAE's resolution-dependent shift sqrt(C H W / 4096): sqrt(48) at 256 px, sqrt(192) at 512 px."""
     return math.sqrt(channels * side * side / base)
 
 
 def unwrap(sd: dict) -> dict:
-    """RAE's loader: use 'ema' when present (§6.1); plain state dicts pass through."""
+    """RAE's loader: use 'ema' when present; plain state dicts pass through."""
     if isinstance(sd.get("ema"), dict):
         return sd["ema"]
     return sd
@@ -113,7 +113,7 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
             "layer_norm_eps": 1e-12,
         },
     )
-    shift = 1.0 if meanflow else rae_time_shift(c, side)  # MF-RAE samples on a uniform grid (§11.6)
+    shift = 1.0 if meanflow else rae_time_shift(c, side)  # MF-RAE samples on a uniform grid
     extra = {
         "decoder_hidden": d_d,
         "decoder_blocks": n_d,

@@ -1,6 +1,6 @@
 """REPA SiT checkpoints (sihyun-yu/REPA; also DMF's base SiT-XL/2+REPA): canonical time, v = eps - x0.
 
-Released files are plain state dicts, training files `{'model','ema','opt','args','steps'}` (REFERENCE §3.1).
+Released files are plain state dicts, training files `{'model','ema','opt','args','steps'}` (docs/checkpoints.md).
 REPA's `projectors.*` (the representation-alignment MLPs) are not part of the velocity model and are dropped
 with a note; legacy `decoder_blocks.{i}` keys become `blocks.{i + encoder_depth}` (REPA utils.load_legacy_checkpoints).
 """

@@ -1,4 +1,4 @@
-"""Original SiT checkpoints (willisma/SiT): reversed time (t=1 data) and velocity x0 - eps (REFERENCE §4).
+"""Original SiT checkpoints (willisma/SiT): reversed time (t=1 data) and velocity x0 - eps (docs/conventions.md).
 
 The released SiT-XL/2 has a learn_sigma head (2C channels). The head is kept whole: final_layer.linear rows are
 ordered (p, q, c) with c fastest, so unpatchifying all 2C channels and keeping the first C (the model's

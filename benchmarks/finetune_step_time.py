@@ -4,7 +4,7 @@ Usage:
   PYTHONPATH=. python benchmarks/finetune_step_time.py [--model builtin:digits-sit] [--depth 5] [--batch-size 64]
       [--steps 8] [--out benchmarks/results/finetune_step_time-cpu.md]
 
-Without the builtin model it times a random model of the same shape as REFERENCE §16's digits SiT
+Without the builtin model it times a random model of the same shape as the builtin digits SiT
 (hidden 128, 6 blocks, 4 heads, MLP ratio 2, 1x16x16, patch 2). Each cell: median of --steps timed steps after
 2 warm-up steps, same data and seed for every cell.
 """

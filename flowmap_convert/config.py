@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import FlowmapError
 
-# Every convention a source can speak; adapters pick one, the model translates at its boundary (DESIGN.md).
+# Every convention a source can speak; adapters pick one, the model translates at its boundary (docs/conventions.md).
 TIME_CONVENTIONS = (
     "canonical",  # t=1 noise, t=0 data, network returns v = eps - x0 (REPA, DMF, RAE, our own)
     "reversed",  # original SiT: t=1 data, network returns x0 - eps
@@ -21,6 +21,9 @@ CONDITIONINGS = (
 )
 
 
+SD_VAE_SCALE = 0.18215  # the SD-VAE latent scale every DiT-family code base hard-codes (docs/checkpoints.md)
+
+
 @dataclass(frozen=True)
 class LatentSpace:
     """Where the model's samples live and how to turn them into pixels."""
@@ -31,7 +34,7 @@ class LatentSpace:
     image_channels: int = 3  # channels of the decoded image
     image_size: int = 256  # side of the decoded image
     repo: str | None = None  # decoder location (Hub id or local path), e.g. stabilityai/sd-vae-ft-ema
-    scale: float = 1.0  # latent = (raw - bias) * scale; SD-VAE uses 0.18215
+    scale: float = 1.0  # latent = (raw - bias) * scale; SD-VAE uses SD_VAE_SCALE
     bias: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. RAE stats file, encoder id
 

@@ -1,10 +1,12 @@
-"""DDPM schedule tables and the epsilon-prediction -> canonical-velocity conversion (DiT, REFERENCE §5).
+"""DDPM schedule tables and the epsilon-prediction -> canonical-velocity conversion (DiT, docs/conventions.md).
 
 Canonical time s in [0, 1] (s = 1 noise) has the state x_s = (1 - s) x0 + s eps. The DDPM state with the same
 signal-to-noise ratio is x_ddpm = x_s / n(s), n(s) = sqrt((1 - s)^2 + s^2), at alpha_bar(s) = (1 - s)^2 / n(s)^2.
 The continuous DDPM time tau(s) is where the table's log-SNR, interpolated linearly between integer steps, equals
 log-SNR(s) = 2 log((1 - s) / s); at integer tau this is exactly the table. DiT (1000 linear-beta steps) covers
 s in [0.0099, 0.9937]; outside that range tau is clamped to [0, 999] (see `eps_to_velocity` for what v does there).
+All of it runs in float64; a float64 canonical time passed to FlowMap stays float64 until tau is cast for the
+network, so the float64 s of an integer step reaches exactly that step (docs/conventions.md, DDPM precision).
 """
 
 from __future__ import annotations

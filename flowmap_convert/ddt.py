@@ -1,4 +1,4 @@
-"""RAE's DiT^DH backbone (`DiTwDDTHead`, REFERENCE §6) and MF-RAE's variant with a (t - r) embedder (§11.1).
+"""RAE's DiT^DH backbone (`DiTwDDTHead`, docs/checkpoints.md) and MF-RAE's variant with a (t - r) embedder.
 
 A LightningDiT encoder (RMSNorm, SwiGLU, 2-D RoPE, optional QK-norm, adaLN with or without shift) on the
 Gaussian-Fourier time embedding, then a wide DDT head whose blocks are modulated token-wise by the encoder output
@@ -26,7 +26,7 @@ from .layers import LabelEmbedder, RMSNorm, modulate, sincos_pos_embed_2d
 
 
 class GaussianFourierEmbedder(nn.Module):
-    """arg = t W 2 pi with a frozen W ~ N(0, 1) [256] -> [sin | cos] -> Linear(512, D) -> SiLU -> Linear (§6.4)."""
+    """arg = t W 2 pi with a frozen W ~ N(0, 1) [256] -> [sin | cos] -> Linear(512, D) -> SiLU -> Linear (RAE)."""
 
     def __init__(self, hidden_size: int, embedding_size: int = 256):
         super().__init__()
@@ -42,7 +42,7 @@ class GaussianFourierEmbedder(nn.Module):
 
 
 class VisionRope(nn.Module):
-    """EVA's VisionRotaryEmbeddingFast(dim = head_dim / 2): rows rotate the first half, columns the second (§6.4)."""
+    """EVA's VisionRotaryEmbeddingFast(dim = head_dim / 2): rows rotate the first half, columns the second."""
 
     def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
         super().__init__()
@@ -157,7 +157,7 @@ class DDTFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-# Architecture switches in ModelConfig.extra, with RAE's released values as defaults (§6.2).
+# Architecture switches in ModelConfig.extra, with RAE's released values as defaults (docs/checkpoints.md).
 DDT_DEFAULTS = {
     "decoder_hidden": 2048,  # D_d of the DDT head
     "decoder_blocks": 2,  # N_d
@@ -176,7 +176,7 @@ def ddt_options(cfg: ModelConfig) -> dict:
 
 
 class DiTDH(nn.Module):
-    """DiTwDDTHead (and DiTwDDTHead_MF when cfg.conditioning == "meanflow") behind `forward_flowmap`."""
+    """DiTwDDTHead (`encode` / `decode`, canonical time) and DiTwDDTHead_MF (`forward_flowmap`, conditioning "meanflow")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -215,34 +215,54 @@ class DiTDH(nn.Module):
             + [blk(d_d, heads_d) for _ in range(self.num_decoder_blocks)]
         )
 
-    def time_embeddings(self, t: torch.Tensor, r: torch.Tensor, depth: int):
-        """(te for encoder blocks < depth, te for blocks >= depth, te injected into s for the head)."""
-        te_t = self.t_embedder(t)
-        if self.meanflow:
-            te = te_t + self.r_embedder(t - r)  # MF-RAE forward(x, r, t, y): r_embedder(t - r)
-            return te, te, te
-        te_r = self.t_embedder(r)
-        return te_t, te_r, te_r
-
-    def forward_flowmap(
-        self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, depth: int
-    ) -> torch.Tensor:
-        """u(x_t, t, r) in canonical time; at r = t the source's velocity eps - x0 (§6.5 / §11.1)."""
-        te_a, te_b, te_head = self.time_embeddings(t, r, depth)
-        ye = self.y_embedder(y)
-        c_a = F.silu(te_a + ye)  # c = silu(t + y); each adaLN applies SiLU again
-        c_b = F.silu(te_b + ye)
+    # ---------------------------------------------------------------- pieces shared by every path
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.s_embedder(x)
-        if self.pos_embed is not None:
-            s = s + self.pos_embed.to(s.dtype)
-        for i in range(self.num_encoder_blocks):
-            s = self.blocks[i](s, c_a if i < depth else c_b, self.enc_feat_rope)
-        s = F.silu(te_head.unsqueeze(1) + s)  # broadcast time into every token, no label
-        s = self.s_projector(s)
-        h = self.x_embedder(x)  # no position table on the head path
+        return s if self.pos_embed is None else s + self.pos_embed.to(s.dtype)
+
+    def _encoder_blocks(self, s: torch.Tensor, c: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        for i in range(lo, hi):
+            s = self.blocks[i](s, c, self.enc_feat_rope)
+        return s
+
+    def _head(self, s: torch.Tensor, h: torch.Tensor, te_head: torch.Tensor) -> torch.Tensor:
+        """DDT head: s = silu(te + s) into every token (no label), blocks on the raw-latent tokens h, final layer."""
+        s = self.s_projector(F.silu(te_head.unsqueeze(1) + s))
         for blk in self.blocks[self.num_encoder_blocks :]:
             h = blk(h, s, self.dec_feat_rope)
         out = self.final_layer(h, s)
         b, n, ch = out.shape
         side = int(math.isqrt(n))
         return out.transpose(1, 2).reshape(b, ch, side, side)  # patch 1: tokens are pixels, row-major
+
+    # ---------------------------------------------------------------- decoupled DiT^DH (canonical time)
+    def encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int) -> tuple:
+        """(encoder tokens after blocks[:depth] on c(t), head input tokens x_embedder(x)); DiT^DH only."""
+        if self.meanflow:
+            raise FlowmapError("an MF-RAE model embeds t - r in every block, so it cannot be split at a depth.")
+        c = F.silu(self.t_embedder(t) + self.y_embedder(y))  # c = silu(t + y); each adaLN applies SiLU again
+        s = self._encoder_blocks(self._encoder_input(x), c, 0, min(depth, self.num_encoder_blocks))
+        return s, self.x_embedder(x)  # no position table on the head path
+
+    def decode(self, state: tuple, r: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
+        """Encoder blocks [depth, N_e) on c(r), then the head with te(r); returns (B, C, H, W)."""
+        s, h = state
+        te_r = self.t_embedder(r)
+        c = F.silu(te_r + self.y_embedder(y))
+        s = self._encoder_blocks(s, c, min(depth, self.num_encoder_blocks), self.num_encoder_blocks)
+        return self._head(s, h, te_r)
+
+    # ---------------------------------------------------------------- MF-RAE (whole network on t and t - r)
+    def forward_flowmap(
+        self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor, depth: int
+    ) -> torch.Tensor:
+        """u(x_t, t, r) in canonical time, MF-RAE forward(x, r, t, y): te(t) + re(t - r) everywhere te appears.
+
+        For a decoupled DiT^DH this is decode(encode(x, t), r); at r = t it is the source's velocity eps - x0.
+        """
+        if not self.meanflow:
+            return self.decode(self.encode(x, t, y, depth), r, y, depth)
+        te = self.t_embedder(t) + self.r_embedder(t - r)
+        c = F.silu(te + self.y_embedder(y))
+        s = self._encoder_blocks(self._encoder_input(x), c, 0, self.num_encoder_blocks)
+        return self._head(s, self.x_embedder(x), te)

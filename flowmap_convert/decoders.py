@@ -76,8 +76,8 @@ class SDVAEDecoder:
         return z.float() * self.latent.scale + self.latent.bias
 
 
-# ------------------------------------------------------------------------------------------------ RAE (§7)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (REFERENCE §7, §14.8)
+# ------------------------------------------------------------------------------------------------ RAE
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (docs/checkpoints.md, RAE latents)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -108,7 +108,7 @@ def load_weights_only(path: Path, what: str) -> dict:
 
 
 class ViTMAELayer(nn.Module):
-    """transformers' ViTMAELayer: pre-norm attention and GELU MLP with residuals (keys as in RAE's decoder, §7)."""
+    """transformers' ViTMAELayer: pre-norm attention and GELU MLP with residuals (keys as in RAE's decoder, docs/checkpoints.md)."""
 
     def __init__(self, dim: int, heads: int, intermediate: int, eps: float):
         super().__init__()

@@ -101,7 +101,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = PatchEmbed(cfg.in_channels, d, p)
-        # extra["freq_shift"] = 1 and extra["norm2_eps"] = 1e-5 reproduce diffusers-format DiT weights exactly (§5.2).
+        # extra["freq_shift"] = 1 and extra["norm2_eps"] = 1e-5 reproduce diffusers-format DiT weights exactly.
         self.t_embedder = TimestepEmbedder(d, freq_shift=int(cfg.extra.get("freq_shift", 0)))
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_embed_rows)
         grid = cfg.input_size // p
@@ -164,7 +164,7 @@ class DiT(nn.Module):
         return x.reshape(tokens.shape[0], c, h * p, w * p)
 
 
-# Standard sizes shared by DiT, SiT, REPA and DMF (REFERENCE §1.1): name -> (hidden, blocks, heads).
+# Standard sizes shared by DiT, SiT, REPA and DMF (docs/checkpoints.md): name -> (hidden, blocks, heads).
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "M": (1024, 16, 16), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
 

@@ -12,9 +12,9 @@ from torch import nn
 def timestep_embedding(
     t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0
 ) -> torch.Tensor:
-    """Sinusoidal embedding [cos | sin] of a 1-D time tensor, always in fp32 (DiT/SiT/REPA/DMF, REFERENCE §1.3).
+    """Sinusoidal embedding [cos | sin] of a 1-D time tensor, always in fp32 (DiT/SiT/REPA/DMF, docs/conventions.md).
 
-    f_k = exp(-ln(max_period) k / (half - freq_shift)); diffusers' DiT uses downscale_freq_shift = 1 (§5.2).
+    f_k = exp(-ln(max_period) k / (half - freq_shift)); diffusers' DiT uses downscale_freq_shift = 1.
     """
     half = dim // 2
     freqs = torch.exp(
@@ -81,7 +81,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2-D sin-cos table (grid*grid, dim): first half encodes the column, second the row (REFERENCE §1.4)."""
+    """Fixed 2-D sin-cos table (grid*grid, dim): first half encodes the column, second the row (MAE / DiT)."""
 
     def one_d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))

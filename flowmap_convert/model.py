@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
@@ -25,9 +27,13 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
 
 def as_time(t, batch: int, device) -> torch.Tensor:
-    """Any scalar, (B,), (B,1) or (B,1,1,1) time -> a (B,) fp32 tensor (times never run in low precision)."""
+    """Any scalar, (B,), (B,1) or (B,1,1,1) time -> a (B,) tensor: float64 stays float64, anything else is fp32.
+
+    Times never run in low precision. Float64 is kept because one float32 ulp of t near 1 moves a DDPM source's
+    step by about 1e-4 at step 999 (docs/conventions.md); each backbone casts its own source time to fp32 at the end.
+    """
     t = torch.as_tensor(t, device=device)
-    t = t.float().reshape(-1)
+    t = (t if t.dtype == torch.float64 else t.float()).reshape(-1)
     if t.numel() == 1:
         t = t.expand(batch)
     if t.numel() != batch:
@@ -35,18 +41,46 @@ def as_time(t, batch: int, device) -> torch.Tensor:
     return t
 
 
+def make_logvar_head() -> nn.Linear:
+    """DMF's log-variance head of the adaptive loss (DMF Eq. 6): Linear(cat[emb128(t), emb128(r)]) -> 1, zero-init."""
+    head = nn.Linear(256, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class FlowState(NamedTuple):
+    """What `FlowMap.encode` hands to `FlowMap.decode`: the canonical x_t and t, and the backbone's encoder state.
+
+    `h` is in the backbone's own source time (DiT tokens after blocks[:depth]; a (tokens, head-input) pair for
+    DiT^DH; None for a family that cannot split, whose decode then runs the whole network). A NamedTuple, so
+    torch.func.jvp carries tangents for every field.
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    h: Any
+
+
 class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["flow-map", "meanflow"]):
-    """A flow map u(x_t, t, r): x_r = x_t + (r - t) * u; at r = t it is the source's velocity eps - x0."""
+    """A flow map u(x_t, t, r): x_r = x_t + (r - t) * u; at r = t it is the source's velocity eps - x0.
+
+    The one place where source conventions meet canonical time (docs/conventions.md): backbones compute in their
+    own time; `encode` / `decode` translate (reversed SiT time and sign, DDPM epsilon with the SNR-matched input,
+    the learn_sigma slice), and `forward` is decode(encode(x, t, y), r, y).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.net = build_backbone(config)
-        # DMF's log-variance head for the adaptive loss (REFERENCE §2.5): cat[emb128(t), emb128(r)] -> 1.
-        self.logvar_linear = nn.Linear(256, 1) if config.logvar else None
-        if self.logvar_linear is not None:
-            nn.init.zeros_(self.logvar_linear.weight)
-            nn.init.zeros_(self.logvar_linear.bias)
+        self.logvar_linear = make_logvar_head() if config.logvar else None
+
+    def add_logvar_head(self) -> None:
+        """Give the model a zero-initialised log-variance head (lv = 0 at the start) unless it has one."""
+        if self.logvar_linear is None:
+            self.logvar_linear = make_logvar_head()
+            self.config = self.config.replace(logvar=True)
 
     # ------------------------------------------------------------------ convention boundary
     @property
@@ -54,47 +88,69 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         """Blocks conditioned on t; the remaining blocks and the head see r."""
         return self.config.depth if self.config.conditioning == "decoupled" else self.config.num_blocks
 
+    @property
+    def can_split(self) -> bool:
+        """True when encode really runs the first blocks once (False for MF-RAE's (t - r) embedder)."""
+        return self.config.conditioning != "meanflow" and hasattr(self.net, "encode")
+
     def source_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Canonical t -> the time the source network was trained with."""
-        if self.config.time_convention == "reversed":
-            return 1.0 - t  # original SiT: t=1 is data
-        return t
+        """Canonical t -> the time the source network was trained with (fp32; the DDPM step for epsilon sources)."""
+        conv = self.config.time_convention
+        if conv == "ddpm-eps":
+            from .ddpm import default_schedule
+
+            return default_schedule().ddpm_time(t).float()  # float64 inversion, cast at the end
+        if conv == "reversed":
+            return (1.0 - t).float()  # original SiT: t=1 is data
+        return t.float()
+
+    def encode(self, x: torch.Tensor, t, y=None) -> FlowState:
+        """Run the t-conditioned part once: blocks[:depth] on the source time of t (the SNR-matched input for DDPM)."""
+        b = x.shape[0]
+        t = as_time(t, b, x.device)
+        y = self.labels(y, b, x.device)
+        if not self.can_split:
+            return FlowState(x, t, None)  # decode runs the whole network
+        x_src = x
+        if self.config.time_convention == "ddpm-eps":
+            from .ddpm import snr_matched_input
+
+            x_src = snr_matched_input(x, t)  # x_ddpm = x_t / sqrt((1-t)^2 + t^2)
+        return FlowState(x, t, self.net.encode(x_src, self.source_time(t), y, self.depth))
+
+    def decode(self, state: FlowState, r=None, y=None) -> torch.Tensor:
+        """Average velocity u(x_t, t, r) in canonical time from an encoder state (r defaults to the state's t)."""
+        x, t = state.x, state.t
+        b = x.shape[0]
+        r = t if r is None else as_time(r, b, x.device)
+        y = self.labels(y, b, x.device)
+        if self.config.conditioning == "velocity":
+            r = t  # a base flow model has no notion of a next time
+        if state.h is None:
+            return self.net.forward_flowmap(x, t.float(), r.float(), y, self.depth)  # canonical-time family
+        raw = self.net.decode(state.h, self.source_time(r), y, self.depth)
+        out = raw[:, : self.config.in_channels]  # learn_sigma heads: ch[C:2C] is the variance, dropped
+        conv = self.config.time_convention
+        if conv == "ddpm-eps":
+            from .ddpm import default_schedule, eps_to_velocity
+
+            return eps_to_velocity(out, x, t, default_schedule()).to(x.dtype)  # eps -> v at the state (x_t, t)
+        if conv == "reversed":
+            return -out  # SiT predicts x0 - eps
+        return out
 
     def forward(self, x: torch.Tensor, t, r=None, y=None, return_logvar: bool = False):
         """Average velocity from t to r (r defaults to t, i.e. the instantaneous velocity)."""
-        b = x.shape[0]
-        t = as_time(t, b, x.device)
-        r = t if r is None else as_time(r, b, x.device)
-        y = self.null_labels(b, x.device) if y is None else torch.as_tensor(y, device=x.device).long().reshape(-1)
-        if self.config.conditioning == "velocity":
-            r = t  # a base flow model has no notion of a next time
-        if hasattr(self.net, "forward_flowmap"):  # families with their own convention handling (DiT eps, RAE)
-            u = self.net.forward_flowmap(x, t, r, y, self.depth)
-        elif self.config.time_convention == "ddpm-eps":
-            u = self._ddpm_velocity(x, t, r, y)
-        else:
-            raw = self.net.forward_split(x, self.source_time(t), self.source_time(r), y, self.depth)
-            u = raw[:, : self.config.in_channels]  # learn_sigma heads: keep the mean channels
-            if self.config.time_convention == "reversed":
-                u = -u  # SiT predicts x0 - eps
+        state = self.encode(x, t, y)
+        u = self.decode(state, r, y)
         if return_logvar:
-            return u, self.logvar(t, r)
+            plain = r is None or self.config.conditioning == "velocity"
+            return u, self.logvar(state.t, state.t if plain else as_time(r, x.shape[0], x.device))
         return u
 
-    def _ddpm_velocity(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Epsilon-prediction DDPM source (DiT): SNR-matched input and times, eps -> v at t (flowmap_convert.ddpm).
-
-        blocks[:depth] see the DDPM time of t, blocks[depth:] and the head the DDPM time of r; the output
-        epsilon is turned into a velocity with the algebra of the current state (x_t, t).
-        """
-        from .ddpm import default_schedule, eps_to_velocity, snr_matched_input
-
-        sch = default_schedule()
-        x_src = snr_matched_input(x, t)  # x_ddpm = x_t / sqrt((1-t)^2 + t^2)
-        tau_t, tau_r = sch.ddpm_time(t).float(), sch.ddpm_time(r).float()  # continuous steps, clamped to [0, 999]
-        raw = self.net.forward_split(x_src, tau_t, tau_r, y, self.depth)
-        eps_pred = raw[:, : self.config.in_channels]  # learn_sigma: ch[C:2C] is the variance interpolation
-        return eps_to_velocity(eps_pred, x, t, sch).to(x.dtype)
+    def labels(self, y, batch: int, device) -> torch.Tensor:
+        """Class labels as a (B,) long tensor; None -> the null class."""
+        return self.null_labels(batch, device) if y is None else torch.as_tensor(y, device=device).long().reshape(-1)
 
     def velocity(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         """Instantiate velocity v(x_t, t) = u(x_t, t, t)."""
@@ -104,6 +160,7 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         """Per-sample log-variance (B,1,1,1) of the adaptive loss; zeros without a head."""
         if self.logvar_linear is None:
             return torch.zeros(t.shape[0], 1, 1, 1, device=t.device)
+        t, r = t.float(), r.float()
         feats = torch.cat([timestep_embedding(t, 128), timestep_embedding(r, 128)], dim=-1)
         return self.logvar_linear(feats.to(self.logvar_linear.weight.dtype)).float().reshape(-1, 1, 1, 1)
 
@@ -121,10 +178,13 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
                 "this model is already a MeanFlow flow map with its own (t - r) embedder; use it without --depth."
             )
         check_depth(depth, self.config.num_blocks)
-        cfg = self.config.replace(conditioning="decoupled", depth=depth)
+        return self.view(self.config.replace(conditioning="decoupled", depth=depth))
+
+    def view(self, config: ModelConfig) -> FlowMap:
+        """The same weights (backbone and log-variance head shared, not copied) under another config."""
         out = FlowMap.__new__(FlowMap)
         nn.Module.__init__(out)
-        out.config = cfg
+        out.config = config
         out.net = self.net
         out.logvar_linear = self.logvar_linear
         return out

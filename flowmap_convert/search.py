@@ -66,18 +66,9 @@ def default_depths(num_blocks: int) -> list[int]:
 
 def velocity_model(model):
     """The source as a plain velocity model u(x, t, t) sharing weights (the teacher for the reference samples)."""
-    from torch import nn
-
-    from .model import FlowMap
-
     if model.config.conditioning == "velocity":
         return model
-    out = FlowMap.__new__(FlowMap)
-    nn.Module.__init__(out)
-    out.config = model.config.replace(conditioning="velocity", depth=None)
-    out.net = model.net
-    out.logvar_linear = model.logvar_linear
-    return out
+    return model.view(model.config.replace(conditioning="velocity", depth=None))
 
 
 def _source_id(model, source) -> str:

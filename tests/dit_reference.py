@@ -1,6 +1,6 @@
 """An independent plain-PyTorch DiT/SiT/REPA/DMF forward over a raw state dict, and tiny checkpoints in real formats.
 
-Written from REFERENCE.md §1.2-1.3 and §2.5 only (no flowmap code): it is the "source model" the adapters are
+Written from docs/checkpoints.md and docs/conventions.md only (no flowmap code): it is the "source model" the adapters are
 checked against. Every function takes the raw state dict exactly as the checkpoint stores it.
 """
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def ref_time_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """[cos(t f_k), sin(t f_k)], f_k = exp(-ln(10000) k / (dim/2)) (REFERENCE §1.3)."""
+    """[cos(t f_k), sin(t f_k)], f_k = exp(-ln(10000) k / (dim/2)) (docs/conventions.md)."""
     half = dim // 2
     k = torch.arange(half, dtype=torch.float64)
     f = torch.exp(-math.log(10000.0) * k / half)
@@ -87,7 +87,7 @@ def ref_sit_velocity(sd, x, t_sit, y, heads, qk="none"):
 
 
 def ref_logvar(sd, t, r):
-    """DMF logvar head on cat[emb128(t), emb128(r)] (REFERENCE §2.5)."""
+    """DMF logvar head on cat[emb128(t), emb128(r)] (DMF Eq. 6)."""
     feats = torch.cat([ref_time_embedding(t, 128), ref_time_embedding(r, 128)], dim=1)
     return _lin(sd, "logvar_linear", feats).reshape(-1, 1, 1, 1)
 
@@ -106,7 +106,7 @@ def make_sd(
     seed=0,
     std=0.1,
 ):
-    """A random state dict with exactly the key names and shapes of REFERENCE §1.2 (+ §2.2 / §3.2 extras)."""
+    """A random state dict with exactly the key names and shapes of docs/checkpoints.md (DiT layout + DMF / REPA extras)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):

@@ -1,4 +1,4 @@
-"""Independent plain-PyTorch source forwards written from REFERENCE.md, taking raw state dicts (test oracles).
+"""Independent plain-PyTorch source forwards written from the sources' code (docs/checkpoints.md), taking raw state dicts (test oracles).
 
 Nothing here imports flowmap_convert: these are the sources' own forwards, re-derived from the facts sheet, so a
 bug in the package cannot hide in its reference.
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
-# ------------------------------------------------------------------------------------------------ DiT (§1, §5)
+# ------------------------------------------------------------------------------------------------ DiT
 def sinusoid(t: torch.Tensor, divisor: float) -> torch.Tensor:
-    """§1.3 / §5.2: f_k = exp(-ln(1e4) k / divisor), k < 128, [cos | sin], in float32 as both sources compute it."""
+    """DiT / diffusers: f_k = exp(-ln(1e4) k / divisor), k < 128, [cos | sin], in float32 as both sources compute it."""
     k = torch.arange(128, dtype=torch.float32)
     args = t.float()[:, None] * torch.exp(-math.log(10000.0) * k / divisor)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], -1)
@@ -42,10 +42,10 @@ def dit_eps(
     heads: int,
     layout: str = "original",
 ) -> torch.Tensor:
-    """DiT forward (§1.2) with a per-block DDPM time; returns the full 2C-channel output.
+    """DiT forward with a per-block DDPM time; returns the full 2C-channel output.
 
-    layout "original": DiT keys, frequency divisor 128, norm2 eps 1e-6; "diffusers": §5.2 keys read directly,
-    divisor 127, norm2 eps 1e-5, embedders from block 0, q/k/v separate, pos table recomputed (§1.4).
+    layout "original": DiT keys, frequency divisor 128, norm2 eps 1e-6; "diffusers": diffusers keys read directly,
+    divisor 127, norm2 eps 1e-5, embedders from block 0, q/k/v separate, pos table recomputed.
     """
     diff = layout == "diffusers"
     pw = sd["pos_embed.proj.weight" if diff else "x_embedder.proj.weight"]
@@ -104,7 +104,7 @@ def dit_eps(
 
 
 def sincos_2d(dim: int, grid: int, cls_row: bool = False) -> np.ndarray:
-    """§1.4: half 1 encodes the column w, half 2 the row h; each [sin | cos], omega_k = 1/1e4^(k/(D/4))."""
+    """2-D sin-cos table: half 1 encodes the column w, half 2 the row h; each [sin | cos], omega_k = 1/1e4^(k/(D/4))."""
 
     def one(d, pos):
         om = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -116,7 +116,7 @@ def sincos_2d(dim: int, grid: int, cls_row: bool = False) -> np.ndarray:
     return np.concatenate([np.zeros((1, dim)), emb], 0) if cls_row else emb
 
 
-# ------------------------------------------------------------------------------------------------ DDPM (§5.1)
+# ------------------------------------------------------------------------------------------------ DDPM
 def ddpm_log_snr_table() -> np.ndarray:
     """lambda_k = log(ab_k / (1 - ab_k)) for DiT's 1000 linear betas in [1e-4, 0.02]."""
     ab = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
@@ -142,13 +142,13 @@ def tau_of(s: float) -> float:
     return (lo + hi) / 2
 
 
-# ------------------------------------------------------------------------------------------------ DiT^DH (§6)
+# ------------------------------------------------------------------------------------------------ DiT^DH
 def rms(x, w, eps=1e-6):
     return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """§6.4 VisionRotaryEmbeddingFast(dim=hd/2): first hd/2 dims rotate by the row h, last hd/2 by the column w."""
+    """RAE VisionRotaryEmbeddingFast(dim=hd/2): first hd/2 dims rotate by the row h, last hd/2 by the column w."""
     dim = head_dim // 2
     inv = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     f = torch.arange(grid).float()[:, None] * inv[None]  # (grid, hd/4)
@@ -185,14 +185,14 @@ def ddt_block(h, cond, sd, pre, heads, rope):
 
 
 def fourier(sd, pre, t):
-    """§6.4 GaussianFourierEmbedding: arg = t W 2 pi, [sin | cos] -> Linear -> SiLU -> Linear."""
+    """RAE GaussianFourierEmbedding: arg = t W 2 pi, [sin | cos] -> Linear -> SiLU -> Linear."""
     arg = t[:, None] * sd[pre + ".W"][None] * 2 * math.pi
     e = torch.cat([torch.sin(arg), torch.cos(arg)], -1)
     return _lin(F.silu(_lin(e, sd, pre + ".mlp.0")), sd, pre + ".mlp.2")
 
 
 def ddt_forward(sd, x, t, y, heads_enc, heads_dec, r=None):
-    """§6.5 DiTwDDTHead.forward(x, t, y); with `r` given, §11.1 DiTwDDTHead_MF.forward(x, r, t, y)."""
+    """RAE DiTwDDTHead.forward(x, t, y); with `r` given, MF-RAE DiTwDDTHead_MF.forward(x, r, t, y)."""
     n_enc = 1 + max(
         int(k.split(".")[1])
         for k in sd

@@ -60,7 +60,7 @@ C, SIDE, DIM, LAYERS, HEADS, INTER, PATCH = 8, 4, 24, 2, 2, 40, 2
 
 
 def rae_decoder_sd(seed=0, in_dim=C, patches=SIDE * SIDE) -> dict:
-    """A tiny GeneralDecoder state dict with exactly the §7 key names."""
+    """A tiny GeneralDecoder state dict with exactly RAE's decoder key names (docs/checkpoints.md)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
     sd = {
@@ -86,7 +86,7 @@ def rae_decoder_sd(seed=0, in_dim=C, patches=SIDE * SIDE) -> dict:
 
 
 def reference_rae_decode(sd, stats, z, eps=1e-5, ln_eps=1e-12):
-    """§7 decode written from the facts sheet: denormalise, ViT-MAE decoder, unpatchify, x * std + mean."""
+    """RAE decode written from docs/checkpoints.md: denormalise, ViT-MAE decoder, unpatchify, x * std + mean."""
     z = z * torch.sqrt(stats["var"].reshape(C, SIDE, SIDE) + eps) + stats["mean"].reshape(C, SIDE, SIDE)
     b = z.shape[0]
     x = F.linear(z.reshape(b, C, -1).transpose(1, 2), sd["decoder_embed.weight"], sd["decoder_embed.bias"])

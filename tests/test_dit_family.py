@@ -23,7 +23,7 @@ from flowmap_convert.ddpm import covered_range, default_schedule
 from flowmap_convert.errors import FlowmapError
 from flowmap_convert.model import FlowMap
 
-TOL = 1e-5  # fp32, absolute (DESIGN.md: the r = t invariant)
+TOL = 1e-5  # fp32, absolute (docs/conventions.md: the r = t invariant)
 
 
 def random_dit_sd(c=4, d=32, n=3, p=2, grid=4, rows=11, seed=0) -> dict:
@@ -77,7 +77,11 @@ class GaussianOracle(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.seen = []
 
-    def forward_split(self, x, tau_t, tau_r, y, depth):
+    def encode(self, x, tau_t, y, depth):
+        return x, tau_t
+
+    def decode(self, h, tau_r, y, depth):
+        x, tau_t = h
         self.seen.append((tau_t.clone(), tau_r.clone()))
         ab = torch.from_numpy(alpha_bar_at(tau_t.double().numpy())).reshape(-1, 1, 1, 1)
         # x = sqrt(ab) x0 + sqrt(1 - ab) eps  =>  E[eps | x] = sqrt(1-ab) (x - sqrt(ab) mu) / (ab sigma^2 + 1 - ab)
@@ -103,7 +107,7 @@ def oracle_model(mu=0.7, sigma=0.5):
 
 def test_covered_range_matches_the_schedule():
     lo, hi = covered_range()
-    assert abs(lo - 0.0099) < 1e-4 and abs(hi - 0.9937) < 1e-4  # REFERENCE §5.1
+    assert abs(lo - 0.0099) < 1e-4 and abs(hi - 0.9937) < 1e-4  # DiT's 1000 linear betas (docs/conventions.md)
     sch = default_schedule()
     for k in (0, 1, 17, 500, 998, 999):
         s = torch.tensor([tau_s := 1.0 / (1.0 + math.exp(sch.log_snr[k].item() / 2))], dtype=torch.float64)
@@ -210,7 +214,7 @@ def test_detection_dit_vs_sit_needs_a_hint():
     from flowmap_convert.adapters import choose_family
 
     sd = random_dit_sd()
-    assert FAMILIES["dit"].detect(sd) and FAMILIES["sit"].detect(sd)  # identical keys (REFERENCE §5.1)
+    assert FAMILIES["dit"].detect(sd) and FAMILIES["sit"].detect(sd)  # identical keys (docs/checkpoints.md)
     assert choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "dit"
     assert choose_family(sd, {"name": "SiT-XL-2-256x256.pt"})[0] == "sit"
     assert choose_family(sd, {"args": {"model": "DiT-XL/2"}})[0] == "dit"
@@ -311,9 +315,7 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
     (tmp_path / "transformer").mkdir()
     shutil.copy(root / "transformer" / "config.json", tmp_path / "transformer" / "config.json")
     sd = load_file(str(root / "transformer" / "diffusion_pytorch_model.safetensors"))
-    torch.save(
-        sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin"
-    )  # main branch of facebook/DiT-XL-2-256 (§5.2)
+    torch.save(sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin")  # main branch of facebook/DiT-XL-2-256
     fam = FAMILIES["dit"]
     assert fam.claims_dir(tmp_path) and fam.claims_dir(root)
     model, used = fam.build_dir(tmp_path, {})
@@ -338,3 +340,44 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
         "vae/config.json",
     ]
     assert fam.claims_layout(["model.pt", "README.md"]) is None
+
+
+# ------------------------------------------------------------------------------------------------ DDPM step precision
+@pytest.mark.parametrize("step, tol", [(0, 1e-5), (10, 1e-5), (400, 1e-5), (900, 1e-5), (999, 1e-4)])
+def test_r_equals_t_matches_the_source_fed_its_integer_ddpm_step(step, tol):
+    """u(x_s, s, s) against the source's own forward at DDPM step k and the matching x, s = s_k in float64.
+
+    The time embedding is made steep (first time-MLP layer x30, as in trained DiTs), so a canonical time rounded
+    to float32 (about 2e-5 of a step at k = 400, 1e-4 at k = 999) shows up in u; a float64 time reaches step k.
+    """
+    sd = random_dit_sd(seed=11)
+    sd["t_embedder.mlp.0.weight"] = sd["t_embedder.mlp.0.weight"] * 30
+    model = DiTFamily().build(sd, {"num_heads": 4})
+    lam = default_schedule().log_snr[step]
+    s = torch.sigmoid(-lam / 2).reshape(1).repeat(2)  # float64: log-SNR(s) = 2 log((1 - s)/s) = lambda_k
+    n = torch.sqrt((1 - s) ** 2 + s**2).reshape(-1, 1, 1, 1)
+    x_s = (n * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).double()).float()
+    x_ddpm = (x_s.double() / n).float()  # the matching DDPM input, x_s / n(s)
+    y, tau = torch.tensor([1, 10]), torch.full((2,), float(step))
+    eps = dit_eps(sd, x_ddpm, [tau] * 3, tau, y, heads=4)[:, :4].double()
+    ab = torch.sigmoid(lam)  # alpha_bar_k
+    x0 = (x_ddpm.double() - torch.sqrt(1 - ab) * eps) / torch.sqrt(ab)
+    v = eps - x0  # the source's velocity at its own step
+    with torch.no_grad():
+        u = model(x_s, s, s, y).double()
+    assert (u - v).abs().max().item() <= tol * v.abs().max().item()
+
+
+def test_diffusers_dit_decoder_only_u_and_dudt_equal_the_full_model(diffusers_repo):
+    from torch.func import jvp
+
+    from flowmap_convert.finetuning.common import Calls
+
+    model = load_diffusers_dir(diffusers_repo[0]).with_depth(2).eval()
+    g = torch.Generator().manual_seed(8)
+    x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, r, y = torch.tensor([0.8, 0.3]), torch.tensor([0.1, 0.3]), torch.tensor([2, 10])
+    u_ref, dudt_ref = jvp(lambda x_, t_: model(x_, t_, r, y), (x, t), (v, torch.ones(2)))
+    u, dudt = Calls(model, decoder_only=True).u_and_dudt_jvp(x, t, r, y, v)
+    assert (u - u_ref).abs().max().item() <= 1e-6
+    assert (dudt - dudt_ref).abs().max().item() <= 1e-5 * max(1.0, dudt_ref.abs().max().item())

@@ -161,7 +161,7 @@ def test_mf_rae_file_samples_in_one_step(tmp_path, offline):
     assert info["family"] == "mf-rae" and model.config.conditioning == "meanflow"
     one, lat1, _, _ = sample(model, nfe=1, classes=[4], seed=3, return_latents=True)
     z = torch.randn(1, 8, SIDE16, SIDE16, generator=torch.Generator().manual_seed(3 * 1_000_003))
-    with torch.no_grad():  # MF-RAE 1-step sampling (§11.6): x = z - u(z, r=0, t=1)
+    with torch.no_grad():  # MF-RAE 1-step sampling: x = z - u(z, r=0, t=1)
         ref = z - model(z, torch.ones(1), torch.zeros(1), torch.tensor([4]))
     assert torch.allclose(lat1, ref, atol=1e-5) and one.shape == (1, 32, 32, 3)
 

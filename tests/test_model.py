@@ -129,3 +129,24 @@ def test_builtin_carries_its_searched_depth():
     import flowmap_convert as fm
 
     assert fm.convert("builtin:digits-sit").depth == 5
+
+
+def test_times_keep_float64_and_everything_else_becomes_float32():
+    from flowmap_convert.model import as_time
+
+    assert as_time(torch.tensor([0.25, 0.5], dtype=torch.float64), 2, "cpu").dtype == torch.float64
+    assert as_time(torch.tensor([0.25, 0.5], dtype=torch.bfloat16), 2, "cpu").dtype == torch.float32
+    assert as_time(1, 3, "cpu").dtype == torch.float32 and as_time(1, 3, "cpu").shape == (3,)
+
+
+def test_log_variance_head_has_one_constructor(tiny_model):
+    from flowmap_convert.model import make_logvar_head
+
+    head = make_logvar_head()
+    assert head.in_features == 256 and not head.weight.any() and not head.bias.any()
+    assert tiny_model.logvar_linear is None and not tiny_model.config.logvar
+    tiny_model.add_logvar_head()
+    first = tiny_model.logvar_linear
+    tiny_model.add_logvar_head()  # idempotent: an existing (possibly trained) head is kept
+    assert tiny_model.logvar_linear is first and tiny_model.config.logvar
+    assert tiny_model.with_depth(2).logvar_linear is first

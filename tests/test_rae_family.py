@@ -1,4 +1,4 @@
-"""RAE DiT^DH and MF-RAE: strict loading of §6.3 keys, r = t equivalence with a plain reference forward, detection."""
+"""RAE DiT^DH and MF-RAE: strict loading of RAE's keys (docs/checkpoints.md), r = t equivalence with a plain reference forward, detection."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ C, SIDE, DE, DD, NE, ND, HE, HD, K = 8, 4, 32, 48, 3, 2, 2, 3, 10
 
 
 def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False, side: int = SIDE) -> dict:
-    """A tiny DiT^DH checkpoint with exactly the §6.3 key set (plus §11.1 r_embedder), random values everywhere."""
+    """A tiny DiT^DH checkpoint with exactly RAE's key set (plus MF-RAE's r_embedder), random values everywhere."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
     L = side * side
@@ -84,7 +84,7 @@ def inputs(seed=1, b=3):
 
 
 def test_rope_tables_match_the_released_shapes():
-    cos, _ = rope_tables(72, 16)  # XL encoder: hd 72 -> [256, 72] (§6.3)
+    cos, _ = rope_tables(72, 16)  # XL encoder: hd 72 -> [256, 72]
     assert cos.shape == (256, 72)
     assert rope_tables(128, 16)[0].shape == (256, 128)
     from flowmap_convert.ddt import VisionRope

@@ -27,7 +27,7 @@ def cmt_loss(ctx: Context, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generat
     n = rec.cmt_states
     y, _ = drop_labels(y, rec.label_dropout, ctx.null, gen)
     states = teacher_trajectory(ctx.teacher, randn(x0.shape, gen, dev), y, n, rec.time_shift)
-    t_all = torch.linspace(0.0, 1.0, n, dtype=torch.float64)  # time labels as written (unshifted, REFERENCE §11.5)
+    t_all = torch.linspace(0.0, 1.0, n, dtype=torch.float64)  # time labels as written (unshifted, docs/objectives.md)
     ii, jj = torch.tril_indices(n, n, offset=-1)  # all pairs i > j: n (n - 1) / 2 of them
     pick = torch.randint(0, len(ii) * b, (b,), generator=gen)  # b rows with replacement out of pairs x batch
     pair, row = pick // b, pick % b

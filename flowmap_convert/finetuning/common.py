@@ -77,9 +77,7 @@ def per_sample_loss(err: torch.Tensor, lv: torch.Tensor | None, recipe: Recipe) 
     if recipe.loss == "adaptive":
         mse = err.pow(2).mean(dim=(1, 2, 3))
         lv = lv.float().reshape(-1)
-        return (
-            torch.log(mse * torch.exp(-lv) + recipe.logvar_eps) + lv
-        )  # DMF log_lv_loss (adaptive, Eq. 10 of 2510.24474)
+        return torch.log(mse * torch.exp(-lv) + recipe.logvar_eps) + lv  # DMF log_lv_loss (adaptive, DMF Eq. 6 / Eq. 9)
     if recipe.loss == "adaptive-weight":
         m = err.pow(2).sum(dim=(1, 2, 3))
         w = (
@@ -91,54 +89,54 @@ def per_sample_loss(err: torch.Tensor, lv: torch.Tensor | None, recipe: Recipe) 
 
 # ---------------------------------------------------------------------------------------------------- model calls
 class Calls:
-    """How the trainer calls a FlowMap: whole, or (decoder-only) with the encoder run once and without gradient."""
+    """How the trainer calls a FlowMap: whole, or (decoder-only) with the encoder run once and without gradient.
+
+    Every convention (source time, epsilon -> velocity, sign, learn_sigma) lives in FlowMap.encode / decode; this
+    class only decides what runs under no_grad and how du/dt is taken.
+    """
 
     def __init__(self, model, decoder_only: bool = False):
         self.model = model  # the UNWRAPPED FlowMap (torch.func.jvp must not see DDP / compile wrappers)
         self.decoder_only = decoder_only
         if decoder_only and not self.can_split(model):
             raise FlowmapError(
-                "--train decoder needs a decoupled DiT-style flow map (blocks split at a depth); use --train all for this model."
+                "--train decoder needs a decoupled flow map whose blocks split at a depth (not MF-RAE); use --train all."
             )
 
     @staticmethod
     def can_split(model) -> bool:
-        """True when the backbone exposes encode/decode and the model is decoupled."""
-        net = model.net
-        return (
-            model.config.conditioning == "decoupled" and hasattr(net, "encode") and not hasattr(net, "forward_flowmap")
-        )
+        """True when the model is decoupled and its backbone runs the encoder once (FlowMap.can_split)."""
+        return model.config.conditioning == "decoupled" and model.can_split
 
-    # the two halves of FlowMap.forward for a split backbone (same convention handling)
     def encode(self, x, t, y):
-        """Tokens after blocks[:depth] on the current time t."""
-        m = self.model
-        return m.net.encode(x, m.source_time(t.float()), y, m.depth)
+        """FlowMap.encode: the encoder state (x_t, t, blocks[:depth] on the source time of t)."""
+        return self.model.encode(x, t, y)
 
-    def decode(self, h, r, y):
-        """Average velocity from the encoder tokens, decoder and head on r."""
-        m = self.model
-        raw = m.net.decode(h, m.source_time(r.float()), y, m.depth)
-        u = raw[:, : m.config.in_channels]
-        return -u if m.config.time_convention == "reversed" else u
+    def decode(self, state, r, y):
+        """FlowMap.decode: the average velocity from an encoder state, decoder and head on r."""
+        return self.model.decode(state, r, y)
 
     def u(self, x, t, r, y):
         """u(x, t, r, y) with gradient only where trainable (encoder under no_grad in decoder-only mode)."""
         if not self.decoder_only:
             return self.model(x, t, r, y)
         with torch.no_grad():
-            h = self.encode(x, t, y)
-        return self.decode(h, r, y)
+            state = self.encode(x, t, y)
+        return self.decode(state, r, y)
 
     def u_and_dudt_jvp(self, x, t, r, y, v):
-        """u and its total derivative d/dt u(x_t, t, r) along (dx/dt, dt/dt, dr/dt) = (v, 1, 0), by torch.func.jvp."""
+        """u and its total derivative d/dt u(x_t, t, r) along (dx/dt, dt/dt, dr/dt) = (v, 1, 0), by torch.func.jvp.
+
+        Decoder-only: the tangent of the whole encoder state (x_t, t and the tokens) along (v, 1), then the decoder's
+        jvp from that state with r's tangent 0 (DMF Eq. 3), so du/dt equals the full model's.
+        """
         one, zero = torch.ones_like(t), torch.zeros_like(r)
         v = v.to(x.dtype)
         if not self.decoder_only:
             return jvp(lambda x_, t_, r_: self.model(x_, t_, r_, y), (x, t, r), (v, one, zero))
         with torch.no_grad():  # the frozen encoder: forward and its tangent, once, no graph
-            h, dh = jvp(lambda x_, t_: self.encode(x_, t_, y), (x, t), (v, one))
-        return jvp(lambda h_, r_: self.decode(h_, r_, y), (h, r), (dh, zero))  # r's tangent is 0 (DMF)
+            state, dstate = jvp(lambda x_, t_: self.encode(x_, t_, y), (x, t), (v, one))
+        return jvp(lambda s_, r_: self.decode(s_, r_, y), (state, r), (dstate, zero))
 
     def u_and_dudt_fd(self, x, t, r, y, v, delta: float):
         """u and du/dt by a central difference: one batched call on [x, x + d v, x - d v] at [t, t + d, t - d] (MF-RAE)."""
@@ -194,7 +192,7 @@ def model_guidance(ctx: Context, x_t, t, y, drop, v_t) -> torch.Tensor:
         tt = torch.cat([t, t])
         out = ctx.model(torch.cat([x_t, x_t]), tt, tt, torch.cat([y, torch.full_like(y, ctx.null)]))
         v_c, v_u = out[:b].float(), out[b:].float()
-        guided = v_t + omega * (v_c - v_u)  # DMF mg target (REFERENCE §10)
+        guided = v_t + omega * (v_c - v_u)  # DMF Eq. 4 (model guidance target)
     return torch.where(bcast(use), guided, v_t).detach()
 
 

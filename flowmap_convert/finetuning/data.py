@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import SD_VAE_SCALE  # REPA / DMF: z = (mean + std * eps) * SD_VAE_SCALE
 from ..errors import FlowmapError
 
-SD_VAE_SCALE = 0.18215  # REPA / DMF: z = (mean + std * eps) * 0.18215
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SHARD_EXTS = (".safetensors", ".npz")
 MOMENT_CHECK_LIMIT = 512  # moments files read up front for validation (the rest are checked when drawn)

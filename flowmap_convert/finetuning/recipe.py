@@ -18,7 +18,7 @@ ATTENTION = ("auto", "triton", "sdpa", "math")
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every knob of a fine-tuning run; defaults follow DMF's ImageNet scripts (REFERENCE §2.3) unless noted."""
+    """Every knob of a fine-tuning run; defaults follow DMF's ImageNet scripts (docs/objectives.md) unless noted."""
 
     objective: str = (
         "dmf"  # dmf (FM + MeanFlow, 2510.24474) | mfd | mft | cmt (MF-RAE, 2511.13019) | fm (flow matching only)
@@ -46,7 +46,7 @@ class Recipe:
     time_std: float = 1.0  # logit-normal std of the MF times (P_std_t = P_std_r)
     ratio_r_neq_t: float = 0.25  # MF-RAE MFT/MFD: share of samples with r != t
     time_shift: float = 1.0  # MF-RAE time shift s t / (1 + (s - 1) t) for MFT/MFD/CMT times
-    cmt_states: int = 16  # CMT teacher trajectory length (REFERENCE §11.5)
+    cmt_states: int = 16  # CMT teacher trajectory length (MF-RAE Eq. 3, docs/objectives.md)
     mg_scale: float = 0.0  # DMF model guidance omega (0 disables; DMF uses 0.6)
     guidance_interval: tuple[float, float] = (0.0, 0.7)  # model guidance only for g_min <= t <= g_max (DMF 256: 0..0.7)
     label_dropout: float = 0.1  # share of labels replaced by the null class K

@@ -52,11 +52,8 @@ def prepare_model(model_or_source, recipe: Recipe):
         model = model.with_depth(recipe.depth or default_depth(model.config))
     elif recipe.depth is not None and model.config.conditioning == "decoupled" and recipe.depth != model.config.depth:
         model = model.with_depth(recipe.depth)
-    if recipe.loss == "adaptive" and model.logvar_linear is None:
-        model.logvar_linear = nn.Linear(256, 1)  # DMF's log-variance head, zero-init: lv = 0 at the start
-        nn.init.zeros_(model.logvar_linear.weight)
-        nn.init.zeros_(model.logvar_linear.bias)
-        model.config = model.config.replace(logvar=True)
+    if recipe.loss == "adaptive":
+        model.add_logvar_head()  # DMF's log-variance head, zero-init: lv = 0 at the start
     needs_null = recipe.label_dropout > 0 or recipe.mg_scale > 0
     if needs_null and model.config.class_embed_rows <= model.config.num_classes:
         raise FlowmapError(
