@@ -56,8 +56,16 @@ def finetune_cmd(
             help="all, or decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient).",
         ),
     ] = "all",
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per process per micro-step.")] = 64,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Optimizer steps (default: 300 for builtin:digits-sit, else 1000)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Samples per process per micro-step (default: 32 for builtin:digits-sit, else 64)."
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (betas 0.9, 0.95).")] = 1e-4,
     out: Annotated[
         Path,
@@ -141,7 +149,13 @@ def finetune_cmd(
         str | None,
         typer.Option(
             "--device",
-            help="cpu or cuda (default: cuda when available; under accelerate launch, the process's device).",
+            help="cpu, cuda or cuda:N (default: cuda when available; under accelerate launch, the process's device).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="CPU threads (default: OMP_NUM_THREADS, else 1 on up to 4 cores, else half, at most 8)."
         ),
     ] = None,
 ):
@@ -204,6 +218,7 @@ def finetune_cmd(
         dry_run=dry_run,
         log_with=log_with,
         device=device,
+        threads=threads,
         console=console,
         recipe=recipe,
     )
@@ -212,7 +227,7 @@ def finetune_cmd(
         lines = [
             f"parameters      {p['total']:,} ({p['trainable']:,} trainable, {p['frozen']:,} frozen)",
             f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'})",
-            f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {batch_size} x {result['processes']} process(es))",
+            f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {result['batch_size']} x {result['processes']} process(es))",
             f"device          {result['device']}",
             "nothing written (dry run)",
         ]
