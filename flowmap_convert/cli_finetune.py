@@ -22,6 +22,20 @@ def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
+def parse_seed(text: str) -> int:
+    """--seed text -> an int in [0, 2^63 - 1] ('1e3' is read as 1000; fractions, NaN and 1e20 are refused)."""
+    from .validate import seed
+
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise FlowmapError(f"--seed must be an integer, got {text!r}.") from None
+    return seed("--seed", value)
+
+
 def finetune_cmd(
     model: Annotated[
         str,
@@ -119,7 +133,7 @@ def finetune_cmd(
     attention: Annotated[
         str, typer.Option("--attention", help="Attention backend: auto, triton, sdpa or math.")
     ] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and times.")] = 0,
+    seed: Annotated[str, typer.Option("--seed", help="Seed of data order, noise and times (0 to 2^63 - 1).")] = "0",
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: at the end only).")
     ] = 500,
@@ -196,7 +210,7 @@ def finetune_cmd(
         grad_accum=grad_accum,
         precision=precision,
         attention=attention,
-        seed=seed,
+        seed=parse_seed(seed),
         checkpoint_every=checkpoint_every,
         sample_every=sample_every,
         log_every=log_every,

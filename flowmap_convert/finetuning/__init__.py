@@ -107,6 +107,10 @@ def finetune(
     int_in_range("dry_run_steps", dry_run_steps, 1, 10_000)
     if not dry_run:
         check_run_dir(out, resume)
+        if resume:  # a missing or corrupted checkpoint is refused before any model is loaded
+            from .checkpoint import load_verified
+
+            load_verified(Path(out) / "checkpoints")
 
     def say(msg):
         if console is not None:

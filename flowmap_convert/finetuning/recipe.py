@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FlowmapError
-from ..validate import INT64_MAX, finite_float, int_in_range, interval, seed
+from ..validate import finite_float, int_in_range, interval, seed
 
 OBJECTIVES = ("dmf", "mfd", "mft", "cmt", "fm")
 LOSSES = ("adaptive", "adaptive-weight", "mse")
@@ -89,9 +89,9 @@ class Recipe:
             return f"--{name.replace('_', '-')}"
 
         for name in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
-            int_in_range(opt(name), getattr(self, name), 1, INT64_MAX)
+            int_in_range(opt(name), getattr(self, name), 1)
         for name in ("warmup", "checkpoint_every", "sample_every"):
-            int_in_range(opt(name), getattr(self, name), 0, INT64_MAX)
+            int_in_range(opt(name), getattr(self, name), 0)
         int_in_range("--cmt-states", self.cmt_states, 2, 100_000)
         seed("--seed", self.seed)
         if self.depth is not None:
