@@ -11,7 +11,7 @@ from .recipe import Recipe
 __all__ = ["finetune", "Recipe", "check_run_dir", "run_defaults"]
 
 BUILTIN = "builtin:digits-sit"
-BUILTIN_STEPS, BUILTIN_BATCH = 300, 32  # ~3-5 min on 2 CPU cores (benchmarks/digits/FINETUNE.md: 0.65 s/step)
+BUILTIN_STEPS, BUILTIN_BATCH = 200, 32  # ~2-3 min on 2 idle CPU cores (benchmarks/digits/FINETUNE.md: 0.65-0.88 s/step)
 DEFAULT_STEPS, DEFAULT_BATCH = 1000, 64  # DMF-style defaults for real models
 
 
@@ -89,7 +89,7 @@ def finetune(
     """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
 
     Every Recipe field can be passed as a keyword (e.g. `derivative="fd"`, `loss="adaptive-weight"`, `depth=4`).
-    steps / batch_size default to 300 x 32 for builtin:digits-sit and 1000 x 64 otherwise. Returns the EMA
+    steps / batch_size default to 200 x 32 for builtin:digits-sit and 1000 x 64 otherwise. Returns the EMA
     FlowMap, or with dry_run=True a report dict (parameters, peak memory, seconds per step) and nothing written.
     Every option is checked before anything is loaded or written.
     """
@@ -114,7 +114,7 @@ def finetune(
 
     def say(msg):
         if console is not None:
-            console.print(msg, highlight=False)
+            console.print(msg, highlight=False, soft_wrap=True)
         else:
             import sys
 
@@ -136,7 +136,7 @@ def finetune(
         grid=grid,
     )
     if trainer.main:
-        for note in (defaults, guidance_note(model_or_source, recipe.mg_scale), thread_note):
+        for note in (defaults, guidance_note(model_or_source, recipe.mg_scale), thread_note, trainer.plan()):
             if note:
                 say(note)
     if dry_run:

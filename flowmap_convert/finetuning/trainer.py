@@ -40,6 +40,7 @@ from .setup import check_trackers, count_params, peak_memory_bytes, prepare_mode
 
 MAX_ROLLBACKS = 3
 ESTIMATE_AFTER = 3  # steps timed before the run prints its estimated time
+LINE_EVERY_S = 30.0  # a piped run prints a progress line at least this often, whatever --log-every says
 
 
 class Trainer:
@@ -234,7 +235,7 @@ class Trainer:
         """Print on the main process only."""
         if self.main:
             if self.console is not None:
-                self.console.print(msg, highlight=False)
+                self.console.print(msg, highlight=False, soft_wrap=True)
             else:
                 print(msg, file=sys.stderr)
 
@@ -268,11 +269,9 @@ class Trainer:
 
     def _progress(self) -> Progress:
         """The step reporter: a bar on a terminal, plain lines (total, s/step, ETA, loss) when piped."""
-        if not self.main or self.progress is False:
-            mode = "off"
-        else:
-            mode = "bar" if self.progress is True else "auto"
-        return Progress(self.recipe.steps, "fine-tune", "step", mode=mode, every=30.0, start=self.step)
+        tty = self.progress is True or (self.progress is None and sys.stderr.isatty())
+        mode = "bar" if self.main and tty else "off"  # piped: the loop prints Progress.line() itself (with grad)
+        return Progress(self.recipe.steps, "fine-tune", "step", mode=mode, start=self.step)
 
     # -------------------------------------------------------------- main loop
     def run(self, resume: bool = False):
@@ -291,13 +290,12 @@ class Trainer:
             raise FlowmapError(
                 f"{self.out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
             )
-        self.say(self.plan())
         self.acc.wait_for_everyone()
         mf = self._metrics_file(self.step) if self.main else None
         if self.log_with and self.main:
             self.acc.init_trackers("flowmap-finetune", config={k: str(v) for k, v in rec.to_dict().items()})
         start = self.step
-        t0 = time.perf_counter()
+        t0 = last_line = time.perf_counter()
         try:
             with self._progress() as bar:
                 while self.step < rec.steps:
@@ -323,8 +321,10 @@ class Trainer:
                             f"estimated time: {format_seconds(bar.eta)} for the remaining {rec.steps - self.step} steps "
                             f"({1 / bar.rate if bar.rate else float('nan'):.2f} s/step)"
                         )
-                    if bar.mode != "bar" and (self.step % rec.log_every == 0 or self.step == rec.steps):
+                    due = self.step % rec.log_every == 0 or self.step == rec.steps
+                    if bar.mode != "bar" and (due or time.perf_counter() - last_line >= LINE_EVERY_S):
                         self.say(f"{bar.line()}, grad {m['grad_norm']:.3f}" + _extra(m))
+                        last_line = time.perf_counter()
                     if rec.checkpoint_every and self.step % rec.checkpoint_every == 0 and self.step < rec.steps:
                         self.save_checkpoint()
                     if rec.sample_every and self.step % rec.sample_every == 0 and self.main:
