@@ -187,3 +187,24 @@ def test_disk_full_outside_checkpoints_is_one_line(base, monkeypatch):
     monkeypatch.setattr(trainer.Trainer, "_metrics_file", full)
     line = error_line(cli(base, base / "run", "--steps", "1"))
     assert "no space left while writing" in line and "metrics.jsonl" in line, line
+
+
+def test_latest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatch):
+    from flowmap_convert.finetuning import checkpoint
+
+    def state(step):
+        return {"format": checkpoint.CKPT_FORMAT, "step": step, "w": torch.full((3,), float(step))}
+
+    checkpoint.save(state(1), tmp_path)
+    seen, real = [], os.replace
+
+    def replace(src, dst):
+        seen.append((tmp_path / "latest.pt").exists())  # a kill here must still find a latest.pt
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    checkpoint.save(state(2), tmp_path)
+    assert seen and all(seen)
+    assert checkpoint.read(tmp_path / "latest.pt")["step"] == 2
+    assert checkpoint.read(tmp_path / "previous.pt")["step"] == 1
+    assert torch.equal(checkpoint.read(tmp_path / "previous.pt")["w"], torch.ones(3))

@@ -2,8 +2,8 @@
 
 A checkpoint is one torch.save file holding the run's state and a sha256 over all of it (every tensor's bytes and
 every other value, walked in key order), so a flipped byte anywhere is caught at --resume instead of training on
-garbage. Each save writes a temporary sibling, fsyncs it, moves the current latest.pt to previous.pt, then moves
-the new file to latest.pt: the two newest checkpoints stay on disk, and a crash or a full disk at any moment
+garbage. Each save writes a temporary sibling, fsyncs it, links the current latest.pt as previous.pt, then moves
+the new file over latest.pt: the two newest checkpoints stay on disk, and a crash or a full disk at any moment
 leaves only complete files behind.
 """
 
@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,20 +103,26 @@ def save(state: dict, directory: Path) -> Path:
     directory = Path(directory)
     path = directory / LATEST
     tmp = directory / f".{LATEST}.{os.getpid()}.tmp"
+    keep = directory / f".{PREVIOUS}.{os.getpid()}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save({**state, "sha256": state_digest(state)}, f)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, directory / PREVIOUS)
+        if path.exists():  # previous.pt <- latest.pt by a second link: latest.pt exists at every moment
+            try:
+                os.link(path, keep)
+            except OSError:
+                shutil.copy2(path, keep)
+            os.replace(keep, directory / PREVIOUS)
         os.replace(tmp, path)
     except OSError as e:
         raise disk_error(e, path) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for t in (tmp, keep):
+            if t.exists():
+                t.unlink()
     return path
 
 
