@@ -56,8 +56,12 @@ def prepare_model(model_or_source, recipe: Recipe):
     return model.float(), origin
 
 
-def set_trainable(model, part: str) -> list[nn.Parameter]:
-    """Freeze what --train excludes; decoder: the embedders and blocks[:depth] stay fixed (DMF §3.1 decoder fine-tuning)."""
+def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter]:
+    """Freeze what --train excludes; decoder: the embedders and blocks[:depth] stay fixed (DMF §3.1 decoder fine-tuning).
+
+    A log-variance head that the loss does not use (any loss but adaptive) stays frozen too: DDP needs a gradient
+    for every parameter that trains.
+    """
     for p in model.parameters():
         p.requires_grad_(True)
     net = model.net
@@ -68,6 +72,8 @@ def set_trainable(model, part: str) -> list[nn.Parameter]:
             raise FlowmapError("--train decoder needs a decoupled DiT-style flow map; use --train all for this model.")
         for mod in (net.x_embedder, net.t_embedder, net.y_embedder, *net.blocks[: model.depth]):
             mod.requires_grad_(False)
+    if loss != "adaptive" and getattr(model, "logvar_linear", None) is not None:
+        model.logvar_linear.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 

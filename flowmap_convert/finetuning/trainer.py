@@ -76,7 +76,7 @@ class Trainer:
 
         model, self.depth_origin = prepare_model(model_or_source, recipe)
         self.model = model.to(self.device)
-        self.trainable = set_trainable(self.model, recipe.train)
+        self.trainable = set_trainable(self.model, recipe.train, recipe.loss)
         self.teacher = None
         if recipe.objective in NEEDS_TEACHER:  # frozen copy of the source before any update (MF-RAE teacher)
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).velocity
