@@ -208,3 +208,12 @@ def test_latest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatc
     assert checkpoint.read(tmp_path / "latest.pt")["step"] == 2
     assert checkpoint.read(tmp_path / "previous.pt")["step"] == 1
     assert torch.equal(checkpoint.read(tmp_path / "previous.pt")["w"], torch.ones(3))
+
+
+def test_a_new_run_into_a_run_directory_is_refused_up_front(base):
+    r = cli(base, base / "run", "--steps", "2")
+    assert r.exit_code == 0, r.output
+    before = (base / "run" / "metrics.jsonl").read_text()
+    line = refused_up_front(cli(base, base / "run", "--steps", "2"))
+    assert "already holds a run" in line and "--resume" in line
+    assert (base / "run" / "metrics.jsonl").read_text() == before

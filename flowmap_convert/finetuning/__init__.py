@@ -46,7 +46,7 @@ def check_run_dir(out, resume: bool) -> Path:
     """The one place that decides whether --out may be used as a run directory (one line when not).
 
     Today: a file, or a directory (or its nearest existing parent) this process cannot write, is refused; an
-    existing directory is reused (resume needs its checkpoints; a new run refuses one that holds a run, later).
+    existing directory is reused, except by a new run when it holds a run's checkpoints (--resume continues it).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -60,6 +60,12 @@ def check_run_dir(out, resume: bool) -> Path:
         raise FlowmapError(f"--out {out}: {probe} is not writable; choose another --out.")
     if resume and not out.is_dir():
         raise FlowmapError(f"--resume: {out} does not exist; drop --resume to start a new run.")
+    from .checkpoint import any_checkpoint
+
+    if not resume and any_checkpoint(out / "checkpoints"):
+        raise FlowmapError(
+            f"{out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
+        )
     return out
 
 
