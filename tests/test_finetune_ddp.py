@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import randomize, tiny_config
 
@@ -96,3 +97,30 @@ def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch
         "raw/model.safetensors",
     ]
     assert torch.load(ddp / "checkpoints" / "latest.pt", weights_only=True)["world"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_run_resumed_from_a_checkpoint_reproduces_the_uninterrupted_trace(tmp_path):
+    from flowmap_convert.io import export
+    from flowmap_convert.model import FlowMap
+
+    torch.manual_seed(0)
+    export(randomize(FlowMap(tiny_config(num_blocks=2))), tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "d.npz", latents=torch.randn(16, 1, 16, 16, generator=g).numpy(), labels=np.arange(16) % 10)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = subprocess.run(finetune_cmd(tmp_path, ref, 2, 2), capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = finetune_cmd(tmp_path, run, 2, 2)
+    first[first.index("--steps") + 1] = "2"
+    r = subprocess.run(first, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(
+        [*finetune_cmd(tmp_path, run, 2, 2), "--resume"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "replicas identical across 2 processes" in r.stderr
+    a = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-6 for x, y in zip(a, b)), (a, b)
