@@ -154,5 +154,80 @@ def main():
     print(text)
 
 
+def ddp_main(argv=None):
+    """Seconds per step of `flowmap finetune` on 1 and 2 CPU processes (gloo DDP), one thread each.
+
+    Usage: PYTHONPATH=. python benchmarks/finetune_step_time.py ddp [--model builtin:digits-sit] [--steps 12]
+        [--batch-size 32] [--out benchmarks/results/finetune_ddp-cpu.md]
+    """
+    import json
+    import socket
+    import subprocess
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=ddp_main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:digits-sit")
+    ap.add_argument("--data", default="builtin:digits")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch; per process in the weak-scaling row")
+    ap.add_argument("--out", default="benchmarks/results/finetune_ddp-cpu.md")
+    a = ap.parse_args(argv)
+
+    def port():
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            return sk.getsockname()[1]
+
+    def one(procs, batch, work):
+        out = Path(work) / f"p{procs}-b{batch}"
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port())]
+        cmd = [sys.executable, *(launch if procs > 1 else []), "-m", "flowmap_convert.cli", "finetune", a.model]
+        cmd += ["--data", a.data, "--steps", str(a.steps), "--batch-size", str(batch), "--checkpoint-every", "0"]
+        cmd += ["--log-every", "1000", "--device", "cpu", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-2000:])
+        times = [json.loads(x)["time"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        per = [b - t for t, b in zip(times[2:], times[3:])]  # after 2 warm-up steps
+        return statistics.median(per)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for procs, batch, what in (
+            (1, a.batch_size, "1 process"),
+            (2, a.batch_size // 2, "2 processes, same global batch"),
+            (2, a.batch_size, "2 processes, same per-process batch (2x global)"),
+        ):
+            sec = one(procs, batch, work)
+            rows.append(f"| {what} | {procs} | {batch} | {procs * batch} | {sec:.3f} | {procs * batch / sec:.1f} |")
+            print(rows[-1], flush=True)
+    load = os.getloadavg()
+    text = "\n".join(
+        [
+            "# Fine-tuning step time: 1 vs 2 CPU processes (gloo DDP)",
+            "",
+            f"Command: `PYTHONPATH=. python {' '.join(sys.argv)}`; each run is `flowmap finetune {a.model} --data "
+            f"{a.data} --steps {a.steps} --checkpoint-every 0 --device cpu` (under `torchrun --nproc_per_node 2` for 2 "
+            "processes), DMF with JVP, fp32, default recipe.",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs shared with other jobs, torch {torch.__version__}; "
+            f"OMP_NUM_THREADS=1, so 1 intra-op thread per process; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+            f"{load[2]:.1f}. Seconds per optimizer step: median over steps 3..{a.steps} of metrics.jsonl `time`.",
+            "",
+            "| run | processes | batch / process | global batch | s / step | samples / s |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(text)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["ddp"]:
+        ddp_main(sys.argv[2:])
+    else:
+        main()

@@ -22,6 +22,20 @@ def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
+def parse_seed(text: str) -> int:
+    """--seed text -> an int in [0, 2^63 - 1] ('1e3' is read as 1000; fractions, NaN and 1e20 are refused)."""
+    from .validate import seed
+
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise FlowmapError(f"--seed must be an integer, got {text!r}.") from None
+    return seed("--seed", value)
+
+
 def finetune_cmd(
     model: Annotated[
         str,
@@ -56,8 +70,16 @@ def finetune_cmd(
             help="all, or decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient).",
         ),
     ] = "all",
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per process per micro-step.")] = 64,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Optimizer steps (default: 200 for builtin:digits-sit, else 1000)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Samples per process per micro-step (default: 32 for builtin:digits-sit, else 64)."
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (betas 0.9, 0.95).")] = 1e-4,
     out: Annotated[
         Path,
@@ -111,7 +133,7 @@ def finetune_cmd(
     attention: Annotated[
         str, typer.Option("--attention", help="Attention backend: auto, triton, sdpa or math.")
     ] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise and times.")] = 0,
+    seed: Annotated[str, typer.Option("--seed", help="Seed of data order, noise and times (0 to 2^63 - 1).")] = "0",
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: at the end only).")
     ] = 500,
@@ -141,7 +163,13 @@ def finetune_cmd(
         str | None,
         typer.Option(
             "--device",
-            help="cpu or cuda (default: cuda when available; under accelerate launch, the process's device).",
+            help="cpu, cuda or cuda:N (default: cuda when available; under accelerate launch, the process's device).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="CPU threads (default: OMP_NUM_THREADS, else 1 on up to 4 cores, else half, at most 8)."
         ),
     ] = None,
 ):
@@ -151,7 +179,7 @@ def finetune_cmd(
 
     Examples:
 
-      flowmap finetune --mg-scale 0.6 --steps 300 --out digits-ft
+      flowmap finetune --out digits-ft            (builtin:digits-sit, 200 steps x 32: a few minutes on a CPU)
 
       flowmap finetune digits-d4 --data builtin:digits --objective dmf --train decoder --steps 500
 
@@ -182,7 +210,7 @@ def finetune_cmd(
         grad_accum=grad_accum,
         precision=precision,
         attention=attention,
-        seed=seed,
+        seed=parse_seed(seed),
         checkpoint_every=checkpoint_every,
         sample_every=sample_every,
         log_every=log_every,
@@ -204,6 +232,7 @@ def finetune_cmd(
         dry_run=dry_run,
         log_with=log_with,
         device=device,
+        threads=threads,
         console=console,
         recipe=recipe,
     )
@@ -212,7 +241,7 @@ def finetune_cmd(
         lines = [
             f"parameters      {p['total']:,} ({p['trainable']:,} trainable, {p['frozen']:,} frozen)",
             f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'})",
-            f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {batch_size} x {result['processes']} process(es))",
+            f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {result['batch_size']} x {result['processes']} process(es))",
             f"device          {result['device']}",
             "nothing written (dry run)",
         ]

@@ -161,3 +161,17 @@ def test_cli_defaults_to_builtin_digits_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "trainable" in r.stdout and "seconds/step" in r.stdout and "nothing written" in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_global_shards_give_p_processes_the_micro_batches_of_one_process_with_p_times_the_accumulation():
+    from flowmap_convert.finetuning.data import EpochSampler, global_shard
+
+    for step in range(3):
+        one = [global_shard(step * 4 + a, 1, 0, 4) for a in range(4)]
+        two = [global_shard(step * 2 + a, 2, rank, 2) for rank in range(2) for a in range(2)]
+        assert one == two == list(range(step * 4, step * 4 + 4))
+    s = EpochSampler(10, 2, seed=3)
+    epoch = torch.cat([s.indices(i) for i in range(5)])
+    assert sorted(epoch.tolist()) == list(range(10))  # each sample once per epoch
+    assert torch.equal(EpochSampler(10, 2, seed=3).indices(7), s.indices(7))  # a pure function of the shard
+    assert not torch.equal(torch.cat([s.indices(i) for i in range(5, 10)]), epoch)  # a new order next epoch

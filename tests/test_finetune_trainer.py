@@ -254,3 +254,22 @@ def test_missing_tracker_is_a_user_error(monkeypatch):
     with pytest.raises(FlowmapError, match="unknown tracker"):
         check_trackers("nope")
     check_trackers(None)
+
+
+def test_every_trainable_parameter_gets_a_gradient_for_ddp():
+    """DDP (find_unused_parameters=False) needs a gradient for each parameter that trains, for every objective;
+    a log-variance head an mse loss does not use is frozen."""
+    import tempfile
+
+    from flowmap_convert.finetuning.recipe import Recipe
+    from flowmap_convert.finetuning.trainer import Trainer
+
+    for obj, train, loss in [("dmf", "all", "mse"), ("mfd", "decoder", "adaptive"), ("cmt", "all", "adaptive")]:
+        model = small_model()
+        model.logvar_linear = torch.nn.Linear(256, 1)  # a head from an earlier adaptive-loss fine-tune
+        rec = Recipe(objective=obj, train=train, loss=loss, batch_size=2, steps=1, cmt_states=2)
+        tr = Trainer(model, small_data(8), rec, out=tempfile.mkdtemp(), device="cpu", progress=False)
+        loss_value, _ = tr.wrapped(*small_data(2), torch.Generator().manual_seed(0))
+        loss_value.backward()
+        assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == [], (obj, train)
+        assert model.logvar_linear.weight.requires_grad == (loss == "adaptive")

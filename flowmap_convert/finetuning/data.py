@@ -247,11 +247,22 @@ def check_dataset(ds: LatentDataset, cfg) -> None:
                 raise FlowmapError(f"{ds.root / f} holds NaN or infinite moments; re-run the VAE preprocessing for it.")
 
 
-class EpochSampler:
-    """Global batches from seeded per-epoch permutations; rank k takes slice k; position = step * global batch."""
+def global_shard(micro: int, world: int, rank: int, grad_accum: int) -> int:
+    """Index of one process's micro-batch among all micro-batches of the run (optimizer step-major).
 
-    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0):
-        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+    Optimizer step s takes shards s * world * grad_accum ... (s + 1) * world * grad_accum - 1; rank k holds
+    grad_accum consecutive ones. The data and the random numbers of a micro-batch depend on this index alone,
+    so P processes x A accumulation steps train on exactly the numbers of 1 process x P*A steps (same global batch).
+    """
+    step, a = divmod(micro, grad_accum)
+    return (step * world + rank) * grad_accum + a
+
+
+class EpochSampler:
+    """Micro-batches from seeded per-epoch permutations; shard i covers positions i * batch ... (i + 1) * batch - 1."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
         self._epoch, self._perm = -1, None
 
     def perm(self, epoch: int) -> torch.Tensor:
@@ -261,16 +272,12 @@ class EpochSampler:
             self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         return self._perm
 
-    def indices(self, micro_step: int) -> torch.Tensor:
-        """This rank's indices for a global micro-step."""
-        gb = self.batch_size * self.world
-        start = micro_step * gb + self.rank * self.batch_size
-        out = []
-        for p in range(start, start + self.batch_size):
-            out.append(self.perm(p // self.n)[p % self.n])
-        return torch.stack(out)
+    def indices(self, shard: int) -> torch.Tensor:
+        """The sample indices of one global shard (see global_shard)."""
+        start = shard * self.batch_size
+        return torch.stack([self.perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)])
 
-    def state(self, micro_step: int) -> dict:
-        """What a checkpoint records about the data position."""
-        pos = micro_step * self.batch_size * self.world
+    def state(self, shards: int) -> dict:
+        """What a checkpoint records about the data position after `shards` global shards."""
+        pos = shards * self.batch_size
         return {"seed": self.seed, "position": pos, "epoch": pos // self.n, "n": self.n}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FlowmapError
+from ..validate import finite_float, int_in_range, interval, seed
 
 OBJECTIVES = ("dmf", "mfd", "mft", "cmt", "fm")
 LOSSES = ("adaptive", "adaptive-weight", "mse")
@@ -79,26 +80,46 @@ class Recipe:
                 "fp16 is refused: JVP tangents and the log-variance loss overflow or underflow in half precision without "
                 "loss scaling; use --precision bf16 (or fp32)."
             )
-        for name in ("steps", "batch_size", "grad_accum"):
-            if int(getattr(self, name)) < 1:
-                raise FlowmapError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")
-        if not self.lr > 0:
-            raise FlowmapError(f"--lr must be positive, got {self.lr}.")
-        if not 0.0 <= self.mg_scale < 1.0:
-            raise FlowmapError(
-                f"--mg-scale must be in [0, 1) (the effective CFG scale is 1/(1 - omega)), got {self.mg_scale}."
-            )
-        lo, hi = self.guidance_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise FlowmapError(f"the guidance interval must satisfy 0 <= g_min <= g_max <= 1, got ({lo}, {hi}).")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise FlowmapError(f"--label-dropout must be in [0, 1), got {self.label_dropout}.")
-        if not 0.0 < self.fd_delta < 0.5:
-            raise FlowmapError(f"--fd-delta must be in (0, 0.5), got {self.fd_delta}.")
-        if self.ema >= 1.0:
-            raise FlowmapError(f"--ema must be below 1 (or negative for automatic), got {self.ema}.")
-        if self.cmt_states < 2:
-            raise FlowmapError(f"--cmt-states must be at least 2, got {self.cmt_states}.")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every number finite and in range, named as its command-line option (before any work starts)."""
+
+        def opt(name):
+            return f"--{name.replace('_', '-')}"
+
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+            int_in_range(opt(name), getattr(self, name), 1)
+        for name in ("warmup", "checkpoint_every", "sample_every"):
+            int_in_range(opt(name), getattr(self, name), 0)
+        int_in_range("--cmt-states", self.cmt_states, 2, 100_000)
+        seed("--seed", self.seed)
+        if self.depth is not None:
+            int_in_range("--depth", self.depth, 1, 100_000)
+        finite_float("--lr", self.lr, 0.0, lo_open=True)
+        for k, b in enumerate(self.betas):
+            finite_float(f"AdamW beta{k + 1}", b, 0.0, 1.0, hi_open=True)
+        finite_float("--weight-decay", self.weight_decay, 0.0)
+        finite_float("--grad-clip", self.grad_clip, 0.0)
+        finite_float("--ema", self.ema, hi=1.0, hi_open=True)
+        finite_float("--adaptive-p", self.adaptive_p, 0.0)
+        finite_float("--adaptive-c", self.adaptive_c, 0.0, lo_open=True)
+        finite_float("--logvar-eps", self.logvar_eps, 0.0, lo_open=True)
+        finite_float("--fd-delta", self.fd_delta, 0.0, 0.5, lo_open=True, hi_open=True)
+        finite_float("--fm-mean", self.fm_mean)
+        finite_float("--fm-std", self.fm_std, 0.0, lo_open=True)
+        if len(self.time_proposal) != 2:
+            raise FlowmapError(f"--time-proposal takes 2 numbers, got {self.time_proposal!r}.")
+        for k, m in enumerate(self.time_proposal):
+            finite_float(f"--time-proposal {'tr'[k]} mean", m)
+        finite_float("--time-std", self.time_std, 0.0, lo_open=True)
+        finite_float("--ratio-r-neq-t", self.ratio_r_neq_t, 0.0, 1.0)
+        finite_float("--time-shift", self.time_shift, 0.0, lo_open=True)
+        finite_float("--mg-scale", self.mg_scale, 0.0, 1.0, hi_open=True)  # effective CFG scale 1 / (1 - omega)
+        if len(self.guidance_interval) != 2:
+            raise FlowmapError(f"--guidance-interval takes 2 numbers, got {self.guidance_interval!r}.")
+        interval("--guidance-interval", *self.guidance_interval)
+        finite_float("--label-dropout", self.label_dropout, 0.0, 1.0, hi_open=True)
 
     def ema_decay(self) -> float:
         """The EMA decay: as given, else 1 - 10 / steps clipped to [0.9, 0.9999] so the EMA forgets its start in a short run."""

@@ -1,0 +1,183 @@
+"""Checkpoints and random state: exact resume, checksums, the last two kept, nothing half-written.
+
+A checkpoint is one torch.save file holding the run's state and a sha256 over all of it (every tensor's bytes and
+every other value, walked in key order), so a flipped byte anywhere is caught at --resume instead of training on
+garbage. Each save writes a temporary sibling, fsyncs it, links the current latest.pt as previous.pt, then moves
+the new file over latest.pt: the two newest checkpoints stay on disk, and a crash or a full disk at any moment
+leaves only complete files behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FlowmapError
+
+CKPT_FORMAT = "flowmap-finetune/2"  # /2: a sha256 over the whole state (format /1 carried none)
+LATEST, PREVIOUS = "latest.pt", "previous.pt"
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+# ---------------------------------------------------------------------------------------------------- random state
+def step_generator(seed: int, shard: int, rollbacks: int) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of its global shard index (exact resume; the same numbers
+    for the same global batch whatever the process count, see data.global_shard)."""
+    key = (seed * 1_000_003 + shard * 104_729 + rollbacks * 15_485_863) % (2**63 - 1)
+    return torch.Generator().manual_seed(key)
+
+
+def rng_state() -> dict:
+    """Global RNG states (torch, numpy, python) in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    """Inverse of rng_state."""
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------- checksums
+def state_digest(state) -> str:
+    """sha256 over a nested state: keys in order, tensors by dtype, shape and bytes, other values by repr."""
+    h = hashlib.sha256()
+
+    def walk(v) -> None:
+        if isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v, key=str):
+                h.update(repr(k).encode())
+                walk(v[k])
+            h.update(b"}")
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for x in v:
+                walk(x)
+            h.update(b"]")
+        elif isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
+def disk_error(e: OSError, path: Path) -> FlowmapError:
+    """A one-line user error for a failed write (disk full, quota, read-only, permissions)."""
+    if e.errno in DISK_FULL:
+        return FlowmapError(f"no space left while writing {path}; free some disk space, then rerun with --resume.")
+    return FlowmapError(f"cannot write {path} ({e.strerror or e}); check the --out directory and its permissions.")
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+def save(state: dict, directory: Path) -> Path:
+    """Write state (plus its sha256) as directory/latest.pt, keeping the one before as previous.pt."""
+    directory = Path(directory)
+    path = directory / LATEST
+    tmp = directory / f".{LATEST}.{os.getpid()}.tmp"
+    keep = directory / f".{PREVIOUS}.{os.getpid()}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({**state, "sha256": state_digest(state)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():  # previous.pt <- latest.pt by a second link: latest.pt exists at every moment
+            try:
+                os.link(path, keep)
+            except OSError:
+                shutil.copy2(path, keep)
+            os.replace(keep, directory / PREVIOUS)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(e, path) from None
+    finally:
+        for t in (tmp, keep):
+            if t.exists():
+                t.unlink()
+    return path
+
+
+def read(path: Path) -> dict:
+    """Load and verify one checkpoint file; FlowmapError (one line) when it is missing, unreadable or corrupted."""
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise FlowmapError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(s, dict) or s.get("format") != CKPT_FORMAT:
+        raise FlowmapError(f"{path} is not a flowmap {CKPT_FORMAT} fine-tuning checkpoint")
+    digest = s.pop("sha256", None)
+    if digest != state_digest(s):
+        raise FlowmapError(f"{path} is corrupted (its sha256 does not match its contents)")
+    return s
+
+
+def load_verified(directory: Path) -> dict:
+    """The newest checkpoint in `directory`, verified; a corrupted one is refused naming the previous good one."""
+    directory = Path(directory)
+    path, prev = directory / LATEST, directory / PREVIOUS
+    try:
+        return read(path)
+    except FileNotFoundError:
+        if prev.exists():
+            raise FlowmapError(
+                f"no checkpoint at {path}, but {prev} is kept{_step_of(prev)}; move it to {path} to resume from it."
+            ) from None
+        raise FlowmapError(f"no checkpoint at {path} to resume from; drop --resume to start a new run.") from None
+    except FlowmapError as e:
+        if prev.exists():
+            try:
+                ok = read(prev)
+            except (FlowmapError, FileNotFoundError):
+                ok = None
+            if ok is not None:
+                raise FlowmapError(
+                    f"{e}; the previous checkpoint {prev} (step {ok['step']}) verifies: move it to {path} to resume from it."
+                ) from None
+        raise FlowmapError(f"{e}; no good checkpoint is kept, start a new --out.") from None
+
+
+def _step_of(path: Path) -> str:
+    """' (step N, verified)' for a readable checkpoint, else ''."""
+    try:
+        return f" (step {read(path)['step']}, verified)"
+    except (FlowmapError, FileNotFoundError):
+        return ""
+
+
+def any_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint file a run directory holds (latest, else previous), or None."""
+    for name in (LATEST, PREVIOUS):
+        if (Path(directory) / name).exists():
+            return Path(directory) / name
+    return None

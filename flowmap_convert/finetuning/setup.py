@@ -1,0 +1,133 @@
+"""Run set-up: the model to train, what trains, the attention backend, trackers, and size / memory reports."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import default_depth
+from ..errors import FlowmapError
+from .common import Calls
+from .recipe import Recipe
+
+
+def depth_origin(cfg, recipe: Recipe) -> str:
+    """Where the encoder/decoder split of a run comes from, in words (printed before training)."""
+    if recipe.depth is not None:
+        return "--depth"
+    if cfg.conditioning == "decoupled" and cfg.depth is not None:
+        return "the model's own split"
+    searched = (cfg.provenance.get("search") or {}).get("best_depth") if isinstance(cfg.provenance, dict) else None
+    if isinstance(searched, int) and searched == default_depth(cfg):
+        return "the depth search-depth chose, carried by the model"
+    return "all encoder blocks (RAE)" if cfg.arch == "ddt" else "2/3 of the blocks"
+
+
+def prepare_model(model_or_source, recipe: Recipe):
+    """(model, depth origin): a decoupled FlowMap ready to train, converted from a source if needed, with a
+    log-variance head for the adaptive loss."""
+    from ..model import FlowMap
+
+    if isinstance(model_or_source, FlowMap):
+        model = model_or_source
+    elif recipe.depth is not None:
+        from ..api import convert
+
+        model = convert(str(model_or_source), depth=recipe.depth)
+    else:  # loaded as it is, so that the split below (and its origin) follows config.default_depth
+        from ..api import load
+
+        model = load(str(model_or_source))
+    origin = depth_origin(model.config, recipe)
+    if model.config.conditioning == "velocity":
+        model = model.with_depth(recipe.depth or default_depth(model.config))
+    elif recipe.depth is not None and model.config.conditioning == "decoupled" and recipe.depth != model.config.depth:
+        model = model.with_depth(recipe.depth)
+    if recipe.loss == "adaptive":
+        model.add_logvar_head()  # DMF's log-variance head, zero-init: lv = 0 at the start
+    needs_null = recipe.label_dropout > 0 or recipe.mg_scale > 0
+    if needs_null and model.config.class_embed_rows <= model.config.num_classes:
+        raise FlowmapError(
+            "this model has no null-class embedding, which label dropout and model guidance need; pass --label-dropout 0 --mg-scale 0."
+        )
+    return model.float(), origin
+
+
+def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter]:
+    """Freeze what --train excludes; decoder: the embedders and blocks[:depth] stay fixed (DMF §3.1 decoder fine-tuning).
+
+    A log-variance head that the loss does not use (any loss but adaptive) stays frozen too: DDP needs a gradient
+    for every parameter that trains.
+    """
+    for p in model.parameters():
+        p.requires_grad_(True)
+    net = model.net
+    if hasattr(net, "pos_embed"):
+        net.pos_embed.requires_grad_(False)  # fixed sin-cos table
+    if part == "decoder":
+        if not Calls.can_split(model):
+            raise FlowmapError("--train decoder needs a decoupled DiT-style flow map; use --train all for this model.")
+        for mod in (net.x_embedder, net.t_embedder, net.y_embedder, *net.blocks[: model.depth]):
+            mod.requires_grad_(False)
+    if loss != "adaptive" and getattr(model, "logvar_linear", None) is not None:
+        model.logvar_linear.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_attention_backend(backend: str) -> None:
+    """Pass --attention to flowmap_convert.kernels when it offers a default-backend switch."""
+    from .. import kernels
+
+    setter = getattr(kernels, "set_default_backend", None)
+    if setter is not None:
+        setter(backend)
+    elif backend not in ("auto",):
+        raise FlowmapError(
+            f"--attention {backend} needs flowmap_convert.kernels.set_default_backend, which this build lacks; use --attention auto."
+        )
+
+
+TRACKER_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "aim": ("aim",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "trackio": ("trackio",),
+    "swanlab": ("swanlab",),
+}
+
+
+def check_trackers(log_with) -> None:
+    """Refuse --log-with names whose package is missing (Accelerate would only warn and log nothing)."""
+    import importlib.util
+
+    names = [log_with] if isinstance(log_with, str) else list(log_with or [])
+    for name in (n.strip() for item in names for n in str(item).split(",")):
+        if not name or name == "all":
+            continue
+        mods = TRACKER_MODULES.get(name)
+        if mods is None:
+            raise FlowmapError(f"unknown tracker {name!r} for --log-with; choose from {', '.join(TRACKER_MODULES)}.")
+        if not any(importlib.util.find_spec(m) for m in mods):
+            raise FlowmapError(
+                f"--log-with {name} needs the `{mods[0]}` package; install it with `pip install {mods[0]}` or drop --log-with."
+            )
+
+
+def count_params(model) -> dict:
+    """Total / trainable / frozen parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": train, "frozen": total - train}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource  # POSIX only
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
