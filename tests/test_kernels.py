@@ -412,18 +412,57 @@ def test_bad_shapes_are_rejected():
         attention(x, x, x)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA exit path")
-def test_benchmark_exits_2_without_cuda(capsys):
-    """benchmarks/attention_jvp.py ends with one line on stderr and exit code 2 when there is no GPU (in-process)."""
+def _load_benchmark():
     import importlib.util
 
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "attention_jvp.py")
     spec = importlib.util.spec_from_file_location("attention_jvp_bench", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--out", os.devnull]) == 2
-    err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0 and "needs a CUDA GPU" in err
+    return bench
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA exit path")
+def test_benchmark_exits_2_without_cuda(capsys, tmp_path):
+    """benchmarks/attention_jvp.py's GPU steps end with one line on stderr and exit code 2 without a GPU."""
+    bench = _load_benchmark()
+    for step in ("correctness", "timing", "dmf-step"):
+        assert bench.main([step, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and "needs a CUDA GPU" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_benchmark_gates_and_table(tmp_path):
+    """The gates compare fused / flash-forward time, jvp+bwd / flash fwd+bwd and memory; the table shows them."""
+    bench = _load_benchmark()
+    rows = [
+        dict(N=1024, D=72, fused={"ms": 2.9, "extra_mib": 10.0}, flash_fwd={"ms": 1.0}, jvp_bwd={"ms": 5.0},
+             flash_fwd_bwd={"ms": 3.0}, math_jvp={"ms": 9.0, "extra_mib": 200.0}),
+        dict(N=4096, D=128, fused={"ms": 31.0, "extra_mib": 40.0}, flash_fwd={"ms": 10.0}, jvp_bwd={"ms": 40.0},
+             flash_fwd_bwd={"ms": 30.0}, math_jvp={"error": "skipped"}),
+    ]  # fmt: skip
+    got = {g["gate"]: g["pass"] for g in bench.gates(rows)}
+    assert got == {
+        "fused fwd+JVP / flash fwd, N=1024 D=72": True,  # 2.9 <= 3.0
+        "jvp+bwd / flash fwd+bwd, N=1024 D=72": False,  # 1.67 > 1.6
+        "math-JVP / fused extra memory, N=1024 D=72": True,  # 20 >= 15
+        "fused fwd+JVP / flash fwd, N=4096 D=128": False,  # 3.1
+        "jvp+bwd / flash fwd+bwd, N=4096 D=128": True,  # 1.33
+    }
+    rec = bench.Recorder(str(tmp_path), "env", {"device": "NVIDIA H200", "torch": "x"})
+    rec.finish()
+    t = bench.Recorder(str(tmp_path), "timing")
+    for r in rows:
+        t.add(r)
+    t.finish(gates=bench.gates(rows))
+    path = bench.table(str(tmp_path), str(tmp_path / "results"))
+    assert path.endswith("attention-nvidia-h200.md")
+    text = open(path).read()
+    assert (
+        "| 1024 | 72 | 1.000 | 2.900 |" in text
+        and "| jvp+bwd / flash fwd+bwd, N=1024 D=72 | 1.67 | <= 1.6 | NO |" in text
+    )
 
 
 # ---------------------------------------------------------------- CUDA
