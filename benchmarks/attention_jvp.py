@@ -361,13 +361,17 @@ def dmf_step(rec: Recorder, args, device: str) -> None:
     depth = max(1, cfg.num_blocks * 2 // 3)
     cuda = device == "cuda"
     before = get_default_backend()
-    for backend in ("auto", "triton", "math", "sdpa"):
+    torch.manual_seed(0)
+    model = FlowMap(cfg).with_depth(depth).to(device)  # built once (CPU init), every backend starts from it
+    with torch.no_grad():  # random weights: adaLN-Zero gates at 0 would make attention's gradients all zero
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    for backend in ("auto", "math", "sdpa", "triton"):
         row = {"backend": backend, "batch": args.dmf_batch, "model": "tiny" if args.tiny else "SiT-XL/2 rms q-k norm"}
         try:
             set_default_backend(backend)
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = FlowMap(cfg).with_depth(depth)
+            model.load_state_dict(init)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             ctx = Context(Calls(model), Recipe(), cfg.num_classes)
             shape = (args.dmf_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -405,7 +409,7 @@ def dmf_step(rec: Recorder, args, device: str) -> None:
             row.update(ok=False, error=repr(e)[:400])
         finally:
             set_default_backend(before)
-            model = opt = ctx = None
+            opt = ctx = None
             if cuda:
                 torch.cuda.empty_cache()
         rec.add(row)

@@ -505,4 +505,4 @@ def test_cuda_autocast_mixed_dtypes_and_many_heads():
 
     big = [torch.randn(1, 70000, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
     o, _, _ = attention_fwd_jvp(*big)
-    torch.testing.assert_close(o, torch.nn.functional.scaled_dot_product_attention(*big[:3]), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(o, math_attention(*big[:3]), atol=2e-2, rtol=2e-2)  # SDPA's grid caps heads
