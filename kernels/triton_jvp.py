@@ -27,8 +27,8 @@ stored: memory is linear in the sequence length.
 
 Head dims that are not a power of two run as two tiles (D = 72 -> 64 + 16, 96 -> 64 + 32)
 instead of one padded to the next power of two (72 -> 128 would be 1.78x the work); the
-head dim is a compile-time constant and 8-aligned strides are declared to the compiler so
-loads vectorise. See ``head_dim_tiles``.
+head dim is a compile-time constant and strides that are multiples of 8 are passed as
+multiples of a constant 8, so the compiler sees 16-byte aligned rows and vectorises loads. See ``head_dim_tiles``.
 """
 
 import math
@@ -101,7 +101,7 @@ def _attn_fwd_jvp_kernel(
     D2: tl.constexpr,  # second head-dim tile (power of two >= 16), 0 for none
     MASK_A: tl.constexpr,  # the first tile reaches past HEAD_DIM (D < 16)
     MASK_B: tl.constexpr,  # the second tile reaches past HEAD_DIM (72 = 64 + 8 of 16)
-    ALIGNED: tl.constexpr,  # every stride is a multiple of 8 elements: say so to the compiler
+    STRIDE_UNIT: tl.constexpr,  # 8 when every stride is a multiple of 8 elements (passed divided by 8), else 1
     DOT_PRECISION: tl.constexpr,  # "ieee" / "tf32x3" for fp32 inputs; ignored for fp16/bf16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -114,15 +114,17 @@ def _attn_fwd_jvp_kernel(
     pid_bh = (pid // num_m).to(tl.int64)  # 64-bit offsets: B*H*L*D may exceed 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
-    if ALIGNED:
-        s_qb, s_qh, s_ql = tl.multiple_of(s_qb, 8), tl.multiple_of(s_qh, 8), tl.multiple_of(s_ql, 8)
-        s_kb, s_kh, s_kl = tl.multiple_of(s_kb, 8), tl.multiple_of(s_kh, 8), tl.multiple_of(s_kl, 8)
-        s_vb, s_vh, s_vl = tl.multiple_of(s_vb, 8), tl.multiple_of(s_vh, 8), tl.multiple_of(s_vl, 8)
-        s_tqb, s_tqh, s_tql = tl.multiple_of(s_tqb, 8), tl.multiple_of(s_tqh, 8), tl.multiple_of(s_tql, 8)
-        s_tkb, s_tkh, s_tkl = tl.multiple_of(s_tkb, 8), tl.multiple_of(s_tkh, 8), tl.multiple_of(s_tkl, 8)
-        s_tvb, s_tvh, s_tvl = tl.multiple_of(s_tvb, 8), tl.multiple_of(s_tvh, 8), tl.multiple_of(s_tvl, 8)
-        s_ob, s_oh, s_ol = tl.multiple_of(s_ob, 8), tl.multiple_of(s_oh, 8), tl.multiple_of(s_ol, 8)
-        s_tob, s_toh, s_tol = tl.multiple_of(s_tob, 8), tl.multiple_of(s_toh, 8), tl.multiple_of(s_tol, 8)
+    # Strides arrive divided by STRIDE_UNIT (8 when every stride is a multiple of 8 elements): multiplying
+    # back by the constant lets the compiler prove 16-byte aligned rows, hence vector loads and async copies
+    # (tl.multiple_of on scalar arguments does not carry that through, as sm_90 compiles showed).
+    s_qb, s_qh, s_ql = s_qb * STRIDE_UNIT, s_qh * STRIDE_UNIT, s_ql * STRIDE_UNIT
+    s_kb, s_kh, s_kl = s_kb * STRIDE_UNIT, s_kh * STRIDE_UNIT, s_kl * STRIDE_UNIT
+    s_vb, s_vh, s_vl = s_vb * STRIDE_UNIT, s_vh * STRIDE_UNIT, s_vl * STRIDE_UNIT
+    s_tqb, s_tqh, s_tql = s_tqb * STRIDE_UNIT, s_tqh * STRIDE_UNIT, s_tql * STRIDE_UNIT
+    s_tkb, s_tkh, s_tkl = s_tkb * STRIDE_UNIT, s_tkh * STRIDE_UNIT, s_tkl * STRIDE_UNIT
+    s_tvb, s_tvh, s_tvl = s_tvb * STRIDE_UNIT, s_tvh * STRIDE_UNIT, s_tvl * STRIDE_UNIT
+    s_ob, s_oh, s_ol = s_ob * STRIDE_UNIT, s_oh * STRIDE_UNIT, s_ol * STRIDE_UNIT
+    s_tob, s_toh, s_tol = s_tob * STRIDE_UNIT, s_toh * STRIDE_UNIT, s_tol * STRIDE_UNIT
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < L_Q
@@ -436,10 +438,11 @@ def attention_fwd_jvp(
     tq, tk, tv = _materialise_tangent(tq, q), _materialise_tangent(tk, k), _materialise_tangent(tv, v)
     d1, d2 = head_dim_tiles(D)
     tensors = (q, k, v, tq, tk, tv, o, t_out)
+    unit = 8 if _aligned(*tensors) else 1
     args = (
         *tensors,
         lse,
-        *(s for x in tensors for s in x.stride()[:3]),
+        *(s // unit for x in tensors for s in x.stride()[:3]),
         H,
         L_Q,
         L_K,
@@ -452,7 +455,7 @@ def attention_fwd_jvp(
         D2=d2,
         MASK_A=d2 == 0 and d1 > D,
         MASK_B=d2 > 0 and d1 + d2 > D,
-        ALIGNED=_aligned(*tensors),
+        STRIDE_UNIT=unit,
         DOT_PRECISION=("ieee" if interpret else "tf32x3") if q.dtype == torch.float32 else "tf32",
     )
     if interpret:

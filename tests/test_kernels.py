@@ -114,6 +114,7 @@ def _lse_reference(ref, scale=None):
         (torch.float16, 64, 33),  # one tile, a partial second key block
         (torch.float32, 8, 1),  # D < 16 (one masked tile), a single row
         (torch.float32, 96, 17),  # 64 + 32, no mask
+        (torch.float16, 20, 9),  # strides of 20: not multiples of 8, so passed as they are (STRIDE_UNIT = 1)
     ],
 )
 def test_fused_kernel_output_tangent_and_lse(dtype, D, L):
