@@ -58,16 +58,26 @@ def test_shared_memory_counts_every_tile():
 def test_prune_drops_configs_over_the_limit_and_never_returns_nothing():
     """A 256 KiB config is dropped at 227 KiB, kept at 260 KiB; with a tiny limit the smallest tile survives."""
     import triton
-    from flowmap_convert.kernels.triton_jvp import prune_configs
+    from flowmap_convert.kernels.triton_jvp import prune_configs, shared_memory_bytes
 
-    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=5)
     small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    assert shared_memory_bytes(128, 32, 5, 128, 2) == 256 * 1024
     assert prune_configs([big, small], 128, 2, 227 * 1024) == [small]
     assert prune_configs([big, small], 128, 2, 260 * 1024) == [big, small]
     assert prune_configs([big, small], 128, 2, 1024) == [small]
-    # registers: 128 rows x 128 lanes of two fp32 accumulators on 4 warps (256 / thread) cannot be held
-    wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-    assert prune_configs([wide, small], 128, 2, 1 << 30) == [small]
+
+
+def test_prune_drops_configs_that_would_spill_registers():
+    """Register estimate vs offline sm_90 compiles at D = 128: (64, 64, 4 warps) spilled, (128, 32, 8 warps) did not."""
+    import triton
+    from flowmap_convert.kernels.triton_jvp import prune_configs, registers_per_thread
+
+    spills = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    fits = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+    assert registers_per_thread(64, 64, 128, 4, 2) == 128 + 64 + 96  # acc_O + acc_T, q + dq, three score tiles
+    assert prune_configs([spills, fits], 128, 2, 1 << 30) == [fits]
+    assert prune_configs([spills, fits], 72, 2, 1 << 30) == [spills, fits]  # 80 lanes: both fit
 
 
 def test_autotune_key_buckets_lengths_and_names_the_head_dim():
