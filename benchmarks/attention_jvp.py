@@ -1,10 +1,16 @@
-"""Benchmark attention forward + forward-mode JVP: fused Triton kernel vs SDPA forward vs math-backend JVP.
+"""GPU checks and benchmark of attention forward + JVP: correctness, timings, a DMF step, and a results table.
 
-Usage: python benchmarks/attention_jvp.py [--seq-lens 256,1024,4096] [--head-dims 64,72,128]
-                                          [--batch 4] [--heads 16] [--out benchmarks/results/attention_jvp-<device>]
+Usage (each step writes <out>/<step>.json, rewritten after every case, so a step killed by
+its timeout still leaves what it measured; <out> defaults to $OUT, else benchmarks/results):
 
-Needs a CUDA GPU; without one it prints one line and exits with code 2. Writes <out>.json
-and <out>.md (tables plus the acceptance gates) and prints the markdown.
+    python benchmarks/attention_jvp.py env          # device, versions
+    python benchmarks/attention_jvp.py correctness  # bf16 / fp16, L in 1,65,257,1024, D in 64,72,128, grads, autocast
+    python benchmarks/attention_jvp.py timing       # B=4, H=16, N in 1024,4096, D in 72,128: fused, SDPA, math, jvp+bwd
+    python benchmarks/attention_jvp.py dmf-step     # one DMF step of a SiT-XL/2-sized q-k-norm model, bf16, per backend
+    python benchmarks/attention_jvp.py table        # <out>/*.json -> benchmarks/results/attention-<device>.md
+
+benchmarks/gpu_check.sh runs them all, each under its own timeout. Every step but env and
+table needs a CUDA GPU; without one it prints one line and exits with code 2.
 """
 
 import argparse
@@ -19,36 +25,217 @@ import time
 
 import torch
 
-# Acceptance gates of issue 5 (see benchmarks/README-attention.md).
-GATE_TIME_RATIO = 2.0  # ours (forward + JVP) / SDPA flash forward, at N >= 1024
-GATE_MEMORY_RATIO = 15.0  # math-JVP peak / ours peak, at N = 1024
-GATE_TANGENT_ERR = 1.2e-3  # bf16 tangent max abs error vs fp32 reference, at N = 1024
-GATE_MEMORY_EXPONENT = 1.2  # ours' extra memory grows like N^e between the two largest N; N^2 would be e = 2
+# Gates (issue 15; see benchmarks/README-attention.md)
+GATE_FUSED_VS_FLASH_FWD = 3.0  # fused forward + JVP time / SDPA-flash forward (6 vs 2 matmul units: the floor)
+GATE_TRAIN_VS_FLASH_TRAIN = 1.6  # jvp + backward / flash forward + backward (11 vs 7 units)
+GATE_MEMORY_VS_MATH = 15.0  # math-JVP extra memory / fused extra memory, N = 1024
+# Correctness tolerances: max |err| / max |reference| on std-0.5 inputs (fp32 reference, same rounded inputs)
+REL_TOL = {
+    "bfloat16": {"out": 2e-2, "grad": 5e-2},
+    "float16": {"out": 4e-3, "grad": 1e-2},
+    "float32": {"out": 1e-4, "grad": 1e-3},
+}
 
 
 def parse_args(argv=None):
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq-lens", default="256,1024,4096", help="comma-separated sequence lengths N")
-    p.add_argument("--head-dims", default="64,72,128", help="comma-separated head dims D")
-    p.add_argument("--batch", type=int, default=4, help="batch size B")
-    p.add_argument("--heads", type=int, default=16, help="number of heads H")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls first (includes Triton autotuning)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls; the median is reported")
-    p.add_argument("--skip-math-above", type=int, default=8192, help="do not run the math JVP above this N")
-    p.add_argument(
-        "--out", default=None, help="output path without extension (default benchmarks/results/attention_jvp-<device>)"
-    )
+    p.add_argument("step", choices=["env", "correctness", "timing", "dmf-step", "table"])
+    p.add_argument("--out", default=None, help="JSON directory (default $OUT, else benchmarks/results)")
+    p.add_argument("--results", default=os.path.join("benchmarks", "results"), help="where `table` writes the .md")
+    p.add_argument("--seq-lens", default="1024,4096", help="timing: comma-separated N")
+    p.add_argument("--head-dims", default="72,128", help="timing: comma-separated D")
+    p.add_argument("--batch", type=int, default=4, help="timing: B")
+    p.add_argument("--heads", type=int, default=16, help="timing: H")
+    p.add_argument("--warmup", type=int, default=3, help="timing: untimed calls first (includes autotuning)")
+    p.add_argument("--repeats", type=int, default=10, help="timing: timed calls; the median is reported")
+    p.add_argument("--skip-math-above", type=int, default=4096, help="timing: no math JVP above this N")
+    p.add_argument("--dmf-batch", type=int, default=16, help="dmf-step: batch size")
+    p.add_argument("--dmf-steps", type=int, default=3, help="dmf-step: timed steps after one warm-up step")
+    p.add_argument("--tiny", action="store_true", help="dmf-step: a 2-block model (smoke test, CPU allowed)")
     return p.parse_args(argv)
 
 
-def device_slug() -> str:
-    """A file-name-safe name of the current GPU, e.g. 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+def out_dir(args) -> str:
+    return args.out or os.environ.get("OUT") or os.path.join("benchmarks", "results")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write via a temporary file and os.replace, so no partial file is left behind."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Recorder:
+    """One JSON file per step, rewritten after every record so a timeout keeps the finished cases."""
+
+    def __init__(self, directory: str, step: str, meta: dict | None = None):
+        self.path = os.path.join(directory, f"{step}.json")
+        self.doc = {"step": step, "meta": meta or {}, "rows": [], "done": False}
+        self.flush()
+
+    def add(self, row: dict) -> None:
+        self.doc["rows"].append(row)
+        self.flush()
+        print(json.dumps(row), flush=True)
+
+    def finish(self, **extra) -> None:
+        self.doc.update(extra, done=True)
+        self.flush()
+
+    def flush(self) -> None:
+        write_atomic(self.path, json.dumps(self.doc, indent=1) + "\n")
+
+
+def device_slug(name: str) -> str:
+    """A file-name-safe device name, e.g. 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def env_info() -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
+    else:
+        info["device"] = "cpu"
+    try:
+        import flash_attn
+
+        info["flash_attn"] = flash_attn.__version__
+    except Exception:
+        info["flash_attn"] = None
+    return info
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.float() - want.float()).abs().max().item() / max(want.float().abs().max().item(), 1e-12)
+
+
+def _meanflow(fn, xs, w_o, w_t):
+    """loss = <o, w_o> + <stopgrad(dO), w_t>: output, tangent and q/k/v gradients (the trainer's pattern)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in xs[:3])
+    o, t = torch.func.jvp(fn, (q, k, v), tuple(xs[3:]))
+    ((o.float() * w_o).sum() + (t.detach().float() * w_t).sum()).backward()
+    return o, t, q.grad, k.grad, v.grad
+
+
+def correctness(rec: Recorder) -> None:
+    from flowmap_convert.kernels import attention, backward_counts, math_attention
+
+    names = ("out", "tangent", "dq", "dk", "dv")
+
+    def case(dtype, L, D, B=2, H=2, seed=0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        xs = [(0.5 * torch.randn(B, H, L, D, device="cuda", generator=g)).to(dtype) for _ in range(6)]
+        w_o, w_t = (torch.randn(B, H, L, D, device="cuda", generator=g) for _ in range(2))
+        before = backward_counts()
+        t0 = time.time()
+        got = _meanflow(lambda a, b, c: attention(a, b, c, backend="auto"), xs, w_o, w_t)
+        torch.cuda.synchronize()
+        secs = time.time() - t0
+        after = backward_counts()
+        ref = _meanflow(math_attention, [x.float() for x in xs], w_o, w_t)
+        errs = {n: _rel_err(a, b) for n, a, b in zip(names, got, ref)}
+        tol = REL_TOL[str(dtype).split(".")[-1]]
+        ok = all(errs[n] <= tol["out" if n in ("out", "tangent") else "grad"] for n in names)
+        ok = ok and all(torch.isfinite(x).all().item() for x in got)
+        bwd = "flash" if after["flash"] > before["flash"] else "math"
+        rec.add(dict(case="meanflow", dtype=str(dtype), L=L, D=D, rel_err=errs, backward=bwd, secs=secs, ok=ok))
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    torch.backends.cudnn.allow_tf32 = False
+    os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "0")  # one fixed config: compile once per (D, dtype)
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (64, 72, 128):
+            for L in (1, 65, 257, 1024):
+                try:
+                    case(dtype, L, D)
+                except Exception as e:  # record and go on: one failure must not cost the rest of the slot
+                    rec.add(dict(case="meanflow", dtype=str(dtype), L=L, D=D, ok=False, error=repr(e)[:400]))
+
+    # the autocast q-k-norm case: a DiT attention layer with RMS q-k norm under bf16 autocast
+    try:
+        from flowmap_convert.dit import Attention
+
+        torch.manual_seed(0)
+        layer = Attention(1152, 16, qk_norm="rms").cuda()
+        x, dx = (0.5 * torch.randn(2, 256, 1152, device="cuda") for _ in range(2))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            o, t = torch.func.jvp(layer, (x,), (dx,))
+        o.float().pow(2).mean().backward()
+        g_auto = layer.qkv.weight.grad.clone()
+        layer.zero_grad()
+        from flowmap_convert.kernels import get_default_backend, set_default_backend
+
+        before = get_default_backend()
+        set_default_backend("math")
+        try:
+            o_ref, t_ref = torch.func.jvp(layer, (x,), (dx,))  # fp32 reference, no autocast
+            o_ref.float().pow(2).mean().backward()
+        finally:
+            set_default_backend(before)
+        errs = {
+            "out": _rel_err(o, o_ref),
+            "tangent": _rel_err(t, t_ref),
+            "dW_qkv": _rel_err(g_auto, layer.qkv.weight.grad),
+        }
+        ok = errs["out"] <= 3e-2 and errs["tangent"] <= 3e-2 and errs["dW_qkv"] <= 6e-2
+        rec.add(dict(case="autocast-qk-norm", dtype=str(o.dtype), rel_err=errs, ok=ok))
+    except Exception as e:
+        rec.add(dict(case="autocast-qk-norm", ok=False, error=repr(e)[:400]))
+
+    # B*H = 70000 > 65535 on one grid axis, and fp32 inputs (tf32x3) at D = 72
+    from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
+
+    for label, shape, dtype in (
+        ("many-heads", (1, 70000, 16, 64), torch.bfloat16),
+        ("fp32", (2, 2, 257, 72), torch.float32),
+    ):
+        try:
+            t0 = time.time()
+            xs = [0.5 * torch.randn(shape, device="cuda").to(dtype) for _ in range(6)]
+            o, t, _ = attention_fwd_jvp(*xs)
+            torch.cuda.synchronize()
+            secs = time.time() - t0
+            ref_o, ref_t = torch.func.jvp(
+                math_attention, tuple(x.float() for x in xs[:3]), tuple(x.float() for x in xs[3:])
+            )
+            errs = {"out": _rel_err(o, ref_o), "tangent": _rel_err(t, ref_t)}
+            tol = REL_TOL[str(dtype).split(".")[-1]]["out"]
+            rec.add(
+                dict(
+                    case=label,
+                    dtype=str(dtype),
+                    shape=list(shape),
+                    rel_err=errs,
+                    secs=secs,
+                    ok=max(errs.values()) <= tol,
+                )
+            )
+        except Exception as e:
+            rec.add(dict(case=label, ok=False, error=repr(e)[:400]))
+    rec.finish(all_ok=all(r.get("ok") for r in rec.doc["rows"]))
+
+
+# ---------------------------------------------------------------- timing
 
 
 def measure(fn, warmup: int, repeats: int) -> dict:
-    """Median CUDA-event time (ms) and peak allocated memory (MiB, absolute and above the inputs) of fn()."""
+    """Median CUDA-event time (ms) and peak memory above what was allocated before the call (MiB)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -65,237 +252,281 @@ def measure(fn, warmup: int, repeats: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     out = fn()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    extra = torch.cuda.max_memory_allocated() - base
     del out
-    mib = 1024.0**2
-    return {"ms": statistics.median(times), "peak_mib": peak / mib, "extra_mib": (peak - base) / mib}
+    return {"ms": statistics.median(times), "extra_mib": extra / 2**20}
 
 
 def guarded(fn, warmup, repeats) -> dict:
-    """measure() that turns an out-of-memory into a recorded result instead of a crash."""
     try:
         return measure(fn, warmup, repeats)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return {"ms": None, "peak_mib": None, "extra_mib": None, "error": "OOM"}
+        return {"error": "OOM"}
+    except Exception as e:
+        return {"error": repr(e)[:300]}
 
 
-def sdpa_flash_forward(q, k, v):
-    """Plain SDPA forward, restricted to the flash backend (falls back to SDPA's choice if flash refuses)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-def bench_case(B, H, N, D, args) -> dict:
-    """All measurements for one (N, D)."""
+def timing_case(B, H, N, D, args) -> dict:
     from flowmap_convert.kernels import attention, math_attention
     from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, tq, tk, tv, do = ((0.5 * torch.randn(B, H, N, D, device="cuda", generator=g)).bfloat16() for _ in range(7))
 
-    def draw():
-        return torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    def flash_fwd():
+        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    q, k, v = draw(), draw(), draw()
-    tq, tk, tv = draw(), draw(), draw()
+    def flash_fwd_bwd():
+        a, b, c = (x.detach().requires_grad_() for x in (q, k, v))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            o = torch.nn.functional.scaled_dot_product_attention(a, b, c)
+        o.backward(do)
+        return a.grad
 
-    def ours():  # what a model call costs under torch.func.jvp: SDPA forward + Triton tangent kernel
-        return torch.func.jvp(lambda a, b, c: attention(a, b, c, backend="triton"), (q, k, v), (tq, tk, tv))
+    def fused():
+        with torch.no_grad():
+            return attention_fwd_jvp(q, k, v, tq, tk, tv)
 
-    def fused():  # the one-pass kernel alone, computing O and dO together
-        return attention_fwd_jvp(q, k, v, tq, tk, tv)
+    def jvp_bwd():  # the training step's attention: jvp (fused), then backward (flash on the saved O / LSE)
+        a, b, c = (x.detach().requires_grad_() for x in (q, k, v))
+        o, t = torch.func.jvp(lambda x, y, z: attention(x, y, z, backend="auto"), (a, b, c), (tq, tk, tv))
+        o.backward(do)
+        return a.grad, t
 
-    def math_jvp():  # materialises the N x N scores and their tangents
-        return torch.func.jvp(math_attention, (q, k, v), (tq, tk, tv))
+    def math_jvp():
+        with torch.no_grad():
+            return torch.func.jvp(math_attention, (q, k, v), (tq, tk, tv))
 
-    sdpa_name = "flash"
-    try:
-        sdpa_flash_forward(q, k, v)
-        sdpa_fn = lambda: sdpa_flash_forward(q, k, v)  # noqa: E731
-    except RuntimeError:  # flash kernel unavailable for this shape / GPU
-        sdpa_name = "default"
-        sdpa_fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    row = {
-        "N": N,
-        "D": D,
-        "ours_jvp": guarded(ours, args.warmup, args.repeats),
-        "fused_kernel": guarded(fused, args.warmup, args.repeats),
-        "sdpa_forward": {**guarded(sdpa_fn, args.warmup, args.repeats), "backend": sdpa_name},
-        "math_jvp": guarded(math_jvp, args.warmup, args.repeats) if N <= args.skip_math_above else {"error": "skipped"},
-    }
-    del q, k, v, tq, tk, tv
+    row = {"N": N, "D": D, "B": B, "H": H}
+    row["flash_fwd"] = guarded(flash_fwd, args.warmup, args.repeats)
+    row["fused"] = guarded(fused, args.warmup, args.repeats)
+    row["flash_fwd_bwd"] = guarded(flash_fwd_bwd, args.warmup, args.repeats)
+    row["jvp_bwd"] = guarded(jvp_bwd, args.warmup, args.repeats)
+    row["math_jvp"] = guarded(math_jvp, 1, 3) if N <= args.skip_math_above else {"error": "skipped"}
+    del q, k, v, tq, tk, tv, do
     torch.cuda.empty_cache()
     return row
 
 
-def tangent_error(B, H, N, D) -> dict:
-    """Max abs error of the bf16 tangent (bf16-stored, and fp32-stored) vs an fp32 reference on the same inputs."""
-    from flowmap_convert.kernels import attention, math_attention
-    from flowmap_convert.kernels.triton_jvp import attention_fwd_jvp
-
-    g = torch.Generator(device="cuda").manual_seed(1)
-    xs = [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(6)]
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
-    try:
-        ref = torch.func.jvp(math_attention, tuple(x.float() for x in xs[:3]), tuple(x.float() for x in xs[3:]))[1]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    t_bf16 = torch.func.jvp(lambda a, b, c: attention(a, b, c, backend="triton"), tuple(xs[:3]), tuple(xs[3:]))[1]
-    _, t_f32 = attention_fwd_jvp(*xs, tangent_dtype=torch.float32)
-    return {
-        "N": N,
-        "D": D,
-        "max_abs_err_bf16_tangent": (t_bf16.float() - ref).abs().max().item(),
-        "max_abs_err_fp32_stored_tangent": (t_f32 - ref).abs().max().item(),
-        "max_abs_ref": ref.abs().max().item(),
-    }
-
-
-def gates(rows, errors, seq_lens) -> list:
-    """Evaluate the acceptance gates on the measured rows."""
+def gates(rows) -> list:
     out = []
+
+    def gate(name, value, target, ok):
+        out.append({"gate": name, "value": value, "target": target, "pass": bool(ok)})
+
     for r in rows:
-        o, s, m = r["ours_jvp"], r["sdpa_forward"], r["math_jvp"]
-        if r["N"] >= 1024 and o.get("ms") and s.get("ms"):
-            ratio = o["ms"] / s["ms"]
-            out.append(
-                {
-                    "gate": f"time ours/SDPA-{s['backend']} N={r['N']} D={r['D']}",
-                    "value": ratio,
-                    "target": f"<= {GATE_TIME_RATIO}",
-                    "pass": ratio <= GATE_TIME_RATIO,
-                }
+        f, s, j, fb, m = (r.get(k, {}) for k in ("fused", "flash_fwd", "jvp_bwd", "flash_fwd_bwd", "math_jvp"))
+        tag = f"N={r['N']} D={r['D']}"
+        if f.get("ms") and s.get("ms"):
+            x = f["ms"] / s["ms"]
+            gate(f"fused fwd+JVP / flash fwd, {tag}", x, f"<= {GATE_FUSED_VS_FLASH_FWD}", x <= GATE_FUSED_VS_FLASH_FWD)
+        if j.get("ms") and fb.get("ms"):
+            x = j["ms"] / fb["ms"]
+            gate(
+                f"jvp+bwd / flash fwd+bwd, {tag}", x, f"<= {GATE_TRAIN_VS_FLASH_TRAIN}", x <= GATE_TRAIN_VS_FLASH_TRAIN
             )
-        if r["N"] == 1024 and o.get("peak_mib") and m.get("peak_mib"):
-            ratio = m["peak_mib"] / o["peak_mib"]
-            out.append(
-                {
-                    "gate": f"peak memory math/ours N=1024 D={r['D']}",
-                    "value": ratio,
-                    "target": f">= {GATE_MEMORY_RATIO}",
-                    "pass": ratio >= GATE_MEMORY_RATIO,
-                }
-            )
-    big = sorted(n for n in seq_lens if n >= 1024)
-    if len(big) >= 2:
-        n1, n2 = big[-2], big[-1]
-        for D in sorted({r["D"] for r in rows}):
-            a = next((r["ours_jvp"] for r in rows if r["N"] == n1 and r["D"] == D), {})
-            b = next((r["ours_jvp"] for r in rows if r["N"] == n2 and r["D"] == D), {})
-            if a.get("extra_mib") and b.get("extra_mib"):
-                e = math.log(b["extra_mib"] / a["extra_mib"]) / math.log(n2 / n1)  # memory ~ N^e
-                out.append(
-                    {
-                        "gate": f"memory growth exponent N={n1}->{n2} D={D}",
-                        "value": e,
-                        "target": f"<= {GATE_MEMORY_EXPONENT}",
-                        "pass": e <= GATE_MEMORY_EXPONENT,
-                    }
-                )
-    for e in errors:
-        v = e["max_abs_err_bf16_tangent"]
-        out.append(
-            {
-                "gate": f"bf16 tangent max abs err N={e['N']} D={e['D']}",
-                "value": v,
-                "target": f"<= {GATE_TANGENT_ERR}",
-                "pass": v <= GATE_TANGENT_ERR,
-            }
-        )
+        if r["N"] == 1024 and f.get("extra_mib") and m.get("extra_mib"):
+            x = m["extra_mib"] / f["extra_mib"]
+            gate(f"math-JVP / fused extra memory, {tag}", x, f">= {GATE_MEMORY_VS_MATH}", x >= GATE_MEMORY_VS_MATH)
     return out
 
 
-def fmt(x, spec=".3f"):
-    """Number or dash."""
+def timing(rec: Recorder, args) -> None:
+    os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "1")
+    for N in (int(x) for x in args.seq_lens.split(",")):
+        for D in (int(x) for x in args.head_dims.split(",")):
+            rec.add(timing_case(args.batch, args.heads, N, D, args))
+    gate_rows = gates(rec.doc["rows"])
+    rec.finish(gates=gate_rows, all_pass=all(g["pass"] for g in gate_rows))
+
+
+# ---------------------------------------------------------------- one DMF step
+
+
+def dmf_step(rec: Recorder, args, device: str) -> None:
+    """Seconds per optimizer step and peak memory of a DMF step (bf16 autocast on CUDA) for each attention backend."""
+    from flowmap_convert.kernels import backward_counts, get_default_backend, set_default_backend
+
+    from flowmap_convert.config import ModelConfig
+    from flowmap_convert.finetuning.common import Calls, Context
+    from flowmap_convert.finetuning.objectives import OBJECTIVE_FNS
+    from flowmap_convert.finetuning.recipe import Recipe
+    from flowmap_convert.model import FlowMap
+
+    size = dict(num_blocks=2, hidden_size=64, num_heads=2, input_size=8) if args.tiny else {}
+    cfg = ModelConfig(qk_norm="rms", **size)  # SiT-XL/2 shape (1152 wide, 28 blocks, 16 heads of 72, 256 tokens)
+    depth = max(1, cfg.num_blocks * 2 // 3)
+    cuda = device == "cuda"
+    before = get_default_backend()
+    torch.manual_seed(0)
+    model = FlowMap(cfg).with_depth(depth).to(device)  # built once (CPU init), every backend starts from it
+    with torch.no_grad():  # random weights: adaLN-Zero gates at 0 would make attention's gradients all zero
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    for backend in ("auto", "math", "sdpa", "triton"):
+        row = {"backend": backend, "batch": args.dmf_batch, "model": "tiny" if args.tiny else "SiT-XL/2 rms q-k norm"}
+        try:
+            set_default_backend(backend)
+            model.load_state_dict(init)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            ctx = Context(Calls(model), Recipe(), cfg.num_classes)
+            shape = (args.dmf_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+            autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+            counts = backward_counts()
+            times = []
+            for i in range(1 + args.dmf_steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                    if i == 1:
+                        torch.cuda.reset_peak_memory_stats()
+                t0 = time.time()
+                gen = torch.Generator().manual_seed(i)
+                x0 = torch.randn(shape, generator=gen).to(device)
+                y = torch.randint(0, cfg.num_classes, (args.dmf_batch,), generator=gen).to(device)
+                with autocast:
+                    loss, metrics = OBJECTIVE_FNS["dmf"](ctx, x0, y, gen)
+                loss.float().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i > 0:
+                    times.append(time.time() - t0)
+            after = backward_counts()
+            row.update(
+                seconds_per_step=statistics.median(times),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                loss=loss.item(),
+                dudt_rms=metrics.get("dudt"),
+                fused_backwards={k: after[k] - counts[k] for k in after},
+                ok=math.isfinite(loss.item()),
+            )
+        except Exception as e:
+            row.update(ok=False, error=repr(e)[:400])
+        finally:
+            set_default_backend(before)
+            opt = ctx = None
+            if cuda:
+                torch.cuda.empty_cache()
+        rec.add(row)
+    rec.finish()
+
+
+# ---------------------------------------------------------------- table
+
+
+def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-def to_markdown(meta, rows, errors, gate_rows) -> str:
-    """Markdown report: timings/memory table, numerical check, gates."""
-    lines = [
-        f"# attention forward + JVP benchmark ({meta['device']})",
-        "",
-        f"B={meta['B']}, H={meta['H']}, bf16 inputs, median of {meta['repeats']} runs after {meta['warmup']} warm-up; "
-        f"torch {meta['torch']}, triton {meta['triton']}. Memory is torch.cuda.max_memory_allocated (MiB), "
-        "absolute and above the already-allocated inputs. `ours` = torch.func.jvp through `attention(backend='triton')` "
-        "(SDPA forward + Triton tangent kernel); `fused` = the one-pass kernel alone (O and dO).",
-        "",
-        "| N | D | ours ms | fused ms | SDPA fwd ms | math JVP ms | ours / SDPA | ours peak | ours extra | math peak | math / ours peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        o, f, s, m = r["ours_jvp"], r["fused_kernel"], r["sdpa_forward"], r["math_jvp"]
-        ratio = o["ms"] / s["ms"] if o.get("ms") and s.get("ms") else None
-        mem = m["peak_mib"] / o["peak_mib"] if o.get("peak_mib") and m.get("peak_mib") else None
-        m_ms = fmt(m.get("ms")) if "error" not in m else m["error"]
-        lines.append(
-            f"| {r['N']} | {r['D']} | {fmt(o.get('ms'))} | {fmt(f.get('ms'))} | {fmt(s.get('ms'))} ({s['backend']}) | {m_ms} | "
-            f"{fmt(ratio, '.2f')} | {fmt(o.get('peak_mib'), '.1f')} | {fmt(o.get('extra_mib'), '.1f')} | "
-            f"{fmt(m.get('peak_mib'), '.1f')} | {fmt(mem, '.1f')} |"
-        )
-    lines += ["", "## Tangent accuracy (bf16 vs fp32 reference on the same bf16 inputs)", ""]
-    lines += [
-        "| N | D | max abs err (bf16 tangent) | max abs err (fp32-stored tangent) | max abs reference |",
-        "|---|---|---|---|---|",
-    ]
-    for e in errors:
-        lines.append(
-            f"| {e['N']} | {e['D']} | {e['max_abs_err_bf16_tangent']:.2e} | {e['max_abs_err_fp32_stored_tangent']:.2e} | {e['max_abs_ref']:.3f} |"
-        )
-    lines += ["", "## Gates", "", "| gate | value | target | pass |", "|---|---|---|---|"]
-    for g in gate_rows:
-        lines.append(f"| {g['gate']} | {g['value']:.4g} | {g['target']} | {'yes' if g['pass'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+def table(directory: str, results: str) -> str:
+    """Markdown from the step JSONs in `directory`, written to results/attention-<device>.md; returns the path."""
 
+    def load(step):
+        p = os.path.join(directory, f"{step}.json")
+        return json.load(open(p)) if os.path.exists(p) else None
 
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temporary file and os.replace, so no partial file is left behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    env = load("env") or {"meta": {}}
+    meta = env["meta"]
+    device = meta.get("device", "unknown")
+    lines = [f"# attention forward + JVP on {device}", ""]
+    lines.append(
+        f"torch {meta.get('torch')}, CUDA {meta.get('cuda')}, triton {meta.get('triton')}, {meta.get('date')}."
+    )
+    log = os.path.join(directory, "log.txt")  # gpu_check.sh's log: the pytest summary line of its pytest-gpu step
+    if os.path.exists(log):
+        text = open(log).read()
+        part = text.split("== pytest-gpu", 1)[1].split("\n== ", 1)[0] if "== pytest-gpu" in text else ""
+        summary = [ln for ln in part.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
+        lines += ["", f"`pytest -m gpu`: {summary[-1].strip() if summary else '(no summary line)'}"]
+    steps = os.path.join(directory, "steps.jsonl")
+    if os.path.exists(steps):
+        rows = [json.loads(ln) for ln in open(steps) if ln.strip()]
+        lines += ["", "Steps: " + ", ".join(f"{r['step']} rc={r['rc']} {r['seconds']}s" for r in rows) + "."]
+    c = load("correctness")
+    if c:
+        lines += ["", "## Correctness (max |err| / max |ref| vs fp32, std-0.5 inputs)", ""]
+        lines += [
+            "| case | dtype | L | D | out | tangent | dq | dk | dv | backward | ok |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in c["rows"]:
+            e = r.get("rel_err", {})
+            cells = [_fmt(e.get(n), ".1e") for n in ("out", "tangent", "dq", "dk", "dv")]
+            if "error" in r:
+                cells = [r["error"][:60]] + [""] * 4
+            lines.append(
+                f"| {r['case']} | {r.get('dtype', '')} | {r.get('L', '')} | {r.get('D', '')} | {' | '.join(cells)} | "
+                f"{r.get('backward', '')} | {'yes' if r.get('ok') else 'NO'} |"
+            )
+        if not c.get("done"):
+            lines.append("\n(correctness step did not finish: timed out)")
+    t = load("timing")
+    if t:
+        lines += ["", "## Timings (bf16, ms median; extra MiB above the inputs)", ""]
+        lines += [
+            "| N | D | flash fwd | fused fwd+JVP | flash fwd+bwd | jvp+bwd | math JVP | fused MiB | math MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in t["rows"]:
+
+            def ms(k, r=r):
+                return _fmt(r[k].get("ms")) if "error" not in r[k] else r[k]["error"][:20]
+
+            lines.append(
+                f"| {r['N']} | {r['D']} | {ms('flash_fwd')} | {ms('fused')} | {ms('flash_fwd_bwd')} | {ms('jvp_bwd')} | "
+                f"{ms('math_jvp')} | {_fmt(r['fused'].get('extra_mib'), '.1f')} | {_fmt(r['math_jvp'].get('extra_mib'), '.1f')} |"
+            )
+        lines += ["", "| gate | value | target | pass |", "|---|---|---|---|"]
+        for g in t.get("gates") or gates(t["rows"]):
+            lines.append(f"| {g['gate']} | {g['value']:.3g} | {g['target']} | {'yes' if g['pass'] else 'NO'} |")
+    d = load("dmf-step")
+    if d:
+        lines += [
+            "",
+            "## One DMF step (bf16 autocast, AdamW)",
+            "",
+            "| backend | model | batch | s / step | peak GiB | backward (fused path) | ok |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            lines.append(
+                f"| {r['backend']} | {r.get('model')} | {r.get('batch')} | {_fmt(r.get('seconds_per_step'))} | "
+                f"{_fmt(r.get('peak_gib'), '.1f')} | {r.get('fused_backwards', r.get('error', '')[:60])} | {'yes' if r.get('ok') else 'NO'} |"
+            )
+    path = os.path.join(results, f"attention-{device_slug(device)}.md")
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
 
 
 def main(argv=None) -> int:
-    """Run the benchmark and write <out>.json and <out>.md."""
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    directory = out_dir(args)
+    if args.step == "table":
+        print(f"wrote {table(directory, args.results)}")
+        return 0
+    if args.step == "env":
+        Recorder(directory, "env", env_info()).finish()
+        print(json.dumps(env_info()))
+        return 0
+    cuda = torch.cuda.is_available()
+    if not cuda and not (args.step == "dmf-step" and args.tiny):
         print(
-            "attention_jvp benchmark needs a CUDA GPU (torch.cuda.is_available() is False); run it on an H100/H200.",
+            f"attention_jvp {args.step} needs a CUDA GPU (torch.cuda.is_available() is False); run it on an H100/H200.",
             file=sys.stderr,
         )
         return 2
-    import triton
-
-    seq_lens = [int(x) for x in args.seq_lens.split(",")]
-    head_dims = [int(x) for x in args.head_dims.split(",")]
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "B": args.batch,
-        "H": args.heads,
-        "dtype": "bfloat16",
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    rows = [bench_case(args.batch, args.heads, N, D, args) for N in seq_lens for D in head_dims]
-    errors = [tangent_error(args.batch, args.heads, 1024, D) for D in head_dims]
-    gate_rows = gates(rows, errors, seq_lens)
-    out = args.out or os.path.join("benchmarks", "results", f"attention_jvp-{device_slug()}")
-    md = to_markdown(meta, rows, errors, gate_rows)
-    write_atomic(
-        out + ".json",
-        json.dumps({"meta": meta, "rows": rows, "tangent_error": errors, "gates": gate_rows}, indent=2) + "\n",
-    )
-    write_atomic(out + ".md", md)
-    print(md)
-    print(f"wrote {out}.json and {out}.md")
+    rec = Recorder(directory, args.step, env_info())
+    if args.step == "correctness":
+        correctness(rec)
+    elif args.step == "timing":
+        timing(rec, args)
+    else:
+        dmf_step(rec, args, "cuda" if cuda else "cpu")
     return 0
 
 

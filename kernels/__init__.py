@@ -2,11 +2,15 @@
 
 from .attention import (
     BACKENDS,
-    AttentionWithJVP,
+    FusedAttentionJVP,
     attention,
+    attention_backward,
+    backward_counts,
+    compute_dtype,
     describe,
     get_default_backend,
     math_attention,
+    math_backward,
     resolve_backend,
     sdpa_attention,
     set_default_backend,
@@ -15,11 +19,15 @@ from .attention import (
 
 __all__ = [
     "BACKENDS",
-    "AttentionWithJVP",
+    "FusedAttentionJVP",
     "attention",
+    "attention_backward",
+    "backward_counts",
+    "compute_dtype",
     "describe",
     "get_default_backend",
     "math_attention",
+    "math_backward",
     "resolve_backend",
     "sdpa_attention",
     "set_default_backend",
