@@ -72,14 +72,32 @@ def test_execute_caches_and_resumes(bench, tmp_path, monkeypatch):
         return {"v": spec["v"], "wall_s": 0.0}
 
     monkeypatch.setattr(bench, "run_job", fake_run)
-    records, ran = bench.execute(plan, [b], tmp_path, workers=1, log=lambda m: None)
+    records, ran, failed = bench.execute(plan, [b], tmp_path, workers=1, log=lambda m: None)
     assert ran == 2 and calls == [1, 2] and records[b]["result"]["v"] == 2
     assert json.loads((tmp_path / "jobs" / f"{b}.json").read_text())["spec"]["up"] == {"job": a}
-    records, ran = bench.execute(plan, [b], tmp_path, workers=1, log=lambda m: None)
+    records, ran, failed = bench.execute(plan, [b], tmp_path, workers=1, log=lambda m: None)
     assert ran == 0 and calls == [1, 2]
     (tmp_path / "jobs" / f"{b}.json").unlink()  # an interrupted run: only the missing job is redone
-    records, ran = bench.execute(plan, [b], tmp_path, workers=1, log=lambda m: None)
-    assert ran == 1 and calls == [1, 2, 2]
+    records, ran, failed = bench.execute(plan, [b], tmp_path, workers=1, log=lambda m: None)
+    assert ran == 1 and calls == [1, 2, 2] and not failed
+
+
+def test_execute_keeps_going_after_a_failure(bench, tmp_path, monkeypatch):
+    plan = bench.Plan(bench.PROFILES["quick"])
+    bad = plan.add({"type": "fake", "v": 0}, 5.0)
+    down = plan.add({"type": "fake", "v": 1, "up": {"job": bad}}, 1.0)
+    other = plan.add({"type": "fake", "v": 2}, 1.0)
+
+    def fake_run(spec, work):
+        if spec["v"] == 0:
+            raise ValueError("boom")
+        return {"v": spec["v"], "wall_s": 0.0}
+
+    monkeypatch.setattr(bench, "run_job", fake_run)
+    records, ran, failed = bench.execute(plan, [down, other], tmp_path, workers=1, log=lambda m: None)
+    assert ran == 1 and other in records and set(failed) == {bad, down}
+    assert "boom" in failed[bad] and "upstream" in failed[down]
+    assert not (tmp_path / "jobs" / f"{bad}.json").exists()  # retried next time
 
 
 @pytest.mark.slow
@@ -108,3 +126,36 @@ def test_quick_profile_end_to_end(bench, tmp_path, monkeypatch):
     again = bench.main(args)
     assert again["meta"]["jobs_run"] == 0  # everything cached
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == data["rows"]
+
+
+@pytest.mark.slow
+def test_interrupted_finetune_resumes_from_its_checkpoint(bench, tmp_path):
+    """A fine-tune job whose process died after a checkpoint continues from it and ends where a clean run ends."""
+    import flowmap_convert as fm
+
+    spec = {
+        "type": "finetune",
+        "init": {"source": bench.BASE, "depth": 5},
+        "objective": "dmf",
+        "train": "all",
+        "depth": 5,
+        "steps": 3,
+        "batch_size": 4,
+        "lr": 2e-4,
+        "mg_scale": 0.0,
+        "derivative": "jvp",
+        "loss": "adaptive",
+        "seed": 11,
+        "checkpoint_every": 1,
+    }
+    clean = bench.run_job(spec, str(tmp_path / "a"))
+    out = tmp_path / "b" / "models" / bench.job_key(spec)
+    kw = {k: spec[k] for k in ("objective", "train", "steps", "batch_size", "lr", "mg_scale", "derivative", "loss")}
+    fm.finetune(
+        fm.convert(bench.BASE, depth=5), **{**kw, "steps": 2}, seed=11, depth=5, out=str(out), device="cpu", grid=False
+    )  # stands in for a run killed after step 2 (its checkpoint stays)
+    resumed = bench.run_job(spec, str(tmp_path / "b"))
+    assert resumed["resumed"] and not clean["resumed"]
+    a = fm.load(clean["path"]).state_dict()
+    b = fm.load(resumed["path"]).state_dict()
+    assert all(bool((a[k] == b[k]).all()) for k in a)

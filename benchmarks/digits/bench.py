@@ -384,7 +384,7 @@ def simulate(plan: Plan, keys: list[str], workers: int) -> float:
     return now
 
 
-def describe_model(m: dict, plan: Plan, depth_hint=None) -> str:
+def describe_model(m: dict, plan: Plan) -> str:
     """A model spec as the public-API expression that builds it."""
     if "scratch" in m:
         return f"fm.FlowMap(fm.load({m['scratch']!r}).config).with_depth({m['depth']}) (fresh weights, torch seed {m['init_seed']})"
@@ -608,8 +608,12 @@ def save_cache(work: Path, key: str, spec: dict, result: dict) -> None:
     os.replace(tmp, f)
 
 
-def execute(plan: Plan, keys: list[str], work: Path, workers: int, log=print) -> tuple[dict, int]:
-    """Run the uncached jobs among `keys` (and their dependencies); returns ({key: record}, jobs run)."""
+def execute(plan: Plan, keys: list[str], work: Path, workers: int, log=print) -> tuple[dict, int, dict]:
+    """Run the uncached jobs among `keys` (and their dependencies).
+
+    Returns ({key: record}, jobs run, {key: error} for failed jobs and the jobs downstream of them); a failed job is
+    not cached, so the next invocation tries it again, and the others still run.
+    """
     from flowmap_convert.progress import Progress
 
     needed, stack = set(), list(keys)
@@ -623,7 +627,7 @@ def execute(plan: Plan, keys: list[str], work: Path, workers: int, log=print) ->
     tails = critical_tails(plan)
     est_total = sum(plan.jobs[k].est_s for k in todo)
     prog = Progress(max(1, round(est_total)), "bench", unit="est-s", mode="lines", stream=sys.stdout, every=1e9)
-    t_start, ran = time.perf_counter(), 0
+    t_start, ran, failed = time.perf_counter(), 0, {}
     pool = None
     if workers > 1 and len(todo) > 1:
         pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
@@ -632,6 +636,23 @@ def execute(plan: Plan, keys: list[str], work: Path, workers: int, log=print) ->
     def stamp() -> str:
         return time.strftime("%H:%M:%S")
 
+    def start(k: str) -> float:
+        todo.discard(k)
+        log(f"[{stamp()}] start  {k} {_job_name(plan.jobs[k])} (est {plan.jobs[k].est_s / 60:.1f} min)")
+        return time.perf_counter()
+
+    def fail(k: str, err: BaseException) -> None:
+        failed[k] = f"{type(err).__name__}: {err}"
+        log(f"[{stamp()}] FAILED {k} {_job_name(plan.jobs[k])}: {failed[k]} (log: {work / 'logs' / (k + '.log')})")
+        changed = True
+        while changed:  # everything downstream of a failure is skipped
+            changed = False
+            for j in list(todo):
+                if any(d in failed for d in plan.jobs[j].deps):
+                    todo.discard(j)
+                    failed[j] = f"skipped: upstream job {k} failed"
+                    changed = True
+
     try:
         while todo or running:
             ready = sorted((k for k in todo if all(d in records for d in plan.jobs[k].deps)), key=lambda k: -tails[k])
@@ -639,27 +660,38 @@ def execute(plan: Plan, keys: list[str], work: Path, workers: int, log=print) ->
                 if not ready:
                     raise RuntimeError(f"unsatisfiable dependencies: {sorted(todo)}")
                 k = ready[0]
-                todo.discard(k)
-                log(f"[{stamp()}] start  {k} {_job_name(plan.jobs[k])} (est {plan.jobs[k].est_s / 60:.1f} min)")
-                t0 = time.perf_counter()
-                _finish(plan, work, records, k, run_job(plan.jobs[k].spec, str(work)), prog, log, stamp, t0, t_start)
+                t0 = start(k)
+                try:
+                    result = run_job(plan.jobs[k].spec, str(work))
+                except Exception as e:  # noqa: BLE001 - one failed job must not stop a 90-minute run
+                    fail(k, e)
+                    continue
+                _finish(plan, work, records, k, result, prog, log, stamp, t0, t_start)
                 ran += 1
                 continue
             for k in ready[: max(0, workers - len(running))]:
-                todo.discard(k)
-                log(f"[{stamp()}] start  {k} {_job_name(plan.jobs[k])} (est {plan.jobs[k].est_s / 60:.1f} min)")
-                running[pool.submit(run_job, plan.jobs[k].spec, str(work))] = (k, time.perf_counter())
+                running[pool.submit(run_job, plan.jobs[k].spec, str(work))] = (k, start(k))
             if not running:
                 raise RuntimeError(f"unsatisfiable dependencies: {sorted(todo)}")
             done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 k, t0 = running.pop(fut)
-                _finish(plan, work, records, k, fut.result(), prog, log, stamp, t0, t_start)
+                try:
+                    result = fut.result()
+                except Exception as e:  # noqa: BLE001
+                    fail(k, e)
+                    continue
+                _finish(plan, work, records, k, result, prog, log, stamp, t0, t_start)
                 ran += 1
+    except BaseException:
+        if pool is not None:  # interrupted: do not wait for running fine-tunes (they resume from their checkpoints)
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
+        raise
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return records, ran
+            pool.shutdown(wait=True)
+    return records, ran, failed
 
 
 def _job_name(job: Job) -> str:
@@ -893,6 +925,8 @@ def write_results_md(path: Path, res: dict, plan: Plan, meta: dict) -> None:
         f"- Machine: {meta['machine']}; {meta['workers']} worker process(es), one torch thread each.",
         f"- This invocation: {meta['jobs_run']} jobs run, {meta['jobs_cached']} from the cache "
         f"({meta['wall_s'] / 60:.1f} min wall); summed job wall of all rows: {meta['sum_job_wall_s'] / 60:.1f} min.",
+        f"- Failed or skipped jobs (their rows show -; re-run to retry): {len(meta['jobs_failed'])}"
+        + "".join(f"; `{k}` {v}" for k, v in meta["jobs_failed"].items()),
         f"- Evaluation: {p.n} samples per row, sampling seed {p.seed}, classes cycled 0..9, digits FD of the builtin "
         "classifier's 64-d features to all 1797 real digits, acc = share classified as their conditioning class.",
         f"- Fine-tuning: `fm.finetune(..., data='builtin:digits', objective='dmf', batch_size={p.batch}, lr={p.lr}, "
@@ -1094,8 +1128,8 @@ def main(argv: list[str] | None = None) -> dict:
     cached = set(load_cache(work, plan.jobs))
     print_plan(plan, keys, cached, args.workers)
     if args.plan:
-        return {}
-    records, ran = execute(plan, keys, work, args.workers)
+        return {"meta": {"jobs_failed": {}}}
+    records, ran, failed = execute(plan, keys, work, args.workers)
     records = {**load_cache(work, plan.jobs), **records}  # rows outside --only are reported from the cache
     res = collect(plan, records)
     import torch
@@ -1108,7 +1142,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared), torch {torch.__version__}",
         "workers": args.workers,
         "jobs_run": ran,
-        "jobs_cached": max(0, len(keys) - ran),
+        "jobs_cached": max(0, len(keys) - ran - len(failed)),
+        "jobs_failed": failed,
         "wall_s": round(time.perf_counter() - t0, 1),
         "sum_job_wall_s": round(sum(r["result"].get("wall_s", 0.0) for r in records.values()), 1),
         "estimates": COST,
@@ -1121,8 +1156,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {args.out_dir / 'RESULTS.md'}, results.json, fd_vs_nfe.png; {ran} jobs run in {meta['wall_s']:.0f} s")
     if args.ship:
         ship(res, plan, records, work, args.ship)
+    if failed:
+        print(f"{len(failed)} jobs failed or were skipped (not cached; re-run to retry):", file=sys.stderr)
+        for k, msg in failed.items():
+            print(f"  {k} {_job_name(plan.jobs[k])}: {msg}", file=sys.stderr)
     return res
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["meta"]["jobs_failed"] else 0)
