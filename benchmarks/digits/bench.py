@@ -41,6 +41,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # evaluate_base.py / train_base.py live beside this file
 
 BASE = "builtin:digits-sit"
+CTM_GAMMA = 0.3  # CTM re-noising strength of row 7 (gamma 0 would make CTM identical to Euler)
 ROW_TITLES = {
     0: "Noise floors",
     1: "Base model (velocity, Euler), with and without CFG",
@@ -49,7 +50,7 @@ ROW_TITLES = {
     4: "Conversion vs training from scratch",
     5: "Model guidance on an under-trained and on the converged base",
     6: "MF-RAE recipe (CMT -> MFD -> MFT) vs DMF at equal wall time; JVP vs finite differences",
-    7: "Samplers on the best model",
+    7: "Samplers on the headline fine-tune (all parameters, best depth, headline length)",
     8: "Fine-tune seeds of the headline rows",
 }
 
@@ -231,9 +232,11 @@ class Plan:
         }
         return self.add(spec, self.ft_cost(steps, objective, train, mg, spec["derivative"]))
 
-    def evaluate(self, label: str, model: dict, nfe: int, *, sampler="euler", cfg=1.0, series=None) -> None:
+    def evaluate(self, label: str, model: dict, nfe: int, *, sampler="euler", cfg=1.0, series=None, gamma=0.0) -> None:
         p = self.p
         spec = {"type": "eval", "model": model, "nfe": nfe, "sampler": sampler, "cfg_scale": cfg}
+        if gamma:
+            spec["gamma"] = gamma  # CTM re-noising (with gamma 0 CTM is the Euler flow-map sampler)
         spec.update({"n": p.n, "seed": p.seed, "batch_size": p.batch_eval})
         key = self.add(spec, self.eval_cost(nfe, cfg, sampler))
         self.rows.append(Row(self._group, label, nfe, key, model, sampler, cfg, series or label))
@@ -321,13 +324,15 @@ def build_plan(p: Profile) -> Plan:
             plan.evaluate(f"DMF all, depth {d}, {p.deriv_steps} steps, derivative {deriv}", ft_model(k), nfe)
     # 7: samplers on the headline model
     plan.group(7)
-    for sampler in ("euler", "restart", "ctm"):
+    for sampler, gamma in (("euler", 0.0), ("restart", 0.0), ("ctm", CTM_GAMMA)):
         for nfe in p.sampler_nfe:
             plan.evaluate(
-                f"DMF all, depth {d}, {p.headline_steps} steps, sampler {sampler}",
+                f"DMF all, depth {d}, {p.headline_steps} steps, sampler {sampler}"
+                + (f" gamma {gamma}" if gamma else ""),
                 ft_model(headline),
                 nfe,
                 sampler=sampler,
+                gamma=gamma,
             )
     # 8: fine-tune seeds of the headline rows
     plan.group(8)
@@ -409,6 +414,7 @@ def row_command(row: Row, plan: Plan) -> str:
     p = plan.p
     extra = f", sampler={row.sampler!r}" if row.sampler != "euler" else ""
     extra += f", cfg_scale={row.cfg}" if row.cfg != 1.0 else ""
+    extra += f", gamma={CTM_GAMMA}" if row.sampler == "ctm" else ""
     return (
         f"fm.sample({describe_model(row.model, plan)}, nfe={row.nfe}, classes=list(range(10)), num_samples={p.n}, "
         f"seed={p.seed}, batch_size={p.batch_eval}{extra})"
@@ -579,7 +585,7 @@ def _sample_eval(sample_eval, model, spec):
 
 
 def _kw(spec: dict) -> dict:
-    return {"sampler": spec["sampler"], "cfg_scale": spec["cfg_scale"]}
+    return {"sampler": spec["sampler"], "cfg_scale": spec["cfg_scale"], "gamma": spec.get("gamma", 0.0)}
 
 
 # ------------------------------------------------------------------------------------------------ scheduler
@@ -625,7 +631,7 @@ def execute(plan: Plan, keys: list[str], work: Path, workers: int, log=print) ->
     records = load_cache(work, needed)
     todo = {k for k in needed if k not in records}
     tails = critical_tails(plan)
-    est_total = sum(plan.jobs[k].est_s for k in todo)
+    est_total = sum(round(plan.jobs[k].est_s) for k in todo)  # the units Progress counts
     prog = Progress(max(1, round(est_total)), "bench", unit="est-s", mode="lines", stream=sys.stdout, every=1e9)
     t_start, ran, failed = time.perf_counter(), 0, {}
     pool = None
