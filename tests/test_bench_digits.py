@@ -52,10 +52,14 @@ def test_job_keys_follow_settings(bench):
 def test_select_only_rows(bench):
     plan = bench.build_plan(bench.PROFILES["quick"])
     keys = bench.select(plan, "1")
-    assert all(plan.jobs[k].rows & {0, 1} for k in keys)
-    # row 1 is the base alone; the floors (always included) bring the headline fine-tune of the 1-step floor
-    assert {plan.jobs[k].spec["type"] for k in keys if 1 in plan.jobs[k].rows} == {"eval"}
-    assert len(keys) < len(plan.jobs)
+    # row 1 is the base alone, plus the floors that need no fine-tune
+    assert {plan.jobs[k].spec["type"] for k in keys} == {"eval", "real_floor", "seed_floor"}
+    assert all(1 in plan.jobs[k].rows or plan.jobs[k].rows == {0} for k in keys)
+    head_floor = [k for k, j in plan.jobs.items() if j.spec["type"] == "seed_floor" and j.deps]
+    assert head_floor and head_floor[0] not in keys
+    assert head_floor[0] in bench.select(plan, "1", cached=set(plan.jobs[head_floor[0]].deps))
+    assert head_floor[0] in bench.select(plan, "8")  # row 8 fine-tunes the headline seed itself
+    assert set(bench.select(plan, "")) == set(plan.jobs)
     with pytest.raises(SystemExit):
         bench.select(plan, "9")
 

@@ -1101,15 +1101,25 @@ def git_commit() -> str:
         return "?"
 
 
-def select(plan: Plan, only: str | None) -> list[str]:
-    """The job keys of the selected row groups (all when only is empty); floors are always included."""
+def select(plan: Plan, only: str | None, cached: set[str] | frozenset = frozenset()) -> list[str]:
+    """The job keys of the selected row groups and their dependencies (all jobs when only is empty).
+
+    The noise floors come along whenever the model they sample is selected or already cached (so `--only 1` does
+    not start the headline fine-tune just for its seed-to-seed floor).
+    """
     if not only:
         return list(plan.jobs)
-    groups = {int(g) for g in only.split(",") if g.strip()} | {0}
+    groups = {int(g) for g in only.split(",") if g.strip()}
     bad = groups - set(ROW_TITLES)
     if bad:
         raise SystemExit(f"--only: unknown rows {sorted(bad)}; choose from {sorted(ROW_TITLES)}")
-    return [k for k, j in plan.jobs.items() if j.rows & groups]
+    keys = [k for k, j in plan.jobs.items() if j.rows & groups]
+    chosen = set(keys)
+    for k, j in plan.jobs.items():
+        floor = j.spec["type"] in ("real_floor", "seed_floor")
+        if floor and k not in chosen and all(d in chosen or d in cached for d in j.deps):
+            keys.append(k)
+    return keys
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1126,8 +1136,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     plan = build_plan(PROFILES[args.profile])
-    keys = select(plan, args.only)
     work = args.work.resolve()
+    keys = select(plan, args.only, set(load_cache(work, plan.jobs)))
     if args.force:
         for k in keys:
             cache_path(work, k).unlink(missing_ok=True)
