@@ -288,7 +288,15 @@ def build_plan(p: Profile) -> Plan:
     plan.group(4)
     # total budget at equal compute: the base's training wall (base_steps at base_batch) in DMF steps, plus fine-tuning
     total = round(p.base_steps * COST["base_step_b64"] / COST["dmf_step_b32"]) + p.headline_steps
-    for steps, what in ((p.headline_steps, "fine-tuning budget"), (total, "total budget")):
+    budgets = (
+        (p.headline_steps, "fine-tuning budget"),
+        (
+            total,
+            f"total budget: the base's {p.base_steps} steps at batch {p.base_batch} as DMF steps of equal wall, "
+            f"+ {p.headline_steps}",
+        ),
+    )
+    for steps, what in budgets:
         k = plan.finetune({"scratch": BASE, "depth": d, "init_seed": 0}, steps)
         for nfe in p.ft_nfe:
             plan.evaluate(f"DMF from scratch, depth {d}, {steps} steps ({what})", ft_model(k), nfe)
@@ -950,7 +958,7 @@ def write_results_md(path: Path, res: dict, plan: Plan, meta: dict) -> None:
             if x:
                 L.append(
                     f"- Best {nfe}-step model: {x['setting']}, FD {x['fd']:.2f} = **{x['ratio']:.2f}x** the base's best "
-                    f"FD {b['fd']:.2f} (at {b['nfe']} NFE); acceptance <= {x['limit']}x: "
+                    f"FD {b['fd']:.2f} (Euler, no guidance, at {b['nfe']} NFE); acceptance <= {x['limit']}x: "
                     f"**{'PASS' if x['pass'] else 'FAIL'}** (same run, same sampling seed)."
                 )
     else:
