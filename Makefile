@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= test
 
-.PHONY: install demo lint test test-all clean
+.PHONY: install demo lint test test-all clean bench-digits
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -31,6 +31,9 @@ test: lint
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
+
+bench-digits: install
+	$(BIN)/python benchmarks/digits/bench.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
