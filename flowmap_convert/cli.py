@@ -272,13 +272,14 @@ def sample(
     chunk = int_in_range("--chunk-size", chunk_size, 1, MAX_SAMPLES)
     check_out_dir(out)
     main_rank = os.environ.get("RANK", "0") in ("", "0")  # under torchrun, only rank 0 prints notes
-    note = set_threads(threads, settings.device)
-    if note and main_rank:
-        err_console.print(note, highlight=False)
     if model is None:
         net, name = default_sample_model()
     else:
         net, name = load(model, family=family, revision=revision), model
+    settings.resolve(net)  # class ids, sampler and guidance against this model, before any note or work
+    note = set_threads(threads, settings.device)
+    if note and main_rank:
+        err_console.print(note, highlight=False)
     warning = velocity_warning(net, settings.nfe)
     if warning and main_rank:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
