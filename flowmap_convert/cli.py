@@ -299,10 +299,12 @@ def parse_class_list(text: str | None) -> tuple[int, ...] | None:
 
 
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).
+from .cli_eval import eval_cmd  # noqa: E402  (issue 12: paper metrics)
 from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
 from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
 
 app.command(name="search-depth")(guarded(search_depth_cmd))
+app.command(name="eval")(guarded(eval_cmd))
 app.command(name="finetune")(guarded(finetune_cmd))
 app.command(name="encode")(guarded(encode_cmd))
 

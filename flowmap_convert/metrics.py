@@ -289,6 +289,7 @@ class InceptionFeatures:
     def __init__(self, device="cpu", batch_size: int = 64):
         weights = fetch_inception_weights()
         self.net = INCEPTION_NETWORK["factory"](weights, device).eval()
+        self.dim = int(getattr(self.net, "feature_dim", 2048))  # 2048 for torch-fidelity's network
         self.device = device
         self.batch_size = batch_size
 
