@@ -18,7 +18,6 @@ from .cli_common import (
     SourceArg,
     TrustOpt,
     WeightsOpt,
-    parse_int_list,
 )
 from .errors import FlowmapError
 
@@ -251,7 +250,7 @@ def sample(
     from .api import load
     from .export_samples import run_sampling
     from .runtime import resolve_device, set_threads
-    from .sampling import MAX_SAMPLES, SampleSettings, default_num_samples
+    from .sampling import MAX_SAMPLES, SampleSettings, default_num_samples, parse_classes
     from .validate import int_in_range
 
     settings = SampleSettings(
@@ -264,7 +263,7 @@ def sample(
         seed=seed,
         batch_size=batch_size,
         device=str(resolve_device(device)),
-        classes=parse_class_list(classes),
+        classes=parse_classes(classes),
     )
     n = int_in_range(
         "--num-samples", default_num_samples(settings.classes) if num_samples is None else num_samples, 1, MAX_SAMPLES
@@ -286,16 +285,6 @@ def sample(
     written = run_sampling(net, settings, n, out, meta={"model": name}, png=not no_png, npz=npz, chunk_size=chunk)
     if written is not None:
         console.print(f"wrote {n} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
-
-
-def parse_class_list(text: str | None) -> tuple[int, ...] | None:
-    """--classes text -> a tuple of class ids (None when not given); `,,,` is an error, not 'all classes'."""
-    if text is None:
-        return None
-    ids = parse_int_list(text, "--classes")
-    if not ids:
-        raise FlowmapError(f"--classes lists no class ({text!r}); pass e.g. --classes 1,2,3 or leave it out.")
-    return tuple(ids)
 
 
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from .cli_common import FamilyOpt, RevisionOpt, parse_int_list
 from .errors import FlowmapError
+
+# cli.py imports this module to register the command, so nothing here imports cli.py.
+console, err_console = Console(), Console(stderr=True)
 
 
 def eval_cmd(
@@ -64,7 +68,6 @@ def eval_cmd(
 
       flowmap eval builtin:digits-sit --nfe 1,4 -n 1000
     """
-    from .cli import console, err_console
     from .evaluate import evaluate, table
     from .runtime import resolve_device, set_threads
     from .sampling import MAX_SAMPLES, SampleSettings
@@ -83,8 +86,11 @@ def eval_cmd(
         int_in_range("--num-samples", num_samples, 2, MAX_SAMPLES)
     main_rank = os.environ.get("RANK", "0") in ("", "0")
     note = set_threads(threads, dev)
-    if note and main_rank:
-        err_console.print(note, highlight=False)
+
+    def start():
+        if note and main_rank:
+            err_console.print(note, highlight=False)
+
     report = evaluate(
         target,
         nfe=nfes,
@@ -93,6 +99,7 @@ def eval_cmd(
         metrics=metrics,
         settings=settings,
         out=out,
+        on_start=start,
         family=family,
         revision=revision,
     )

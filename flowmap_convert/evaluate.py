@@ -257,6 +257,17 @@ def prepare_extractors(metrics: list[str], extractors: dict, device) -> None:
             extractors[need[m]] = get_extractor(need[m], device=device)
 
 
+def check_counts(metrics: list[str], extractors: dict, n: int) -> None:
+    """Every Fréchet metric needs at least as many samples as feature dimensions (else it is an error, not a number)."""
+    for m, name, what in (
+        ("fid", "inception", "Inception"),
+        ("fd_dinov2", "dinov2", "DINOv2"),
+        ("digits", "digits", "the digits classifier"),
+    ):
+        if m in metrics:
+            _need(n, extractors[name].dim, what)
+
+
 def model_sha256(model) -> str:
     """sha256 over the model's weights as loaded (names and bytes, in state-dict order)."""
     h = hashlib.sha256()
@@ -288,6 +299,7 @@ def evaluate(
     out=None,
     progress: bool = True,
     chunk_size: int = 1000,
+    on_start=None,
     **load_options,
 ) -> dict:
     """Score samples (PNG folder / .npz) or a model at each NFE; writes eval.json and eval.png when `out` is set."""
@@ -306,6 +318,12 @@ def evaluate(
         images, labels, desc = read_images(path)
         digits_model = images.shape[1:] == (16, 16, 1)
         names = parse_metrics(metrics, digits_model)
+        prepare_extractors(names, extractors, settings.device or "cpu")
+        if any(m in names for m in ("fid", "pr", "fd_dinov2")):
+            ref.check_shape(images.shape[1:])
+        check_counts(names, extractors, len(images))
+        if on_start is not None:
+            on_start()
         t0 = time.perf_counter()
         row = {"nfe": None, "num_samples": len(images), "samples": desc}
         row.update(score(images, labels, names, ref, settings.device or "cpu", extractors))
@@ -323,6 +341,12 @@ def evaluate(
         names = parse_metrics(metrics, digits_model)
         prepare_extractors(names, extractors, str(settings.device or "cpu"))  # missing weights fail before sampling
         n = num_samples if num_samples is not None else (1000 if digits_model else 50_000)
+        lat = model.config.latent
+        if any(m in names for m in ("fid", "pr", "fd_dinov2")):  # a reference of another resolution: before sampling
+            ref.check_shape((lat.image_size, lat.image_size, lat.image_channels))
+        check_counts(names, extractors, n)
+        if on_start is not None:
+            on_start()
         sha = model_sha256(model)
         report.update(model_sha256=sha, settings=settings.to_dict())
         for k in nfe:

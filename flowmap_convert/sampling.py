@@ -221,6 +221,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def parse_classes(text: str | None) -> tuple[int, ...] | None:
+    """--classes text -> a tuple of class ids (None when not given); `,,,` is an error, not 'all classes'."""
+    if text is None:
+        return None
+    try:
+        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise FlowmapError(f"--classes must be a comma-separated list of integers, got {text!r}.") from None
+    if not ids:
+        raise FlowmapError(f"--classes lists no class ({text!r}); pass e.g. --classes 1,2,3 or leave it out.")
+    return ids
+
+
 def default_num_samples(classes: Sequence[int] | None) -> int:
     """One sample per listed class, else 16."""
     return len(classes) if classes else 16

@@ -21,7 +21,7 @@ def run_cli(*args):
 
 
 def one_error_line(code, err, message):
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("CPU threads")]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert "Traceback" not in err
 
