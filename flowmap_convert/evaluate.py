@@ -373,6 +373,10 @@ def evaluate(
             row["eval_seconds"] = round(time.perf_counter() - t1, 3)
             results.append(row)
     report.update(metrics=names, results=results, wall_seconds=round(time.perf_counter() - t_all, 2))
+    from .export_samples import dist_context
+
+    if dist_context()[0] != 0:
+        return report  # under torchrun the other ranks only sample; rank 0 scores and writes
     if out is not None:
         from .io import atomic_file
 
