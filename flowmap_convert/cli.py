@@ -249,7 +249,7 @@ def sample(
     """
     from .api import load
     from .export_samples import run_sampling
-    from .runtime import resolve_device, set_threads
+    from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import MAX_SAMPLES, SampleSettings, default_num_samples, parse_classes
     from .validate import int_in_range
 
@@ -269,6 +269,7 @@ def sample(
         "--num-samples", default_num_samples(settings.classes) if num_samples is None else num_samples, 1, MAX_SAMPLES
     )
     chunk = int_in_range("--chunk-size", chunk_size, 1, MAX_SAMPLES)
+    choose_threads(threads)  # --threads checked before any work
     check_out_dir(out)
     main_rank = os.environ.get("RANK", "0") in ("", "0")  # under torchrun, only rank 0 prints notes
     if model is None:

@@ -69,7 +69,7 @@ def eval_cmd(
       flowmap eval builtin:digits-sit --nfe 1,4 -n 1000
     """
     from .evaluate import evaluate, table
-    from .runtime import resolve_device, set_threads
+    from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import MAX_SAMPLES, SampleSettings
     from .validate import int_in_range
 
@@ -84,6 +84,7 @@ def eval_cmd(
         SampleSettings(nfe=k)
     if num_samples is not None:
         int_in_range("--num-samples", num_samples, 2, MAX_SAMPLES)
+    choose_threads(threads)  # --threads checked before any work
     main_rank = os.environ.get("RANK", "0") in ("", "0")
     note = set_threads(threads, dev)
 

@@ -171,7 +171,7 @@ def search_depth_cmd(
     nfe_list = parse_int_list(nfe, "--nfe")
     if not nfe_list:
         raise FlowmapError("--nfe needs at least one value, e.g. --nfe 1,4.")
-    from .runtime import resolve_device, set_threads
+    from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import SampleSettings, parse_classes
 
     settings = SampleSettings(
@@ -181,6 +181,7 @@ def search_depth_cmd(
         device=str(resolve_device(device)),
         classes=parse_classes(classes),
     )
+    choose_threads(threads)  # --threads checked before any work
     note = set_threads(threads, settings.device)
 
     def start():

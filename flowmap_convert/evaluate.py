@@ -49,11 +49,7 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
                     f"{first[1][1]}x{first[1][0]} with {first[1][2]}; all images must share size and channels."
                 )
             images.append(a)
-        labels = None
-        meta = path / "samples.json"
-        if meta.is_file():
-            cls = json.loads(meta.read_text()).get("classes")
-            labels = np.asarray(cls) if cls is not None and len(cls) == len(images) else None
+        labels = _sidecar_labels(path, len(images))
         return np.stack(images), labels, f"{path} ({len(images)} PNGs)"
     if path.suffix == ".npz" and path.is_file():
         try:
@@ -70,8 +66,20 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
             )
         if len(images) == 0:
             raise FlowmapError(f"{path} holds no images.")
+        if labels is None:
+            labels = _sidecar_labels(path.parent, len(images))
         return images, labels, f"{path} ({len(images)} images)"
     raise FlowmapError(f"{path} is neither a folder of PNGs nor an .npz file; pass samples or a model.")
+
+
+def _sidecar_labels(directory: Path, n: int) -> np.ndarray | None:
+    """Conditioning labels from a `flowmap sample` samples.json next to the images, when it lists one per image."""
+    meta = directory / "samples.json"
+    try:
+        cls = json.loads(meta.read_text()).get("classes") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return np.asarray(cls) if isinstance(cls, list) and len(cls) == n else None
 
 
 def _content_hash(path: Path) -> str:

@@ -51,6 +51,8 @@ def run_cli(*args):
         (["--batch-size", "0"], "--batch-size must be an integer in [1,"),
         (["--nfe", "0"], "--nfe must be an integer in [1,"),
         (["--gamma", "1"], "--gamma must be in [0, 1)"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--chunk-size", "0"], "--chunk-size must be an integer in [1,"),
     ],
 )
 def test_sample_bad_numbers_one_line_exit_2(tiny_dir, tmp_path, args, message):
