@@ -297,9 +297,12 @@ class InceptionFeatures:
         """(N, 2048) pool3 features and (N, classes) logits in float64 (grayscale repeated to RGB)."""
         import torch
 
+        from .progress import Progress
+
         a = _check_images(images)
         feats, logits = [], []
-        with torch.no_grad():
+        mode = "auto" if len(a) >= 5000 else "off"  # minutes for 50k images: say how far it is
+        with torch.no_grad(), Progress(len(a), "inception features", "images", mode=mode) as bar:
             for i in range(0, len(a), self.batch_size):
                 x = torch.from_numpy(a[i : i + self.batch_size]).permute(0, 3, 1, 2)
                 if x.shape[1] == 1:
@@ -307,6 +310,7 @@ class InceptionFeatures:
                 f, lg = self.net(x.contiguous().to(self.device))
                 feats.append(f.double().cpu().numpy())
                 logits.append(lg.double().cpu().numpy())
+                bar.advance(len(x))
         return np.concatenate(feats), np.concatenate(logits)
 
     def features(self, images) -> np.ndarray:
