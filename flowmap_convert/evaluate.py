@@ -148,9 +148,11 @@ class Reference:
         meta = cache_dir() / "reference" / f"{self._hash[:16]}.shape.json"
         if meta.is_file():
             return json.loads(meta.read_text())
+        from .io import atomic_file
+
         shape = list(self.images().shape[1:])
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(shape))
+        with atomic_file(meta) as tmp:
+            tmp.write_text(json.dumps(shape))
         return shape
 
     def features(self, extractor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
@@ -222,8 +224,8 @@ def score(images, labels, metrics: list[str], reference: Reference, device="cpu"
         reference.check_shape(images.shape[1:])
     if any(m in metrics for m in ("fid", "is", "pr")):
         inc = ext("inception")
-        if "fid" in metrics or "pr" in metrics:
-            _need(n, inc.dim, "Inception") if "fid" in metrics else None
+        if "fid" in metrics:
+            _need(n, inc.dim, "Inception")
         feats, logits = inc.features_and_logits(images)
         if "fid" in metrics or "pr" in metrics:
             rf, mu, sigma = reference.features(inc)
