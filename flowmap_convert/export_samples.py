@@ -215,6 +215,8 @@ def run_sampling(
     write_samples(images, out, full_meta, png=png, npz=npz, labels=labels.tolist())
     for k in range(n_chunks):  # every file here was written by this run (the marker checked it)
         _chunk_path(part, k).unlink(missing_ok=True)
+    for tmp in part.glob("chunk-*.npz.tmp*.npz"):  # a chunk being written when an earlier run was killed
+        tmp.unlink(missing_ok=True)
     (part / PARTIAL_RUN).unlink(missing_ok=True)
     try:
         part.rmdir()
