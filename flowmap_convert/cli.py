@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +18,6 @@ from .cli_common import (
     SourceArg,
     TrustOpt,
     WeightsOpt,
-    parse_int_list,
 )
 from .errors import FlowmapError
 
@@ -155,12 +154,40 @@ def convert(
     console.print("\n".join(line for line in lines if line), highlight=False)
 
 
+DEFAULT_SAMPLE_MODEL = "builtin:digits-dmf"
+
+
+def default_sample_model():
+    """(model, name) for `flowmap sample` without a model: the fine-tuned 1-step builtin:digits-dmf when shipped,
+    else builtin:digits-sit converted at its default depth."""
+    from .api import convert, load
+    from .digits import BUILTIN_DIR
+
+    if (BUILTIN_DIR / "digits-dmf" / "config.json").is_file():
+        return load(DEFAULT_SAMPLE_MODEL), DEFAULT_SAMPLE_MODEL
+    model = convert("builtin:digits-sit")
+    return model, f"builtin:digits-sit (converted at depth {model.config.depth})"
+
+
+def velocity_warning(model, nfe: int) -> str | None:
+    """A one-line hint when a base velocity model is asked for a few steps (it needs conversion + fine-tuning)."""
+    if model.config.conditioning == "velocity" and nfe <= 4:
+        return (
+            f"this is a base velocity model: {nfe}-step Euler samples will be blurry; convert it "
+            "(`flowmap convert`) and fine-tune it (`flowmap finetune`) for few-step sampling."
+        )
+    return None
+
+
 @app.command()
 @guarded
 def sample(
     model: Annotated[
-        str, typer.Argument(help="Exported flowmap directory, Hub id, checkpoint or builtin:NAME.")
-    ] = "builtin:digits-sit",
+        str | None,
+        typer.Argument(
+            help="Exported flowmap directory, Hub id, checkpoint or builtin:NAME (default: builtin:digits-dmf)."
+        ),
+    ] = None,
     nfe: Annotated[int, typer.Option("--nfe", help="Network evaluations per sample (Heun: (nfe + 1) // 2 steps).")] = 1,
     sampler: Annotated[
         str,
@@ -185,8 +212,14 @@ def sample(
         typer.Option("--num-samples", "-n", help="How many samples (default: one per listed class, else 16)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 64,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", help="Samples per resumable chunk written to .OUT.partial/.")
+    ] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i).")] = 0,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the shared rule).")] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output directory for PNGs, grid.png and samples.json.")
     ] = Path("samples"),
@@ -201,6 +234,9 @@ def sample(
 ):
     """Sample images from a flow map (or a base flow model) in a few network evaluations.
 
+    Runs unchanged under torchrun / accelerate launch: each process draws its share of the sample indices and
+    rank 0 writes the same files a single process would. An interrupted run resumes on re-run with the same options.
+
     Examples:
 
       flowmap sample flowmap-out --nfe 1 --out samples
@@ -208,43 +244,57 @@ def sample(
       flowmap sample builtin:digits-sit --nfe 32 --sampler euler --num-samples 100 --npz
 
       flowmap sample repa-dmf20 --nfe 4 --sampler ctm --gamma 0.3 --classes 207,360,387
+
+      torchrun --nproc_per_node 8 -m flowmap_convert.cli sample repa-dmf20 -n 50000 --npz --no-png
     """
-    import torch
-
     from .api import load
-    from .export_samples import write_samples
+    from .export_samples import run_sampling
+    from .runtime import choose_threads, resolve_device, set_threads
+    from .sampling import MAX_SAMPLES, SampleSettings, default_num_samples, parse_classes
+    from .validate import int_in_range
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlowmapError(f"--device {device} was asked for but CUDA is not available; use --device cpu.")
-    net = load(model, family=family, revision=revision)
-    from .sampling import sample as sample_fn
-
-    images, _, labels, settings = sample_fn(
-        net,
+    settings = SampleSettings(
         nfe=nfe,
-        classes=parse_int_list(classes, "--classes"),
-        num_samples=num_samples,
-        seed=seed,
         sampler=sampler,
         shift=shift,
         cfg_scale=cfg_scale,
         guidance_interval=(guidance_low, guidance_high),
         gamma=gamma,
+        seed=seed,
         batch_size=batch_size,
-        device=device,
-        progress=sys.stderr.isatty(),
-        return_latents=True,
+        device=str(resolve_device(device)),
+        classes=parse_classes(classes),
     )
-    meta = {"model": model, **settings.to_dict(), "num_samples": len(images), "classes": labels.tolist()}
-    write_samples(images, out, meta, png=not no_png, npz=npz)
-    console.print(f"wrote {len(images)} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
+    n = int_in_range(
+        "--num-samples", default_num_samples(settings.classes) if num_samples is None else num_samples, 1, MAX_SAMPLES
+    )
+    chunk = int_in_range("--chunk-size", chunk_size, 1, MAX_SAMPLES)
+    choose_threads(threads)  # --threads checked before any work
+    check_out_dir(out)
+    main_rank = os.environ.get("RANK", "0") in ("", "0")  # under torchrun, only rank 0 prints notes
+    if model is None:
+        net, name = default_sample_model()
+    else:
+        net, name = load(model, family=family, revision=revision), model
+    settings.resolve(net)  # class ids, sampler and guidance against this model, before any note or work
+    note = set_threads(threads, settings.device)
+    if note and main_rank:
+        err_console.print(note, highlight=False)
+    warning = velocity_warning(net, settings.nfe)
+    if warning and main_rank:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    written = run_sampling(net, settings, n, out, meta={"model": name}, png=not no_png, npz=npz, chunk_size=chunk)
+    if written is not None:
+        console.print(f"wrote {n} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
 
 
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).
+from .cli_eval import eval_cmd  # noqa: E402  (issue 12: paper metrics)
 from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
 from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
 
 app.command(name="search-depth")(guarded(search_depth_cmd))
+app.command(name="eval")(guarded(eval_cmd))
 app.command(name="finetune")(guarded(finetune_cmd))
 app.command(name="encode")(guarded(encode_cmd))
 

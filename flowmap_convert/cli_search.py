@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -125,7 +124,10 @@ def search_depth_cmd(
         typer.Option("--classes", help="Comma-separated class labels cycled over the samples (default: all classes)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 250,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the shared rule).")] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Directory for search.json, search.png and the resumable cache/.")
     ] = Path("search-out"),
@@ -169,6 +171,22 @@ def search_depth_cmd(
     nfe_list = parse_int_list(nfe, "--nfe")
     if not nfe_list:
         raise FlowmapError("--nfe needs at least one value, e.g. --nfe 1,4.")
+    from .runtime import choose_threads, resolve_device, set_threads
+    from .sampling import SampleSettings, parse_classes
+
+    settings = SampleSettings(
+        sampler=sampler,
+        seed=seed,
+        batch_size=batch_size,
+        device=str(resolve_device(device)),
+        classes=parse_classes(classes),
+    )
+    choose_threads(threads)  # --threads checked before any work
+    note = set_threads(threads, settings.device)
+
+    def start():
+        if note:
+            err_console.print(note, highlight=False)
 
     def show(message, category, filename_, lineno, file=None, line=None):
         err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
@@ -188,15 +206,12 @@ def search_depth_cmd(
             halving=halving,
             bootstrap=bootstrap,
             ci=ci,
-            seed=seed,
-            sampler=sampler,
-            classes=parse_int_list(classes, "--classes"),
-            batch_size=batch_size,
-            device=device,
+            settings=settings,
+            on_start=start,
             out=out,
             write_best=write_best,
             best_for_nfe=best_for_nfe,
-            progress=sys.stderr.isatty(),
+            progress=True,  # a bar on a terminal, plain lines with rate and ETA in a log
             revision=revision,
             filename=filename,
             family=family,

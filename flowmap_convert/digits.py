@@ -200,7 +200,7 @@ def _weights_sha(directory: Path) -> str:
 
 def compute_reference_stats(directory: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the classifier features of all 1797 real digits (needs scikit-learn)."""
-    from .metrics import feature_stats
+    from .frechet import feature_stats
 
     images, _ = load_digits_tensor("all")
     return feature_stats(digits_features(images, classifier=load_classifier(directory)))
@@ -228,7 +228,7 @@ def write_reference_stats(directory: str | Path) -> Path:
 
 def digits_fd(images, reference: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Fréchet distance of the images' classifier features to the reference (default: all real digits)."""
-    from .metrics import feature_stats, frechet_distance
+    from .frechet import feature_stats, frechet_distance
 
     mu, sigma = reference if reference is not None else reference_stats()
     return frechet_distance(*feature_stats(digits_features(images)), mu, sigma)
@@ -236,7 +236,7 @@ def digits_fd(images, reference: tuple[np.ndarray, np.ndarray] | None = None) ->
 
 def evaluate_digits(images, labels) -> dict:
     """{"fd": digits FD against all real digits, "acc": share classified as their conditioning label, "n": count}."""
-    from .metrics import feature_stats, frechet_distance
+    from .frechet import feature_stats, frechet_distance
 
     labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
     feats, logits = digits_features(images, return_logits=True)

@@ -1,16 +1,32 @@
-"""Writing samples to disk: PNG files, grid.png, ADM-style samples.npz and a JSON sidecar, atomically."""
+"""Writing samples to disk: PNG files, grid.png, ADM-style samples.npz and a JSON sidecar, atomically.
+
+`run_sampling` is the long-run driver behind `flowmap sample` and `flowmap eval`: it draws sample indices in fixed
+chunks (chunk k holds indices [k C, (k + 1) C)), writes each finished chunk to `.<out>.partial/`, and skips finished
+chunks when re-run with the same settings, so an interrupted 50k run resumes where it stopped. Under torchrun /
+accelerate launch (WORLD_SIZE > 1) rank r draws the chunks k with k % WORLD_SIZE == r; after a barrier rank 0
+assembles them in index order, so the output is byte-identical to a one-process run. The ranks share the output
+filesystem (one node, or a shared disk).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .io import atomic_dir
-from .sampling import UINT8_FORMULA
+from .errors import FlowmapError
+from .io import atomic_dir, atomic_file
+from .sampling import UINT8_FORMULA, SampleSettings
+
+DEFAULT_CHUNK = 1000
+GRID_MAX_IMAGES = 1024
+PARTIAL_RUN = "run.json"
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -30,24 +46,180 @@ def to_pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 
 
-def write_grid(images: np.ndarray, path: str | Path, upscale: int = 1) -> None:
+def grid_columns(labels, n: int) -> int:
+    """One column per class when the labels cycle through a short class list (sample i has class i % K), else sqrt."""
+    labels = [int(v) for v in labels] if labels is not None else []
+    k = len(dict.fromkeys(labels))
+    if 1 < k <= 64 and len(labels) >= k and all(labels[i] == labels[i % k] for i in range(len(labels))):
+        return k
+    return max(1, int(math.ceil(math.sqrt(n))))
+
+
+def write_grid(images: np.ndarray, path: str | Path, upscale: int = 1, ncols: int | None = None) -> None:
     """Save a grid PNG, optionally upscaled with nearest-neighbour for tiny images."""
-    im = to_pil(make_grid(images))
+    im = to_pil(make_grid(images, ncols=ncols))
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
     im.save(path)
 
 
-def write_samples(images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False) -> Path:
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """np.savez layout with fixed zip timestamps: the same arrays always give the same bytes (np.load reads it)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+
+def _disk_error(e: OSError, out) -> FlowmapError:
+    """One line for a failed write (disk full, read-only, permissions)."""
+    why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return FlowmapError(
+        f"cannot write samples to {out} ({why}); nothing was written: free space or choose another --out."
+    )
+
+
+def write_samples(
+    images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False, labels=None
+) -> Path:
     """Write an output directory of samples; nothing is left behind if writing fails."""
-    with atomic_dir(out) as tmp:
-        if png:
-            for i, img in enumerate(images):
-                to_pil(img).save(tmp / f"{i:06d}.png")
-        side = images.shape[1]
-        write_grid(images[:64], tmp / "grid.png", upscale=max(1, 128 // side))
-        if npz:
-            np.savez(tmp / "samples.npz", arr_0=images)
-        meta = {**meta, "uint8_formula": UINT8_FORMULA, "shape": list(images.shape)}
-        (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        with atomic_dir(out) as tmp:
+            if png:
+                for i, img in enumerate(images):
+                    to_pil(img).save(tmp / f"{i:06d}.png")
+            side = images.shape[1]
+            ncols = grid_columns(labels, len(images))
+            shown = images[: max(ncols, GRID_MAX_IMAGES // ncols * ncols)]
+            write_grid(shown, tmp / "grid.png", upscale=max(1, 128 // side), ncols=ncols)
+            if npz:
+                save_npz(tmp / "samples.npz", arr_0=images)
+            meta = {**meta, "uint8_formula": UINT8_FORMULA, "shape": list(images.shape)}
+            (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError as e:
+        raise _disk_error(e, out) from None
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def dist_context() -> tuple[int, int]:
+    """(rank, world size): torch.distributed when launched by torchrun / accelerate (WORLD_SIZE > 1), else (0, 1).
+
+    Starts the process group (gloo on CPU, nccl with CUDA) when the launcher set the environment but no one has.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("FLOWMAP_DIST_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where finished chunks of an unfinished run live: `.<out>.partial` next to `out`."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def _chunk_path(part: Path, k: int) -> Path:
+    return part / f"chunk-{k:06d}.npz"
+
+
+def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
+    """Create the partial directory (rank 0) or check that the one there belongs to this very run."""
+    marker = part / PARTIAL_RUN
+    if rank == 0:
+        if part.exists():
+            try:
+                old = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                raise FlowmapError(
+                    f"{part} exists but is not a flowmap partial run; remove it or choose another --out."
+                ) from None
+            if old != run:
+                raise FlowmapError(
+                    f"{part} holds an unfinished run with other settings; rerun with the same settings to resume, "
+                    "or remove that directory (flowmap wrote it) to start over."
+                )
+        else:
+            part.mkdir(parents=True)
+            with atomic_file(marker) as tmp:
+                tmp.write_text(json.dumps(run, indent=2))
+    _barrier(world)
+
+
+def run_sampling(
+    model,
+    settings: SampleSettings,
+    num_samples: int,
+    out: str | Path,
+    *,
+    meta: dict | None = None,
+    png: bool = True,
+    npz: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = True,
+    decoder=None,
+    on_chunk=None,
+) -> Path | None:
+    """Sample `num_samples` images into `out` in resumable chunks, over every process of the launch.
+
+    Returns `out` on rank 0 and None on the other ranks. `on_chunk(k)` is called after chunk k is on disk.
+    """
+    from .progress import Progress
+    from .sampling import Sampler
+
+    rank, world = dist_context()
+    sampler = Sampler(model, settings, decoder)
+    labels = sampler.labels(num_samples)
+    out = Path(out)
+    part = partial_dir(out)
+    run = {"settings": sampler.settings.key(), "num_samples": num_samples, "chunk_size": chunk_size, **(meta or {})}
+    try:
+        _open_partial(part, run, rank, world)
+        n_chunks = math.ceil(num_samples / chunk_size)
+        mine = [k for k in range(n_chunks) if k % world == rank]
+        todo = [k for k in mine if not _chunk_path(part, k).is_file()]
+        share = sum(min(chunk_size, num_samples - k * chunk_size) for k in mine)
+        done = share - sum(min(chunk_size, num_samples - k * chunk_size) for k in todo)
+        desc = "sample" if world == 1 else f"sample (rank {rank}/{world})"
+        with Progress(share, desc, "images", mode="auto" if progress else "off", start=done) as bar:
+            for k in todo:
+                idx = range(k * chunk_size, min((k + 1) * chunk_size, num_samples))
+                images = sampler.draw(idx, labels, on_batch=bar.advance)
+                with atomic_file(_chunk_path(part, k), suffix=".npz") as tmp:
+                    save_npz(tmp, images=images)
+                if on_chunk is not None:
+                    on_chunk(k)
+        _barrier(world)
+        if rank != 0:
+            return None
+        images = np.concatenate([np.load(_chunk_path(part, k))["images"] for k in range(n_chunks)])
+    except OSError as e:
+        raise _disk_error(e, out) from None
+    full_meta = {**(meta or {}), **sampler.settings.to_dict(), "num_samples": num_samples}
+    full_meta["classes"] = labels.tolist()
+    write_samples(images, out, full_meta, png=png, npz=npz, labels=labels.tolist())
+    for k in range(n_chunks):  # every file here was written by this run (the marker checked it)
+        _chunk_path(part, k).unlink(missing_ok=True)
+    for tmp in part.glob("chunk-*.npz.tmp*.npz"):  # a chunk being written when an earlier run was killed
+        tmp.unlink(missing_ok=True)
+    (part / PARTIAL_RUN).unlink(missing_ok=True)
+    try:
+        part.rmdir()
+    except OSError:
+        pass  # something else was put there: leave it
+    return out

@@ -16,51 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FlowmapError
+from .frechet import _FrechetTo, _psd_sqrt, feature_stats, frechet_distance  # noqa: F401  (re-exported)
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's conversion of the TF FID graph
 FID_INSTALL = "pip install torch==2.14.1 torchvision==0.29.1 torch-fidelity"
-
-
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance of an (N, D) feature matrix, in float64."""
-    f = np.asarray(features, dtype=np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a PSD matrix via eigh; tiny negative eigenvalues from round-off are clipped."""
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), stable for near-singular covariances."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise FlowmapError(
-            f"reference statistics do not match the features: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; recompute them with the same feature extractor."
-        )
-    return _FrechetTo(mu2, s2)(mu1, s1)
-
-
-class _FrechetTo:
-    """Fréchet distance to fixed statistics (mu_r, S_r), with S_r^1/2 computed once (bootstrap draws reuse it)."""
-
-    def __init__(self, mu_r: np.ndarray, sigma_r: np.ndarray):
-        self.mu = np.asarray(mu_r, np.float64)
-        self.sigma = np.asarray(sigma_r, np.float64)
-        self.root = _psd_sqrt(self.sigma)
-        self.trace = float(np.trace(self.sigma))
-
-    def __call__(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """FD of (mu, sigma) to the fixed statistics."""
-        m = self.root @ sigma @ self.root
-        # tr sqrt(S_r^1/2 S S_r^1/2) = sum of sqrt eigenvalues of a symmetric PSD matrix (no complex sqrtm needed);
-        # it equals tr sqrt(S S_r) because S_r^1/2 S S_r^1/2 and S S_r are similar.
-        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-        diff = mu - self.mu
-        return float(diff @ diff + np.trace(sigma) + self.trace - 2 * tr_covmean)
 
 
 def check_sample_count(n: int, dim: int, warn: Callable[[str], None] | None = None) -> None:
@@ -246,6 +205,9 @@ class DigitsFeatures:
         return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
 
 
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
+
+
 def inception_weights_path() -> Path | None:
     """The local Inception weights file if one exists: $FLOWMAP_CACHE first, then the torch hub checkpoint cache."""
     import torch
@@ -256,53 +218,163 @@ def inception_weights_path() -> Path | None:
     return None
 
 
+def offline() -> bool:
+    """True when downloads are switched off (FLOWMAP_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
+    return any(os.environ.get(v, "").strip() not in ("", "0") for v in ("FLOWMAP_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def missing_weights_error(reason: str) -> FlowmapError:
+    """One line naming the Inception weights file, its URL and where to put it."""
+    return FlowmapError(
+        f"the Inception FID weights {INCEPTION_WEIGHTS} are not here ({reason}); download {INCEPTION_URL} "
+        f"and put it at {cache_dir() / INCEPTION_WEIGHTS}."
+    )
+
+
+def fetch_inception_weights() -> Path:
+    """The local weights file, downloaded once into $FLOWMAP_CACHE when the network allows."""
+    import torch
+
+    local = inception_weights_path()
+    if local is not None:
+        return local
+    if offline():
+        raise missing_weights_error("offline")
+    dest = cache_dir() / INCEPTION_WEIGHTS
+    try:
+        from .io import atomic_file
+
+        with atomic_file(dest) as tmp:
+            torch.hub.download_url_to_file(INCEPTION_URL, str(tmp), progress=False)
+    except Exception as e:  # URLError, HTTPError, socket errors: all mean "could not download"
+        raise missing_weights_error(
+            f"download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    return dest
+
+
+def _torch_fidelity_inception(weights: Path, device):
+    """torch-fidelity's TF-compatible Inception-v3 (its own bilinear resize to 299 inside): (pool3, logits)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        raise FlowmapError(
+            f"Inception FID features need torch-fidelity (and torchvision), the extra flowmap-convert[fid]; install them with `{FID_INSTALL}`."
+        ) from None
+    try:
+        return FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
+        ).to(device)
+    except (OSError, RuntimeError) as e:
+        raise FlowmapError(
+            f"could not load the Inception FID weights {weights} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"download {INCEPTION_URL} again and put it at {cache_dir() / INCEPTION_WEIGHTS}."
+        ) from None
+
+
+# The network behind InceptionFeatures: (weights path, device) -> module mapping uint8 NCHW RGB to (pool3, logits).
+# Tests swap in a small locally built network with the same interface (no torchvision, no network).
+INCEPTION_NETWORK: dict[str, Callable] = {"factory": _torch_fidelity_inception}
+
+
 class InceptionFeatures:
-    """2048-d pool3 features of the TF-FID Inception-v3 (torch-fidelity's bit-compatible port): standard FID."""
+    """2048-d pool3 features (and logits for the Inception Score) of the TF-FID Inception-v3: standard FID / IS.
+
+    torch-fidelity's bit-compatible port resizes any uint8 image to 299x299 the way the TensorFlow evaluators do.
+    """
 
     name = "inception"
     dim = 2048
 
     def __init__(self, device="cpu", batch_size: int = 64):
-        import torch
-
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise FlowmapError(
-                f"Inception FID features need torch-fidelity (and torchvision), the extra flowmap-convert[fid]; install them with `{FID_INSTALL}`."
-            ) from None
-        local = inception_weights_path()
-        try:
-            net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(local) if local else None
-            )
-        except (OSError, RuntimeError) as e:  # URLError is an OSError: offline
-            raise FlowmapError(
-                f"could not load the Inception FID weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); download {INCEPTION_WEIGHTS} "
-                f"from https://github.com/toshas/torch-fidelity/releases/tag/v0.2.0 and put it at {cache_dir() / INCEPTION_WEIGHTS} "
-                f"(or {Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_WEIGHTS})."
-            ) from None
-        self.net = net.to(device).eval()
+        weights = fetch_inception_weights()
+        self.net = INCEPTION_NETWORK["factory"](weights, device).eval()
+        self.dim = int(getattr(self.net, "feature_dim", 2048))  # 2048 for torch-fidelity's network
         self.device = device
         self.batch_size = batch_size
 
-    def features(self, images) -> np.ndarray:
-        """(N, 2048) pool3 features in float64 (grayscale repeated to RGB)."""
+    def features_and_logits(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2048) pool3 features and (N, classes) logits in float64 (grayscale repeated to RGB)."""
         import torch
 
+        from .progress import Progress
+
         a = _check_images(images)
-        out = []
-        with torch.no_grad():
+        feats, logits = [], []
+        mode = "auto" if len(a) >= 5000 else "off"  # minutes for 50k images: say how far it is
+        with torch.no_grad(), Progress(len(a), "inception features", "images", mode=mode) as bar:
             for i in range(0, len(a), self.batch_size):
                 x = torch.from_numpy(a[i : i + self.batch_size]).permute(0, 3, 1, 2)
                 if x.shape[1] == 1:
                     x = x.repeat(1, 3, 1, 1)  # grayscale -> RGB, as FID tools do
-                out.append(self.net(x.contiguous().to(self.device))[0].double().cpu().numpy())
-        return np.concatenate(out)
+                f, lg = self.net(x.contiguous().to(self.device))
+                feats.append(f.double().cpu().numpy())
+                logits.append(lg.double().cpu().numpy())
+                bar.advance(len(x))
+        return np.concatenate(feats), np.concatenate(logits)
+
+    def features(self, images) -> np.ndarray:
+        """(N, 2048) pool3 features in float64."""
+        return self.features_and_logits(images)[0]
 
     def output_dim(self, channels: int, image_size: int) -> int:
         """Feature dimension, independent of the image shape."""
         return self.dim
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Inception Score exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` consecutive splits (torch-fidelity)."""
+    lg = np.asarray(logits, np.float64)
+    p = np.exp(lg - lg.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    splits = max(1, min(splits, len(p)))
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(py, 1e-30, None)))).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _kth_radii(f, k: int, block: int = 1024):
+    """Distance of each row to its k-th nearest other row (the k-NN manifold radius)."""
+    import torch
+
+    x = torch.as_tensor(f, dtype=torch.float64)
+    out = []
+    for i in range(0, len(x), block):
+        d = torch.cdist(x[i : i + block], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+    return torch.cat(out)
+
+
+def _covered(queries, centres, radii, block: int = 1024) -> float:
+    """Share of query rows inside at least one ball (centre, radius)."""
+    import torch
+
+    q = torch.as_tensor(queries, dtype=torch.float64)
+    c = torch.as_tensor(centres, dtype=torch.float64)
+    hit = 0
+    for i in range(0, len(q), block):
+        d = torch.cdist(q[i : i + block], c)
+        hit += int((d <= radii[None, :]).any(dim=1).sum())
+    return hit / len(q)
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """Improved precision / recall (Kynkäänniemi et al. 2019) with k-NN manifolds: (precision, recall).
+
+    precision: share of generated samples inside the real manifold (union of balls reaching each real sample's
+    k-th nearest real neighbour); recall: share of real samples inside the generated manifold.
+    """
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise FlowmapError(
+            f"precision / recall with k = {k} needs more than {k} samples on each side, got {len(fake)} samples and {len(real)} reference images."
+        )
+    precision = _covered(fake, real, _kth_radii(real, k))
+    recall = _covered(real, fake, _kth_radii(fake, k))
+    return precision, recall
 
 
 class DinoV2Features:

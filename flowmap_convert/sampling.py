@@ -1,55 +1,111 @@
-"""Few-step samplers in canonical time: Euler (flow map or velocity), Heun, restart and CTM (DMF samplers.py)."""
+"""Few-step samplers in canonical time: Euler (flow map or velocity), Heun, restart and CTM (DMF samplers.py).
+
+Every knob of a run travels as one frozen `SampleSettings` (CLI -> search / eval -> sampler). Sample i's noise
+depends only on (seed, i), so any batching, any split over processes and any resumed run draws the same images.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from .errors import FlowmapError
+from .validate import finite_float, int_in_range, interval
+from .validate import seed as check_seed
 
 SAMPLERS = ("euler", "heun", "restart", "ctm")
 UINT8_FORMULA = "uint8(clamp(127.5 * x + 128, 0, 255)) for decoded x in [-1, 1] (ADM / DiT sample_ddp)"
+MAX_NFE = 10_000
+MAX_SHIFT = 1e4  # t' = s t / (1 + (s - 1) t): beyond 1e4 (or below 1e-4) every step but one is empty
+MAX_CFG = 1e3
+MAX_SAMPLES = 10_000_000
+MAX_BATCH = 1_000_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleSettings:
-    """Every knob of a sampling run; written next to the images as a JSON sidecar."""
+    """Every knob of a sampling run; written next to the images as a JSON sidecar.
+
+    `shift` and `cfg_scale` of None mean "the model's default" (config.sampling); `resolve(model)` fills them in.
+    """
 
     nfe: int = 1
     sampler: str = "euler"
-    shift: float = 1.0
-    cfg_scale: float = 1.0
+    shift: float | None = None
+    cfg_scale: float | None = None
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     gamma: float = 0.0
     seed: int = 0
+    batch_size: int = 64
+    device: str | None = None
+    classes: tuple[int, ...] | None = None
     dtype: str = "float32"
 
-    def validate(self, model) -> None:
-        """Reject settings that cannot work with this model, with the fix in the message."""
+    def __post_init__(self):
+        """Every number checked finite and in range before any work (one FlowmapError naming the option)."""
         if self.sampler not in SAMPLERS:
             raise FlowmapError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        if not isinstance(self.nfe, int) or self.nfe < 1:
-            raise FlowmapError(f"--nfe must be a positive integer, got {self.nfe}.")
-        if self.shift <= 0:
-            raise FlowmapError(f"--shift must be positive, got {self.shift}.")
-        if self.sampler in ("restart", "ctm") and not model.config.is_flow_map:
+        object.__setattr__(self, "nfe", int_in_range("--nfe", self.nfe, 1, MAX_NFE))
+        if self.shift is not None:
+            object.__setattr__(self, "shift", finite_float("--shift", self.shift, 1 / MAX_SHIFT, MAX_SHIFT))
+        if self.cfg_scale is not None:
+            object.__setattr__(self, "cfg_scale", finite_float("--cfg-scale", self.cfg_scale, 0.0, MAX_CFG))
+        lo, hi = self.guidance_interval
+        object.__setattr__(self, "guidance_interval", interval("--guidance-low/--guidance-high", lo, hi))
+        object.__setattr__(self, "gamma", finite_float("--gamma", self.gamma, 0.0, 1.0, hi_open=True))
+        object.__setattr__(self, "seed", check_seed("--seed", self.seed))
+        object.__setattr__(self, "batch_size", int_in_range("--batch-size", self.batch_size, 1, MAX_BATCH))
+        if self.classes is not None:
+            cls = tuple(int_in_range("--classes", c, 0) for c in self.classes)
+            if not cls:
+                raise FlowmapError("--classes lists no class; pass e.g. --classes 1,2,3 or leave it out.")
+            object.__setattr__(self, "classes", cls)
+
+    @property
+    def steps(self) -> int:
+        """Integration steps (Heun spends two evaluations per step but the last)."""
+        return self.nfe if self.sampler != "heun" else (self.nfe + 1) // 2
+
+    def resolve(self, model) -> SampleSettings:
+        """Fill the model's defaults (shift, cfg scale, dtype) and reject settings this model cannot use."""
+        defaults = model.config.sampling or {}
+        s = replace(
+            self,
+            shift=float(defaults.get("shift", 1.0)) if self.shift is None else self.shift,
+            cfg_scale=float(defaults.get("cfg_scale", 1.0)) if self.cfg_scale is None else self.cfg_scale,
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        )
+        if s.sampler in ("restart", "ctm") and not model.config.is_flow_map:
             raise FlowmapError(
-                f"the {self.sampler} sampler needs a flow map; convert the model first or use --sampler euler/heun."
+                f"the {s.sampler} sampler needs a flow map; convert the model first or use --sampler euler/heun."
             )
-        if self.sampler == "ctm" and not 0.0 <= self.gamma < 1.0:
-            raise FlowmapError(f"--gamma must be in [0, 1), got {self.gamma}.")
-        if self.cfg_scale != 1.0 and model.config.class_embed_rows <= model.config.num_classes:
+        if s.cfg_scale != 1.0 and model.config.class_embed_rows <= model.config.num_classes:
             raise FlowmapError(
                 "classifier-free guidance needs a null-class embedding, which this model lacks; use --cfg-scale 1."
             )
+        if s.classes:
+            check_classes(model, s.classes)
+        return s
+
+    def validate(self, model) -> None:
+        """Raise a FlowmapError when these settings cannot work with `model` (kept for callers of the old API)."""
+        self.resolve(model)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         d = asdict(self)
         d["guidance_interval"] = list(self.guidance_interval)
+        d["classes"] = list(self.classes) if self.classes is not None else None
+        return d
+
+    def key(self) -> dict:
+        """What the images depend on (not the batch size or the device): for resume checks and caches."""
+        d = self.to_dict()
+        d.pop("batch_size")
+        d.pop("device")
         return d
 
 
@@ -62,38 +118,51 @@ def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 class NoiseBank:
-    """Per-sample generators: sample i's noise depends only on (seed, i), never on batching."""
+    """Per-sample generators: sample i's noise depends only on (seed, i), never on batching or the process."""
 
     def __init__(self, seed: int, indices: Sequence[int]):
-        self.gens = [torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
+        self.gens = [torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % (1 << 64)) for i in indices]
 
     def draw(self, shape: Sequence[int]) -> torch.Tensor:
-        return torch.stack([torch.randn(*shape, generator=g, dtype=torch.float32) for g in self.gens])
+        """One draw per sample from its own stream (later draws continue it: restart / CTM re-noising)."""
+        out = torch.empty((len(self.gens), *shape), dtype=torch.float32)
+        for j, g in enumerate(self.gens):
+            torch.randn(tuple(shape), generator=g, out=out[j])
+        return out
 
 
-def _call(model, x, t, r, y, s: SampleSettings) -> torch.Tensor:
+def _call(model, x, t, r, y, s: SampleSettings, dtype) -> torch.Tensor:
     """One network evaluation with optional CFG inside the guidance interval (state float64 outside)."""
-    dtype = next(model.parameters()).dtype
     b = x.shape[0]
     tt = torch.full((b,), float(t), device=x.device)
     rr = torch.full((b,), float(r), device=x.device)
     lo, hi = s.guidance_interval
     xin = x.to(dtype)
-    with torch.no_grad():
-        if s.cfg_scale != 1.0 and lo <= float(t) <= hi:
-            null = torch.full_like(y, model.config.num_classes)
-            out = model(torch.cat([xin, xin]), torch.cat([tt, tt]), torch.cat([rr, rr]), torch.cat([y, null]))
-            cond, unc = out.double().chunk(2)
-            return unc + s.cfg_scale * (cond - unc)  # CFG: u_unc + s (u_cond - u_unc)
-        return model(xin, tt, rr, y).double()
+    if s.cfg_scale != 1.0 and lo <= float(t) <= hi:
+        null = torch.full_like(y, model.config.num_classes)
+        out = model(torch.cat([xin, xin]), torch.cat([tt, tt]), torch.cat([rr, rr]), torch.cat([y, null]))
+        cond, unc = out.double().chunk(2)
+        return unc + s.cfg_scale * (cond - unc)  # CFG: u_unc + s (u_cond - u_unc)
+    return model(xin, tt, rr, y).double()
 
 
+def _check_finite(x: torch.Tensor, step: int, t_cur: float, t_nxt: float) -> None:
+    """Stop at the first non-finite output with one line naming the step and time."""
+    if not bool(torch.isfinite(x).all()):
+        raise FlowmapError(
+            f"sampling produced non-finite values at step {step + 1} (t = {t_cur:.4g} -> {t_nxt:.4g}); the weights "
+            "hold NaN/inf or overflow in this dtype: check the weights (convert refuses them unless --allow-nonfinite)."
+        )
+
+
+@torch.no_grad()
 def sample_latents(
     model, noise: torch.Tensor, y: torch.Tensor, s: SampleSettings, noise_bank: NoiseBank | None = None, on_step=None
 ) -> torch.Tensor:
     """Integrate from t=1 (noise) to t=0 with the chosen sampler; returns float32 latents."""
+    dtype = next(model.parameters()).dtype
     x = noise.double()
-    t = time_grid(s.nfe if s.sampler != "heun" else (s.nfe + 1) // 2, s.shift)
+    t = time_grid(s.steps, s.shift).tolist()
     n = len(t) - 1
     fresh = (
         (lambda: noise_bank.draw(noise.shape[1:]).to(x.device).double())
@@ -101,48 +170,112 @@ def sample_latents(
         else (lambda: torch.randn_like(x))
     )
     for i in range(n):
-        t_cur, t_nxt = float(t[i]), float(t[i + 1])
+        t_cur, t_nxt = t[i], t[i + 1]
         last = i == n - 1
         if s.sampler == "euler":
-            u = _call(model, x, t_cur, t_nxt, y, s)
+            u = _call(model, x, t_cur, t_nxt, y, s, dtype)
             x = x + (t_nxt - t_cur) * u  # x_r = x_t + (r - t) u
         elif s.sampler == "heun":
-            v = _call(model, x, t_cur, t_cur, y, s)
+            v = _call(model, x, t_cur, t_cur, y, s, dtype)
             x_e = x + (t_nxt - t_cur) * v
             if last:
                 x = x_e  # final step is plain Euler, so N evaluations give (N + 1) / 2 steps
             else:
-                v2 = _call(model, x_e, t_nxt, t_nxt, y, s)
+                v2 = _call(model, x_e, t_nxt, t_nxt, y, s, dtype)
                 x = x + (t_nxt - t_cur) * 0.5 * (v + v2)
         elif s.sampler == "restart":
-            u = _call(model, x, t_cur, 0.0, y, s)
+            u = _call(model, x, t_cur, 0.0, y, s, dtype)
             x0 = x - t_cur * u  # jump to data, then re-noise to the next time
             x = x0 if last else (1 - t_nxt) * x0 + t_nxt * fresh()
         else:  # ctm
             t_g = t_nxt if last else t_nxt * (1 - s.gamma**2) ** 0.5
-            u = _call(model, x, t_cur, t_g, y, s)
+            u = _call(model, x, t_cur, t_g, y, s, dtype)
             x = x + (t_g - t_cur) * u
             if not last:
                 alpha = (1 - t_nxt) / (1 - t_g)
                 x = alpha * x + (1 - alpha) * fresh()  # DMF ctm: sigma = 1 - alpha
+        _check_finite(x, i, t_cur, t_nxt)
         if on_step is not None:
             on_step()
     return x.float()
+
+
+def check_classes(model, classes: Sequence[int]) -> None:
+    """Every class id is a label of this model (K, the null class, only when the model has one)."""
+    k = model.config.num_classes
+    for c in classes:
+        if not 0 <= int(c) <= k or (int(c) == k and model.config.class_embed_rows <= k):
+            raise FlowmapError(f"class {c} is out of range for a model with {k} classes; use labels 0..{k - 1}.")
 
 
 def labels_for(model, classes: Sequence[int] | None, num_samples: int) -> torch.Tensor:
     """Class labels cycling through `classes` (all classes when None); K means unconditional."""
     k = model.config.num_classes
     pool = list(classes) if classes else list(range(k))
-    for c in pool:
-        if not 0 <= int(c) <= k or (int(c) == k and model.config.class_embed_rows <= k):
-            raise FlowmapError(f"class {c} is out of range for a model with {k} classes; use labels 0..{k - 1}.")
+    check_classes(model, pool)
     return torch.tensor([int(pool[i % len(pool)]) for i in range(num_samples)], dtype=torch.long)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Decoded images in [-1, 1], NCHW -> uint8 NHWC (see UINT8_FORMULA)."""
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def parse_classes(text: str | None) -> tuple[int, ...] | None:
+    """--classes text -> a tuple of class ids (None when not given); `,,,` is an error, not 'all classes'."""
+    if text is None:
+        return None
+    try:
+        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise FlowmapError(f"--classes must be a comma-separated list of integers, got {text!r}.") from None
+    if not ids:
+        raise FlowmapError(f"--classes lists no class ({text!r}); pass e.g. --classes 1,2,3 or leave it out.")
+    return ids
+
+
+def default_num_samples(classes: Sequence[int] | None) -> int:
+    """One sample per listed class, else 16."""
+    return len(classes) if classes else 16
+
+
+class Sampler:
+    """A model bound to resolved settings: draws any set of sample indices (same images however they are split)."""
+
+    def __init__(self, model, settings: SampleSettings, decoder=None):
+        from .decoders import get_decoder
+        from .runtime import resolve_device
+
+        self.settings = settings.resolve(model)
+        self.device = resolve_device(settings.device) if settings.device is not None else None
+        if self.device is None:
+            self.device = next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.decoder = decoder if decoder is not None else get_decoder(model.config.latent, self.device)
+        cfg = model.config
+        self.shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+
+    def labels(self, num_samples: int) -> torch.Tensor:
+        """Labels of samples 0..num_samples-1."""
+        return labels_for(self.model, self.settings.classes, num_samples)
+
+    def draw(self, indices: Sequence[int], labels: torch.Tensor, on_batch=None, return_latents: bool = False):
+        """uint8 NHWC images (and float latents) of the given sample indices, in batches of settings.batch_size."""
+        s = self.settings
+        images, latents = [], []
+        for b0 in range(0, len(indices), s.batch_size):
+            idx = list(indices[b0 : b0 + s.batch_size])
+            bank = NoiseBank(s.seed, idx)
+            noise = bank.draw(self.shape).to(self.device)
+            z = sample_latents(self.model, noise, labels[idx].to(self.device), s, noise_bank=bank)
+            with torch.no_grad():
+                images.append(to_uint8(self.decoder.decode(z)))
+            if return_latents:
+                latents.append(z.cpu())
+            if on_batch is not None:
+                on_batch(len(idx))
+        out = np.concatenate(images) if images else np.zeros((0, 0, 0, 0), np.uint8)
+        return (out, torch.cat(latents)) if return_latents else out
 
 
 def sample(
@@ -161,79 +294,37 @@ def sample(
     decoder=None,
     progress: bool = False,
     return_latents: bool = False,
+    settings: SampleSettings | None = None,
 ):
-    """Draw samples and decode them: uint8 NHWC numpy (and the latents when asked)."""
-    from .decoders import get_decoder
+    """Draw samples and decode them: uint8 NHWC numpy (and latents, labels, resolved settings when asked).
 
-    defaults = model.config.sampling or {}
-    s = SampleSettings(
-        nfe=nfe,
-        sampler=sampler,
-        shift=float(defaults.get("shift", 1.0) if shift is None else shift),
-        cfg_scale=float(defaults.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale),
-        guidance_interval=tuple(guidance_interval),
-        gamma=gamma,
-        seed=seed,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-    )
-    s.validate(model)
-    if num_samples is None:
-        num_samples = len(classes) if classes else 16
-    if num_samples < 1 or batch_size < 1:
-        raise FlowmapError("--num-samples and --batch-size must be positive.")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(device).eval()
-    decoder = decoder if decoder is not None else get_decoder(model.config.latent, device)
-    labels = labels_for(model, classes, num_samples)
-    c, size = model.config.in_channels, model.config.input_size
-    images, latents = [], []
-    steps_per_batch = s.nfe if s.sampler != "heun" else (s.nfe + 1) // 2
-    n_batches = (num_samples + batch_size - 1) // batch_size
-    bar = _progress(progress, n_batches * steps_per_batch)
-    try:
-        for b0 in range(0, num_samples, batch_size):
-            idx = list(range(b0, min(b0 + batch_size, num_samples)))
-            bank = NoiseBank(seed, idx)
-            noise = bank.draw((c, size, size)).to(device)
-            z = sample_latents(
-                model, noise, labels[idx].to(device), s, noise_bank=bank, on_step=bar.advance if bar else None
-            )
-            with torch.no_grad():
-                images.append(to_uint8(decoder.decode(z)))
-            if return_latents:
-                latents.append(z.cpu())
-    finally:
-        if bar:
-            bar.stop()
-    out = np.concatenate(images)
-    if return_latents:
-        return out, torch.cat(latents), labels, s
-    return out
-
-
-class _Bar:
-    """A minimal rich progress bar over network evaluations."""
-
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("sampling"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            transient=True,
+    Pass either the loose keywords (`fm.sample(model, nfe=1, classes=[1, 2], seed=0)`) or one `settings` object.
+    """
+    if settings is None:
+        settings = SampleSettings(
+            nfe=nfe,
+            sampler=sampler,
+            shift=shift,
+            cfg_scale=cfg_scale,
+            guidance_interval=tuple(guidance_interval),
+            gamma=gamma,
+            seed=seed,
+            batch_size=batch_size,
+            device=str(device) if device is not None else None,
+            classes=tuple(classes) if classes is not None else None,
         )
-        self.task = self.p.add_task("sampling", total=total)
-        self.p.start()
+    n = default_num_samples(settings.classes) if num_samples is None else num_samples
+    n = int_in_range("--num-samples", n, 1, MAX_SAMPLES)
+    run = Sampler(model, settings, decoder)
+    labels = run.labels(n)
+    if progress:
+        from .progress import Progress
 
-    def advance(self) -> None:
-        self.p.advance(self.task)
-
-    def stop(self) -> None:
-        self.p.stop()
-
-
-def _progress(enabled: bool, total: int):
-    return _Bar(total) if enabled else None
+        with Progress(n, "sample", "images") as bar:
+            out = run.draw(range(n), labels, on_batch=bar.advance, return_latents=return_latents)
+    else:
+        out = run.draw(range(n), labels, return_latents=return_latents)
+    if return_latents:
+        images, latents = out
+        return images, latents, labels, run.settings
+    return out

@@ -121,7 +121,9 @@ def test_pixel_extractor_and_registry():
         ext.features(imgs.astype(np.float32))
 
 
-def test_inception_needs_the_fid_extra(monkeypatch):
+def test_inception_needs_the_fid_extra(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWMAP_CACHE", str(tmp_path))
+    (tmp_path / "weights-inception-2015-12-05-6726825d.pth").write_bytes(b"")  # weights present, package absent
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(FlowmapError) as e:
@@ -139,13 +141,13 @@ def test_inception_uses_local_weights_and_explains_offline(monkeypatch, tmp_path
     class FakeInception(torch.nn.Module):
         def __init__(self, name, features_list, feature_extractor_weights_path=None):
             super().__init__()
+            assert features_list == ["2048", "logits_unbiased"]
             calls.append(feature_extractor_weights_path)
-            if feature_extractor_weights_path is None:
-                raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
         def forward(self, x):
             assert x.dtype == torch.uint8 and x.shape[1] == 3
-            return (x.float().mean(dim=(2, 3)).repeat(1, 683)[:, :2048],)
+            f = x.float().mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+            return f, f[:, :1008]
 
     mod = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
     mod.FeatureExtractorInceptionV3 = FakeInception
@@ -153,9 +155,12 @@ def test_inception_uses_local_weights_and_explains_offline(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", mod)
     monkeypatch.setenv("FLOWMAP_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("FLOWMAP_OFFLINE", "1")
     with pytest.raises(FlowmapError) as e:
         get_extractor("inception")
-    assert str(tmp_path / "weights-inception-2015-12-05-6726825d.pth") in str(e.value)
+    msg = str(e.value)
+    assert str(tmp_path / "weights-inception-2015-12-05-6726825d.pth") in msg and "offline" in msg
+    assert "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" in msg and calls == []
     (tmp_path / "weights-inception-2015-12-05-6726825d.pth").write_bytes(b"")
     ext = get_extractor("inception")
     assert calls[-1] == str(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
@@ -188,3 +193,26 @@ def test_reference_files(tmp_path):
         load_reference(tmp_path / "bad.npz")
     with pytest.raises(FlowmapError, match="does not exist"):
         load_reference(tmp_path / "missing.npz")
+
+
+def test_inception_score_and_precision_recall():
+    from flowmap_convert.metrics import inception_score, precision_recall
+
+    # one-hot confident predictions spread evenly over 4 classes: IS = 4; all on one class: IS = 1
+    logits = np.full((40, 4), -50.0)
+    logits[np.arange(40), np.arange(40) % 4] = 50.0
+    assert inception_score(logits, splits=2)[0] == pytest.approx(4.0, rel=1e-6)
+    assert inception_score(np.zeros((10, 4)), splits=1)[0] == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 2))
+    p, r = precision_recall(real, real.copy(), k=3)
+    assert p == 1.0 and r == 1.0
+    # generated samples collapsed onto a small part of the data: precise but low recall
+    fake = real[real[:, 0] > 1.0][:, :] + 0.0
+    p, r = precision_recall(real, fake, k=3)
+    assert p == 1.0 and r < 0.5
+    # generated samples far away: neither
+    p, r = precision_recall(real, real + 100.0, k=3)
+    assert p == 0.0 and r == 0.0
+    with pytest.raises(FlowmapError, match="k = 3"):
+        precision_recall(real, real[:3])

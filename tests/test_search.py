@@ -189,3 +189,37 @@ def test_digits_default_probe_matches_digits_fd(tiny_model):
     assert report["features"] == "digits" and report["reference"]["kind"] == "dataset"
     imgs = sample(tiny_model.with_depth(3), nfe=1, num_samples=80, seed=0)
     assert report["results"][0]["fd"] == pytest.approx(digits_fd(imgs), rel=1e-6)
+
+
+def test_write_best_records_the_search_for_default_depth(tiny_model, tmp_path):
+    from flowmap_convert.api import convert
+
+    report = search_depth(tiny_model, depths=[1, 3], nfe=[1, 2], num_samples=16, write_best=tmp_path / "b", **SMALL)
+    best = convert(str(tmp_path / "b"))
+    prov = best.config.provenance["search"]
+    assert prov["best_depth"] == report["best_depth"] and prov["nfe"] == [1, 2] and prov["metric"] == "fd"
+    from flowmap_convert.config import default_depth
+
+    assert default_depth(best.config.replace(conditioning="velocity", depth=None)) == report["best_depth"]
+
+
+def test_piped_search_prints_progress_lines(tiny_dir, tmp_path):
+    p = cli(
+        tiny_dir,
+        *("--features", "pixels", "--reference", "teacher", "--teacher-nfe", "2", "--depths", "2,4", "--nfe", "1"),
+        *("-n", "8", "--bootstrap", "0", "--out", str(tmp_path / "o")),
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("search-depth:")]
+    assert line and "3/3 probes" in line[-1] and "probes/s" in line[-1] and "ETA" in line[-1], p.stderr
+
+
+def test_log_axis_ticks_are_plain_1_2_5():
+    from flowmap_convert.plots import linear_ticks, log_ticks, tick_label
+
+    ticks = log_ticks(9.44, 729)
+    assert ticks == [10, 20, 50, 100, 200, 500] and [tick_label(t) for t in ticks][:2] == ["10", "20"]
+    assert log_ticks(0.03, 4) == [0.05, 0.1, 0.2, 0.5, 1, 2]
+    assert len(log_ticks(1e-3, 1e6)) <= 8
+    assert linear_ticks(0.97, 0.995) == [0.97, 0.98, 0.99] and linear_ticks(-3, 7) == [-2, 0, 2, 4, 6]
