@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -57,20 +58,11 @@ def guarded(fn):
     return wrapper
 
 
-def check_out_dir(out: Path) -> None:
-    """An --out whose nearest existing ancestor is not a directory, or that is a non-flowmap directory, fails now."""
-    from .io import replaceable_output
+def check_out_dir(out: Path, kind: str = "model", *, force: bool = False, sources=()) -> Path:
+    """Fail now, before a long download or conversion, if --out may not be written (rules: flowmap_convert.io)."""
+    from .io import check_output
 
-    probe = Path(out).absolute()
-    if probe.exists() and not replaceable_output(probe):
-        raise FlowmapError(f"{out} exists and is not a flowmap output; remove it or choose another --out.")
-    parent = probe.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FlowmapError(
-            f"cannot write to {out} ({parent} is a file, not a directory); choose a writable --out directory."
-        )
+    return check_output(out, kind, force=force, sources=sources)
 
 
 def source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256) -> dict:
@@ -115,6 +107,13 @@ def convert(
             help="REPA legacy checkpoints only: blocks before `decoder_blocks.0` (default: from the training args).",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace --out even if it is not a flowmap model output (never the source)."),
+    ] = False,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="Convert even if some weights are NaN or infinite.")
+    ] = False,
 ):
     """Convert a pretrained flow model into a decoupled flow map and export it.
 
@@ -131,14 +130,26 @@ def convert(
       flowmap convert https://example.org/model.safetensors --sha256 <hex> --depth 8
     """
     from .api import convert as convert_fn
+    from .config import MAX_BLOCKS
     from .io import export
+    from .validate import int_in_range
 
-    check_out_dir(out)  # fail before a long download/conversion, not after
+    # every number and the output first: a bad value costs nothing and leaves nothing behind
+    if depth is not None:
+        int_in_range("--depth", depth, 1, MAX_BLOCKS)
+    if num_heads is not None:
+        int_in_range("--num-heads", num_heads, 1, 4096)
+    if encoder_depth is not None:
+        int_in_range("--encoder-depth", encoder_depth, 1, MAX_BLOCKS)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+        raise FlowmapError(f"--sha256 {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
+    check_out_dir(out, "model", force=force, sources=(source,))
     opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
+    opts["allow_nonfinite"] = allow_nonfinite
     if encoder_depth is not None:
         opts["encoder_depth"] = encoder_depth
     model = convert_fn(source, depth=depth, **opts)
-    export(model, out)
+    export(model, out, force=force, sources=(source,))
     cfg, prov = model.config, model.config.provenance
     lines = [
         f"family      {prov.get('family', '?')}",
@@ -216,6 +227,7 @@ def sample(
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FlowmapError(f"--device {device} was asked for but CUDA is not available; use --device cpu.")
+    check_out_dir(out, "samples", sources=(model,))  # safety: never replace the model read or a user's folder
     net = load(model, family=family, revision=revision)
     from .sampling import sample as sample_fn
 

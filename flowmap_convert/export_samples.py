@@ -38,9 +38,11 @@ def write_grid(images: np.ndarray, path: str | Path, upscale: int = 1) -> None:
     im.save(path)
 
 
-def write_samples(images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False) -> Path:
+def write_samples(
+    images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False, sources=()
+) -> Path:
     """Write an output directory of samples; nothing is left behind if writing fails."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "samples", sources=sources) as tmp:
         if png:
             for i, img in enumerate(images):
                 to_pil(img).save(tmp / f"{i:06d}.png")

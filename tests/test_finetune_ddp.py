@@ -13,8 +13,8 @@ from conftest import randomize, tiny_config
 
 
 def test_two_process_gloo_run(tmp_path):
-    from flowmap_convert.io import export, is_model_dir, read_model_dir
-    from flowmap_convert.model import FlowMap
+    from flowmap_convert.io import export, is_model_dir
+    from flowmap_convert.model import FlowMap, read_model_dir
 
     torch.manual_seed(0)
     export(randomize(FlowMap(tiny_config(num_blocks=2))), tmp_path / "base")
