@@ -262,8 +262,31 @@ app.command(name="encode")(guarded(encode_cmd))
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors (a bad option value) are one line too, exit code 2."""
+    try:  # typer >= 0.24 vendors click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover - older typer on plain click
+        from click import exceptions as click_exceptions
+
+    try:
+        rc = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click_exceptions.UsageError as e:
+        ctx = e.ctx
+        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+        err_console.print(
+            f"[bold red]error:[/] {e.format_message()} (see `flowmap{command} --help`)", highlight=False, soft_wrap=True
+        )
+        sys.exit(2)
+    except click_exceptions.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -403,7 +403,6 @@ def test_bad_training_args_missing_keys_and_another_models_dict_are_one_line(tmp
     del missing["blocks.2.mlp.fc2.weight"]
     one_line_error(invoke("convert", _save(tmp_path, missing, "miss.safetensors"), "--out", tmp_path / "o"), r".")
     from flowmap_convert.adapters import BUILTIN_DIR
-
     from safetensors.torch import load_file
 
     floats = {
