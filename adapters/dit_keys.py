@@ -155,7 +155,7 @@ def infer_dit_config(
     heads = int_in_range("--num-heads", heads, 1, 4096)
     if hidden < 1 or hidden % heads:
         raise FlowmapError(
-            f"--num-heads {heads} does not divide the hidden size {hidden}; pass a head count that does."
+            f"--num-heads {heads} does not divide the hidden size {hidden} (not divisible); pass a head count that does."
         )
     if norm_width is not None and hidden // heads != norm_width:
         raise FlowmapError(

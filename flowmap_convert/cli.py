@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from pathlib import Path
@@ -51,6 +52,10 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except FlowmapError as e:
             fail(str(e))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+                raise
+            fail(f"cannot write ({e.strerror}); free some disk space or write to another location.")
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None

@@ -446,3 +446,33 @@ def test_convert_numbers_are_checked_before_any_work(tmp_path, option, value, me
     r = invoke("convert", "acme/not-a-repo", option, value, "--out", tmp_path / "o")
     one_line_error(r, message)
     assert "flowmap:" not in r.stderr  # nothing was resolved or loaded
+
+
+def test_mark_output_records_the_kind_for_in_place_directories(tmp_path):
+    from flowmap_convert.io import check_output, mark_output, output_kind
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"x")
+    assert output_kind(run) is None
+    mark_output(run, "run")
+    assert output_kind(run) == "run"
+    check_output(run, "run")  # ours, same kind: may be reused
+    with pytest.raises(FlowmapError, match="is a flowmap run output, not a model output"):
+        check_output(run, "model")
+    (run / "later.txt").write_text("user")
+    with pytest.raises(FlowmapError, match=r"did not write \(later.txt\)"):
+        check_output(run, "run")
+    check_output(run, "run", force=True)
+
+
+def test_atomic_file_failure_keeps_the_old_file_and_names_temps_for_cleanup(tmp_path):
+    from flowmap_convert.io import atomic_file, write_text_atomic
+
+    target = write_text_atomic(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            assert re.match(rf"^\.a\.json\.{os.getpid()}\.[0-9a-f]+\.tmp$", tmp.name)
+            tmp.write_text("half")
+            raise RuntimeError
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
