@@ -148,6 +148,8 @@ def convert(
         int_in_range("--encoder-depth", encoder_depth, 1, MAX_BLOCKS)
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
         raise FlowmapError(f"--sha256 {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
+    if (weights or "auto").lower() not in ("auto", "ema", "model"):
+        raise FlowmapError(f"--weights {weights!r} is not one of auto, ema, model; pass one of them.")
     check_out_dir(out, "model", force=force, sources=(source,))
     opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
     opts["allow_nonfinite"] = allow_nonfinite
