@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -371,15 +372,18 @@ ABSURD = 1e6  # no trained weight of these models comes near this magnitude
 
 
 def nonfinite_report(named_tensors) -> tuple[list[str], list[str]]:
-    """(names of tensors with NaN/Inf, names of finite tensors with |w| > ABSURD), in one pass."""
+    """(names of tensors with NaN/Inf, names of finite tensors with |w| > ABSURD), one min/max pass per tensor."""
     bad, huge = [], []
     for name, t in named_tensors:
         if not t.is_floating_point() or t.numel() == 0 or t.is_meta:
             continue
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
+        try:
+            lo, hi = (float(v) for v in torch.aminmax(t.detach()))  # one pass, no temporaries; NaN propagates
+        except RuntimeError:  # a dtype without aminmax on this device
+            lo, hi = float(t.detach().min()), float(t.detach().max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             bad.append(name)
-        elif float(t.abs().max()) > ABSURD:
+        elif max(-lo, hi) > ABSURD:
             huge.append(name)
     return bad, huge
 
