@@ -275,6 +275,11 @@ def atomic_dir(out: str | os.PathLike, kind: str, *, force: bool = False, source
         except OSError as e:
             raise _os_error(out, e) from None
     except BaseException:
+        if aside is not None and aside.exists() and not out.exists():  # interrupted mid-swap: the old one goes back
+            try:
+                os.rename(aside, out)
+            except OSError:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if aside is not None:

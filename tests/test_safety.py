@@ -476,3 +476,26 @@ def test_atomic_file_failure_keeps_the_old_file_and_names_temps_for_cleanup(tmp_
             tmp.write_text("half")
             raise RuntimeError
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_an_interrupted_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    from flowmap_convert import io
+
+    out = tmp_path / "out"
+    with io.atomic_dir(out, "samples") as tmp:
+        (tmp / "grid.png").write_bytes(b"old")
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        if Path(dst) == out and not calls:  # the new directory's rename-in is interrupted (once)
+            calls.append(src)
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_dir(out, "samples") as tmp:
+            (tmp / "grid.png").write_bytes(b"new")
+    monkeypatch.undo()
+    assert calls and (out / "grid.png").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
