@@ -51,12 +51,45 @@ def note(message: str) -> None:
 
 
 def builtin_path(name: str) -> Path:
-    """Directory of a model shipped inside the package (`builtin:NAME`)."""
-    p = BUILTIN_DIR / name
-    if not p.is_dir():
-        known = sorted(d.name for d in BUILTIN_DIR.iterdir() if d.is_dir()) if BUILTIN_DIR.is_dir() else []
+    """Directory of a model shipped inside the package (`builtin:NAME`: a plain name from the builtin folder)."""
+    known = sorted(d.name for d in BUILTIN_DIR.iterdir() if d.is_dir()) if BUILTIN_DIR.is_dir() else []
+    if name not in known:  # never a path: builtin:/etc and builtin:../x name no builtin model
         raise FlowmapError(f"unknown builtin model {name!r}; available: {', '.join(known) or 'none'}.")
-    return p
+    return BUILTIN_DIR / name
+
+
+def check_key_indices(sd: dict, what: str) -> None:
+    """Refuse keys whose numeric parts are implausible (`blocks.1000000000.x`) in one pass over the keys."""
+    from ..config import MAX_BLOCKS
+
+    for key in sd:
+        if not isinstance(key, str):
+            raise FlowmapError(f"{what} has a non-string key {key!r}; it is not a checkpoint of model weights.")
+        for part in key.split("."):
+            if part.isdigit() and (len(part) > 6 or int(part) >= MAX_BLOCKS):
+                raise FlowmapError(
+                    f"{what} has the key {key[:80]!r}, whose index {part[:12]} exceeds {MAX_BLOCKS - 1}; the file is damaged or not a supported model."
+                )
+
+
+def check_weights(model, what: str, allow_nonfinite: bool | None) -> None:
+    """NaN / Inf weights: refused unless allowed (None: a warning only); absurd magnitudes: a warning."""
+    from ..io import ABSURD, nonfinite_report
+
+    named = ((k[len("net.") :] if k.startswith("net.") else k, v) for k, v in model.state_dict().items())
+    bad, huge = nonfinite_report(named)  # names as in the checkpoint (no `net.`)
+    if bad:
+        names = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        if allow_nonfinite is False:
+            raise FlowmapError(
+                f"{what} has NaN or infinite weights in {names}; the checkpoint is damaged (pass --allow-nonfinite to convert it anyway)."
+            )
+        note(f"warning: {what} has NaN or infinite weights in {names}; its samples will be garbage")
+    if huge:
+        names = ", ".join(huge[:3]) + (f" (+{len(huge) - 3} more)" if len(huge) > 3 else "")
+        note(
+            f"warning: {what} has weights larger than {ABSURD:g} in magnitude ({names}); the checkpoint may be damaged"
+        )
 
 
 def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str, str]:
@@ -103,8 +136,19 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
 
 
 def load_source(source: str, **options):
-    """Resolve, read, detect and build any supported source; returns (FlowMap in canonical convention, provenance)."""
-    from ..io import is_model_dir, read_model_dir, sha256_file
+    """Resolve, read, detect and build any supported source; returns (FlowMap in canonical convention, provenance).
+
+    options["allow_nonfinite"]: False refuses NaN/Inf weights (convert), True or absent only warns.
+    "trust_pickle" in options marks a command that has the --trust-pickle flag (its hint is printed then only).
+    """
+    model, info = _load_source(source, **options)
+    check_weights(model, str(source), options.get("allow_nonfinite"))
+    return model, info
+
+
+def _load_source(source: str, **options):
+    from ..io import check_tensor_dtypes, is_model_dir, sha256_file
+    from ..model import read_model_dir
     from .checkpoint import WEIGHT_SUFFIXES, read_checkpoint
     from .sources import check_sha256, resolve
 
@@ -153,8 +197,13 @@ def load_source(source: str, **options):
         res.info.update(file=path.name, sha256=check_sha256(path, options.get("sha256")))
         res.name = path.name
     ckpt = read_checkpoint(
-        path, weights=options.get("weights") or "auto", trust_pickle=bool(options.get("trust_pickle"))
+        path,
+        weights=options.get("weights") or "auto",
+        trust_pickle=bool(options.get("trust_pickle")),
+        pickle_flag="trust_pickle" in options,
     )
+    check_key_indices(ckpt.state_dict, str(path))
+    check_tensor_dtypes(ckpt.state_dict, str(path))
     meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
     name, why = choose_family(ckpt.state_dict, meta, family)
     note(f"family {name} ({why}); weights: {ckpt.weights}{' (EMA)' if ckpt.weights == 'ema' else ''}")

@@ -65,8 +65,11 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 
-def load_file_object(path: str | Path, trust_pickle: bool = False) -> tuple[Any, str]:
-    """Read a checkpoint file into Python objects without running code from it; returns (object, format)."""
+def load_file_object(path: str | Path, trust_pickle: bool = False, pickle_flag: bool = True) -> tuple[Any, str]:
+    """Read a checkpoint file into Python objects without running code from it; returns (object, format).
+
+    `pickle_flag`: the calling command has --trust-pickle (otherwise the hint names `flowmap convert`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FlowmapError(f"checkpoint file {path} does not exist; check the path or the --filename.")
@@ -89,9 +92,13 @@ def load_file_object(path: str | Path, trust_pickle: bool = False) -> tuple[Any,
         msg = str(e)
         found = re.findall(r"GLOBAL ([\w.]+)", msg)
         if found and ("Unsupported global" in msg or "unsupported GLOBAL" in msg):
+            fix = (
+                "rerun with --trust-pickle (it runs code from the file)"
+                if pickle_flag
+                else f"convert it first with `flowmap convert {path} --trust-pickle --out DIR` (it runs code from the file) and use DIR"
+            )
             raise FlowmapError(
-                f"{path} is a pickle that needs {found[0]}, which safe loading does not allow; "
-                "if you trust the file's origin, rerun with --trust-pickle (it runs code from the file)."
+                f"{path} is a pickle that needs {found[0]}, which safe loading does not allow; if you trust the file's origin, {fix}."
             ) from None
         if isinstance(e, RuntimeError) and "zip archive" in msg or isinstance(e, (EOFError, zipfile.BadZipFile)):
             raise FlowmapError(
@@ -181,10 +188,12 @@ def select_weights(
     return strip_prefixes(obj[used]), used, args
 
 
-def read_checkpoint(path: str | Path, weights: str = "auto", trust_pickle: bool = False) -> Checkpoint:
+def read_checkpoint(
+    path: str | Path, weights: str = "auto", trust_pickle: bool = False, pickle_flag: bool = True
+) -> Checkpoint:
     """Read a checkpoint file safely and select its weights (`--weights auto` = EMA when present)."""
     path = Path(path)
-    obj, fmt = load_file_object(path, trust_pickle=trust_pickle)
+    obj, fmt = load_file_object(path, trust_pickle=trust_pickle, pickle_flag=pickle_flag)
     sd, used, args = select_weights(obj, weights, where=str(path))
     steps = obj.get("steps") if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else None
     return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt, steps=steps)

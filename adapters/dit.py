@@ -120,83 +120,67 @@ def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
 
 
 def dit_config(sd: dict, options: dict, diffusers_config: dict | None = None) -> ModelConfig:
-    """Architecture of a canonical-key DiT state dict (shapes decide; heads and input size from config/options)."""
-    from ..dit import heads_for_hidden
+    """Architecture of a canonical-key DiT state dict: dit_keys.infer_dit_config (the one DiT inference), then
+    the DiT specifics (DDPM epsilon convention, SD-VAE latents; diffusers: heads, classes and time shift from the
+    transformer config)."""
+    from .dit_keys import infer_dit_config
 
-    w = sd["x_embedder.proj.weight"]
-    d, c, p = w.shape[0], w.shape[1], w.shape[2]
-    n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / d
-    extra: dict = {}
+    options, args, extra = dict(options or {}), {}, {}
     if diffusers_config is not None:
-        heads = int(diffusers_config.get("num_attention_heads") or heads_for_hidden(d))
-        input_size = int(diffusers_config.get("sample_size") or 0)
-        num_classes = int(diffusers_config.get("num_embeds_ada_norm") or rows - 1)
+        if not options.get("num_heads") and diffusers_config.get("num_attention_heads"):
+            options["num_heads"] = diffusers_config["num_attention_heads"]
+        if diffusers_config.get("num_embeds_ada_norm"):
+            args["num_classes"] = diffusers_config["num_embeds_ada_norm"]
         extra = {
             "freq_shift": 1,
             "norm2_eps": float(diffusers_config.get("norm_eps", 1e-5)),
             "source_layout": "diffusers",
         }
-        if not input_size:
-            raise FlowmapError(
-                "the diffusers transformer config has no sample_size; add it to transformer/config.json."
-            )
-    else:
-        heads = heads_for_hidden(d)
-        input_size = int(round(sd["pos_embed"].shape[1] ** 0.5)) * p
-        num_classes = rows - 1 if rows > 1 else rows
-    heads = int(options.get("num_heads") or heads)
-    if d % heads:
-        raise FlowmapError(f"hidden size {d} is not divisible by {heads} heads; pass a valid --num-heads.")
-    if out_ch not in (c, 2 * c):
-        raise FlowmapError(
-            f"the DiT head has {out_ch} output channels for {c} input channels; expected {c} or {2 * c}."
-        )
+    fields = infer_dit_config(sd, options, args)
+    size, c = fields["input_size"], fields["in_channels"]
     latent = LatentSpace(
         kind="sd-vae",
         channels=c,
-        size=input_size,
+        size=size,
         image_channels=3,
-        image_size=input_size * 8,
+        image_size=size * 8,
         repo="stabilityai/sd-vae-ft-ema",
         scale=SD_VAE_SCALE,
     )
-    return ModelConfig(
-        arch="dit",
-        input_size=input_size,
-        in_channels=c,
-        patch_size=p,
-        hidden_size=d,
-        num_blocks=n,
-        num_heads=heads,
-        mlp_ratio=mlp_ratio,
-        num_classes=num_classes,
-        class_embed_rows=rows,
-        learn_sigma=out_ch == 2 * c,
-        time_convention="ddpm-eps",
-        conditioning="velocity",
-        extra=extra,
-        latent=latent,
-        sampling={"cfg_scale": 1.0},
+    fields.update(
+        time_convention="ddpm-eps", conditioning="velocity", extra=extra, latent=latent, sampling={"cfg_scale": 1.0}
     )
+    return ModelConfig(**fields)
+
+
+def with_pos_embed(sd: dict, diffusers_config: dict | None) -> dict:
+    """Diffusers weights lack `pos_embed`: a fixed sin-cos table of the config's sample_size (same formula, §1.4)."""
+    from ..layers import sincos_pos_embed_2d
+
+    if "pos_embed" in sd or diffusers_config is None:
+        return sd
+    size = diffusers_config.get("sample_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise FlowmapError("the diffusers transformer config has no sample_size; add it to transformer/config.json.")
+    w = sd.get("x_embedder.proj.weight")
+    if w is None or w.dim() != 4 or w.shape[2] < 1 or size % int(w.shape[2]):
+        raise FlowmapError(
+            "the diffusers DiT weights have no usable patch embedding for its sample_size; re-download the repo."
+        )
+    table = sincos_pos_embed_2d(int(w.shape[0]), size // int(w.shape[2]))
+    return {**sd, "pos_embed": torch.from_numpy(table).float().unsqueeze(0)}
 
 
 def build_dit(sd: dict, options: dict, diffusers_config: dict | None = None):
     """FlowMap over a canonical-key DiT state dict, loaded strictly (pos_embed rebuilt for diffusers weights)."""
-    from ..layers import sincos_pos_embed_2d
     from .dit_keys import build_and_load
 
+    sd = with_pos_embed(dict(sd), diffusers_config)
     cfg = dit_config(sd, options, diffusers_config)
     latent_repo = options.get("vae_repo")
     if latent_repo:
         sub = {"subfolder": latent_repo[1]} if latent_repo[1] else {}
         cfg = cfg.replace(latent=dataclasses.replace(cfg.latent, repo=latent_repo[0], extra=sub))
-    sd = dict(sd)
-    if "pos_embed" not in sd:  # diffusers: a fixed sin-cos table, identical formula
-        table = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)
-        sd["pos_embed"] = torch.from_numpy(table).float().unsqueeze(0)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     return build_and_load(fields, sd, options.get("what", "the DiT checkpoint"))
 

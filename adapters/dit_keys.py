@@ -34,12 +34,37 @@ def has_dit_keys(sd: dict[str, torch.Tensor]) -> bool:
     return all(k in sd for k in REQUIRED) and any(BLOCK_RE.match(k) or k.startswith("decoder_blocks.") for k in sd)
 
 
-def num_blocks(sd: dict[str, torch.Tensor]) -> int:
-    """1 + the largest `blocks.{i}` index."""
-    idx = [int(m.group(1)) for k in sd if (m := BLOCK_RE.match(k))]
+def block_count(sd: dict, pattern: re.Pattern = BLOCK_RE, what: str = "blocks") -> int:
+    """Number of blocks named by `pattern` (group 1 = index), in one pass over the keys.
+
+    Indices must run 0..N-1 without gaps and N <= MAX_BLOCKS; anything else is a damaged or foreign file.
+    """
+    from ..config import MAX_BLOCKS
+
+    idx = set()
+    for k in sd:
+        m = pattern.match(k)
+        if m:
+            text = m.group(1)
+            if len(text) > 6 or int(text) >= MAX_BLOCKS:
+                raise FlowmapError(
+                    f"the checkpoint has the key {k[:80]!r}: more than {MAX_BLOCKS} {what} is not a plausible model; the file is damaged."
+                )
+            idx.add(int(text))
     if not idx:
-        raise FlowmapError("the checkpoint has no `blocks.{i}` keys; it is not a DiT-style model (check --family).")
-    return max(idx) + 1
+        raise FlowmapError(f"the checkpoint has no `{what}.{{i}}` keys; it is not a DiT-style model (check --family).")
+    n = max(idx) + 1
+    if len(idx) != n:
+        gaps = sorted(set(range(n)) - idx)
+        raise FlowmapError(
+            f"the checkpoint's {what} indices are not contiguous from 0 (missing {', '.join(map(str, gaps[:4]))}{' ...' if len(gaps) > 4 else ''} below {n - 1}); the file is damaged or holds stray keys."
+        )
+    return n
+
+
+def num_blocks(sd: dict[str, torch.Tensor]) -> int:
+    """1 + the largest `blocks.{i}` index (indices contiguous from 0, at most MAX_BLOCKS)."""
+    return block_count(sd)
 
 
 def is_learn_sigma(sd: dict[str, torch.Tensor]) -> bool:
@@ -58,7 +83,10 @@ def heads_from_args(args: dict[str, Any]) -> int | None:
 def infer_dit_config(
     sd: dict[str, torch.Tensor], options: dict[str, Any], args: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """ModelConfig fields of a DiT-style state dict (already renamed to `blocks.{i}` and stripped of extras)."""
+    """ModelConfig fields of a DiT-style state dict (already renamed to `blocks.{i}` and stripped of extras).
+
+    The one DiT architecture inference: DiT, SiT, REPA, DMF and diffusers DiT (after renaming) all use it.
+    """
     missing = [k for k in REQUIRED if k not in sd]
     if missing:
         raise FlowmapError(
@@ -71,6 +99,10 @@ def infer_dit_config(
             f"x_embedder.proj.weight has shape {tuple(w.shape)}, not [D, C, p, p]; the checkpoint is not a DiT-style model."
         )
     hidden, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    if sd["pos_embed"].dim() < 2 or sd["final_layer.linear.weight"].dim() != 2:
+        raise FlowmapError("pos_embed or final_layer.linear.weight has the wrong rank; the checkpoint is damaged.")
+    if sd["y_embedder.embedding_table.weight"].dim() != 2:
+        raise FlowmapError("y_embedder.embedding_table.weight is not a matrix; the checkpoint is damaged.")
     tokens = int(sd["pos_embed"].shape[-2])
     grid = int(round(tokens**0.5))
     if grid * grid != tokens:
@@ -91,10 +123,11 @@ def infer_dit_config(
     rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
     # The class table has K + 1 rows when a null label exists (class dropout > 0, docs/checkpoints.md); training
     # args name K when present, otherwise the standard layout (null row last) is assumed.
-    num_classes = int(args.get("num_classes", rows - 1) or rows - 1)
-    if num_classes not in (rows, rows - 1):
+    num_classes = args.get("num_classes", rows - 1) or rows - 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes not in (rows, rows - 1):
         num_classes = rows - 1
-    mlp_hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in sd else 4 * hidden
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    mlp_hidden = int(fc1.shape[0]) if fc1 is not None and fc1.dim() >= 1 else 4 * hidden
     if "blocks.0.attn.q_norm.scale" in sd:
         qk_norm = "rms"  # DMF RMSNorm (param `scale`)
     elif "blocks.0.attn.q_norm.weight" in sd:
@@ -105,10 +138,10 @@ def infer_dit_config(
     norm_width = None
     for key in ("blocks.0.attn.q_norm.scale", "blocks.0.attn.q_norm.weight"):
         if key in sd:
-            norm_width = int(sd[key].shape[0])  # the head dimension hd = D / H
+            norm_width = int(sd[key].shape[0]) if sd[key].dim() >= 1 else 0  # the head dimension hd = D / H
     if heads is None:
         if norm_width:
-            heads = hidden // norm_width  # the QK-norm weight has one entry per head dimension
+            heads = max(1, hidden // norm_width)  # the QK-norm weight has one entry per head dimension
         elif heads_from_args(args):
             heads = heads_from_args(args)
         else:
@@ -117,10 +150,12 @@ def infer_dit_config(
                 note(
                     f"hidden size {hidden} is not a standard DiT size: assuming {heads} heads of 64; pass --num-heads if that is wrong"
                 )
-    heads = int(heads)
-    if heads < 1 or hidden % heads:
+    from ..validate import int_in_range
+
+    heads = int_in_range("--num-heads", heads, 1, 4096)
+    if hidden < 1 or hidden % heads:
         raise FlowmapError(
-            f"--num-heads {heads} does not divide the hidden size {hidden}; pass a head count that does."
+            f"--num-heads {heads} does not divide the hidden size {hidden} (not divisible); pass a head count that does."
         )
     if norm_width is not None and hidden // heads != norm_width:
         raise FlowmapError(
@@ -196,8 +231,9 @@ def build_and_load(cfg_fields: dict[str, Any], sd: dict[str, torch.Tensor], what
     cfg = ModelConfig(**cfg_fields)
     with torch.device("meta"):
         model = FlowMap(cfg)
-    names = {k[len("net.") :] if k.startswith("net.") else k: k for k in model.state_dict()}
-    check_keys_and_shapes(sd, {c: model.state_dict()[k].shape for c, k in names.items()}, what)
+    own = model.state_dict()  # once: rebuilding it per key made loading quadratic in the number of tensors
+    names = {k[len("net.") :] if k.startswith("net.") else k: k for k in own}
+    check_keys_and_shapes(sd, {c: own[k].shape for c, k in names.items()}, what)
     state = {names[k]: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}  # fp32 on load
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a non-persistent buffer stayed unmaterialised

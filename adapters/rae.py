@@ -63,7 +63,9 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
     d_d = sd["x_embedder.proj.weight"].shape[0]
     if p != 1:
         raise FlowmapError(f"this DiT^DH has patch size {p}; flowmap supports RAE's released patch size 1.")
-    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
+    from .dit_keys import block_count  # indices contiguous from 0 and plausible, one pass (issue 13)
+
+    blocks = list(range(block_count(sd)))
     width = lambda i: sd[f"blocks.{i}.adaLN_modulation.1.weight"].shape[1]  # noqa: E731
     if d_e != d_d:
         n_e = sum(1 for i in blocks if width(i) == d_e)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
+from ..config import MAX_BLOCKS
 from ..errors import FlowmapError
+from ..validate import int_in_range
 from . import note, register
 from .dit_keys import (
     build_and_load,
@@ -68,7 +70,7 @@ class RepaFamily:
         check_linear_velocity(args, "REPA")
         sd = drop_projectors(sd)
         enc = options.get("encoder_depth") or args.get("encoder_depth")
-        sd = rename_legacy(sd, int(enc) if enc is not None else None)
+        sd = rename_legacy(sd, int_in_range("encoder_depth", enc, 1, MAX_BLOCKS) if enc is not None else None)
         fields = infer_dit_config(sd, options, args)
         if fields["learn_sigma"]:
             raise FlowmapError(

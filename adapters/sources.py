@@ -9,6 +9,12 @@ Accepted sources, tried in this order:
 
 Hub and URL failures become one-sentence FlowmapErrors naming the fix. `HF_HUB_OFFLINE=1` (or `FLOWMAP_OFFLINE=1`)
 reads only what is cached.
+
+URL downloads are bounded: at most the Content-Length the server announces, and never more than
+$FLOWMAP_MAX_DOWNLOAD_GB gigabytes (default 64; the largest released checkpoints are under 10 GB). A body shorter
+than its Content-Length, or whose sha256 differs from --sha256 / the alias table, is deleted and never cached;
+redirects may not leave https. The body goes to `.NAME.<pid>.<random>.part` in the cache, removed on any error,
+Ctrl-C or SIGTERM; a `.part` left by a killed process (dead pid) is removed by the next download of that file.
 """
 
 from __future__ import annotations
@@ -17,15 +23,18 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import FlowmapError
-from ..io import sha256_file
+from ..io import clean_stale, sha256_file, write_text_atomic
 from . import note
 from .checkpoint import WEIGHT_SUFFIXES
 
@@ -33,6 +42,7 @@ ALIASES_FILE = Path(__file__).with_name("aliases.json")
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 TRUE = ("1", "on", "yes", "true")
+DEFAULT_MAX_DOWNLOAD_GB = 64.0
 
 
 @dataclass
@@ -397,10 +407,53 @@ def _http_allowed(allow_http: bool | None) -> bool:
     return os.environ.get("FLOWMAP_ALLOW_HTTP", "").strip().lower() in TRUE
 
 
+def max_download_bytes() -> int:
+    """The download size cap: $FLOWMAP_MAX_DOWNLOAD_GB gigabytes (decimal), default DEFAULT_MAX_DOWNLOAD_GB."""
+    from ..validate import finite_float
+
+    text = os.environ.get("FLOWMAP_MAX_DOWNLOAD_GB", "").strip()
+    gb = finite_float("FLOWMAP_MAX_DOWNLOAD_GB", text, 0, lo_open=True) if text else DEFAULT_MAX_DOWNLOAD_GB
+    return max(1, int(gb * 1e9))
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to the same or a stronger scheme (https -> http is refused), at most 10."""
+
+    max_redirections = 10
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urlparse(req.full_url).scheme, urlparse(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise FlowmapError(f"{req.full_url} redirects to {new}:// ({newurl[:80]}); refusing to leave https.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _TermAsInterrupt:
+    """While downloading in the main thread, SIGTERM raises KeyboardInterrupt so the `.part` file is removed."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.old = signal.signal(signal.SIGTERM, self._raise)
+            except (ValueError, OSError):
+                self.old = None
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
+
+
 def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allow_http: bool | None = None) -> Path:
-    """Download `url` once into the URL cache (atomically, sha256 recorded and checked); returns the file."""
+    """Download `url` once into the URL cache (bounded, atomically, sha256 recorded and checked); returns the file."""
+    import http.client
     import urllib.error
-    import urllib.request
 
     parsed = urlparse(url)
     if parsed.scheme == "http":
@@ -408,6 +461,9 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
             raise FlowmapError(f"refusing plain-http download {url}; use an https:// URL.")
     elif parsed.scheme != "https":
         raise FlowmapError(f"unsupported URL scheme {parsed.scheme!r} in {url}; use an https:// URL or a local path.")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+        raise FlowmapError(f"--sha256 {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
+    cap = max_download_bytes()
     cache = url_cache_dir()
     target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name or _url_name(url)}"
     side = target.with_name(target.name + ".sha256")
@@ -422,36 +478,56 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
         )
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=cache)
+        clean_stale(cache, target.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=cache)
     except OSError as e:
         raise FlowmapError(
             f"cannot write to the download cache {cache} ({e.strerror}); set FLOWMAP_CACHE to a writable directory."
         ) from None
     tmp = Path(tmp_name)
     h = hashlib.sha256()
+    got = 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        with _TermAsInterrupt(), os.fdopen(fd, "wb") as out:
             req = urllib.request.Request(url, headers={"User-Agent": "flowmap-convert"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                total = int(resp.headers.get("Content-Length") or 0)
-                with _progress(target.name, total) as advance:
-                    while block := resp.read(1 << 20):
+            opener = urllib.request.build_opener(_NoDowngrade())
+            with opener.open(req, timeout=60) as resp:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.strip().isdigit() else None
+                if total is not None and total > cap:
+                    raise FlowmapError(
+                        f"{url} is {total / 1e9:.3g} GB, over the download limit of {cap / 1e9:.3g} GB; raise FLOWMAP_MAX_DOWNLOAD_GB if you meant it."
+                    )
+                limit = total if total is not None else cap
+                with _progress(target.name, total or 0) as advance:
+                    while block := resp.read(min(1 << 20, limit - got + 1)):
+                        got += len(block)
+                        if got > limit:
+                            raise FlowmapError(
+                                f"{url} sent more than {limit / 1e9:.3g} GB (the download limit); raise FLOWMAP_MAX_DOWNLOAD_GB if you meant it."
+                            )
                         out.write(block)
                         h.update(block)
                         advance(len(block))
+                if total is not None and got != total:
+                    raise FlowmapError(
+                        f"the download of {url} stopped after {got} of {total} bytes; it was deleted, try again."
+                    )
         digest = h.hexdigest()
         if sha256 and digest != sha256.strip().lower():
             raise FlowmapError(
                 f"the download of {url} has sha256 {digest}, not the expected {sha256}; it was deleted (check --sha256 or the URL)."
             )
         os.replace(tmp, target)
-        side.write_text(f"{digest}  {url}\n")
+        write_text_atomic(side, f"{digest}  {url}\n")
         note(f"downloaded {url} -> {target} (sha256 {digest})")
         return target
     except urllib.error.HTTPError as e:
         raise FlowmapError(f"the server answered {e.code} for {url}; check the URL.") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
+        if isinstance(reason, FlowmapError):
+            raise reason from None
         raise FlowmapError(
             f"cannot download {url} ({reason}); check the network, or download the file yourself and pass its path."
         ) from None

@@ -16,9 +16,13 @@ def load(source: str, **options):
 
 
 def convert(source: str, depth: int | None = None, **options):
-    """Load `source` and rewire it as a decoupled flow map split at `depth` (default: config.default_depth)."""
+    """Load `source` and rewire it as a decoupled flow map split at `depth` (default: config.default_depth).
+
+    NaN / Inf weights are refused unless `allow_nonfinite=True` (`load` only warns about them).
+    """
     from .adapters import load_source
 
+    options.setdefault("allow_nonfinite", False)
     model, info = load_source(str(source), depth=depth, **options)
     n = model.config.num_blocks
     if model.config.conditioning == "meanflow":

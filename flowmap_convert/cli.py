@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +52,10 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except FlowmapError as e:
             fail(str(e))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+                raise
+            fail(f"cannot write ({e.strerror}); free some disk space or write to another location.")
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
@@ -56,20 +63,11 @@ def guarded(fn):
     return wrapper
 
 
-def check_out_dir(out: Path) -> None:
-    """An --out whose nearest existing ancestor is not a directory, or that is a non-flowmap directory, fails now."""
-    from .io import replaceable_output
+def check_out_dir(out: Path, kind: str = "model", *, force: bool = False, sources=()) -> Path:
+    """Fail now, before a long download or conversion, if --out may not be written (rules: flowmap_convert.io)."""
+    from .io import check_output
 
-    probe = Path(out).absolute()
-    if probe.exists() and not replaceable_output(probe):
-        raise FlowmapError(f"{out} exists and is not a flowmap output; remove it or choose another --out.")
-    parent = probe.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise FlowmapError(
-            f"cannot write to {out} ({parent} is a file, not a directory); choose a writable --out directory."
-        )
+    return check_output(out, kind, force=force, sources=sources)
 
 
 def source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256) -> dict:
@@ -114,6 +112,13 @@ def convert(
             help="REPA legacy checkpoints only: blocks before `decoder_blocks.0` (default: from the training args).",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace --out even if it is not a flowmap model output (never the source)."),
+    ] = False,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="Convert even if some weights are NaN or infinite.")
+    ] = False,
 ):
     """Convert a pretrained flow model into a decoupled flow map and export it.
 
@@ -130,14 +135,28 @@ def convert(
       flowmap convert https://example.org/model.safetensors --sha256 <hex> --depth 8
     """
     from .api import convert as convert_fn
+    from .config import MAX_BLOCKS
     from .io import export
+    from .validate import int_in_range
 
-    check_out_dir(out)  # fail before a long download/conversion, not after
+    # every number and the output first: a bad value costs nothing and leaves nothing behind
+    if depth is not None:
+        int_in_range("--depth", depth, 1, MAX_BLOCKS)
+    if num_heads is not None:
+        int_in_range("--num-heads", num_heads, 1, 4096)
+    if encoder_depth is not None:
+        int_in_range("--encoder-depth", encoder_depth, 1, MAX_BLOCKS)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+        raise FlowmapError(f"--sha256 {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
+    if (weights or "auto").lower() not in ("auto", "ema", "model"):
+        raise FlowmapError(f"--weights {weights!r} is not one of auto, ema, model; pass one of them.")
+    check_out_dir(out, "model", force=force, sources=(source,))
     opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
+    opts["allow_nonfinite"] = allow_nonfinite
     if encoder_depth is not None:
         opts["encoder_depth"] = encoder_depth
     model = convert_fn(source, depth=depth, **opts)
-    export(model, out)
+    export(model, out, force=force, sources=(source,))
     cfg, prov = model.config, model.config.provenance
     lines = [
         f"family      {prov.get('family', '?')}",
@@ -270,7 +289,7 @@ def sample(
     )
     chunk = int_in_range("--chunk-size", chunk_size, 1, MAX_SAMPLES)
     choose_threads(threads)  # --threads checked before any work
-    check_out_dir(out)
+    check_out_dir(out, "samples", sources=(model,) if model else ())  # never the model read or a user's folder
     main_rank = os.environ.get("RANK", "0") in ("", "0")  # under torchrun, only rank 0 prints notes
     if model is None:
         net, name = default_sample_model()
@@ -300,8 +319,31 @@ app.command(name="encode")(guarded(encode_cmd))
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors (a bad option value) are one line too, exit code 2."""
+    try:  # typer >= 0.24 vendors click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover - older typer on plain click
+        from click import exceptions as click_exceptions
+
+    try:
+        rc = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click_exceptions.UsageError as e:
+        ctx = e.ctx
+        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+        err_console.print(
+            f"[bold red]error:[/] {e.format_message()} (see `flowmap{command} --help`)", highlight=False, soft_wrap=True
+        )
+        sys.exit(2)
+    except click_exceptions.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

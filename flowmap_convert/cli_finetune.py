@@ -291,19 +291,18 @@ def encode_cmd(
 
     from .api import load
     from .finetuning.data import encode_images, list_image_folder, load_images
-    from .io import atomic_dir
+    from .io import atomic_dir, check_output
 
     if not images_dir.is_dir():
         raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")
-    if out.exists():
-        raise FlowmapError(f"{out} already exists; remove it or choose another --out.")
+    check_output(out, "encode", sources=(images_dir, model))  # safety: only our own encode output is replaced
     if shard_size < 1 or batch_size < 1:
         raise FlowmapError("--shard-size and --batch-size must be positive.")
     latent = load(model).config.latent
     files, labels, classes = list_image_folder(images_dir)
     if not files:
         raise FlowmapError(f"{images_dir} has no images in class sub-folders (e.g. {images_dir}/cat/001.png).")
-    with atomic_dir(out, overwrite=False) as tmp:
+    with atomic_dir(out, "encode", sources=(images_dir, model)) as tmp:
         for s, i0 in enumerate(range(0, len(files), shard_size)):
             chunk = files[i0 : i0 + shard_size]
             z = encode_images(load_images(chunk, latent.image_size, latent.image_channels), latent, device, batch_size)

@@ -3,10 +3,62 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FlowmapError
+
+LATENT_KINDS = ("identity", "sd-vae", "rae")
+QK_NORMS = ("none", "rms", "layernorm")
+MAX_BLOCKS = 1024  # no transformer flowmap reads comes near; a larger count is a damaged or hostile file
+# Plausible ranges of the size fields (a config.json outside them is damaged, not a bigger model).
+INT_RANGES = {
+    "input_size": (1, 4096),
+    "in_channels": (1, 4096),
+    "patch_size": (1, 256),
+    "hidden_size": (1, 65536),
+    "num_blocks": (1, MAX_BLOCKS),
+    "num_heads": (1, 4096),
+    "num_classes": (0, 10_000_000),
+    "class_embed_rows": (1, 10_000_001),
+}
+LATENT_INT_RANGES = {"channels": (1, 4096), "size": (1, 4096), "image_channels": (1, 64), "image_size": (1, 65536)}
+NUMERIC_SAMPLING = ("shift", "cfg_scale", "gamma", "nfe", "guidance_low", "guidance_high")
+
+
+def _where(where: str | None) -> str:
+    return where or "config.json"
+
+
+def _int_field(name: str, value: Any, lo: int, hi: int, where: str | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FlowmapError(f"{_where(where)}: {name} must be an integer, got {value!r}; re-export the model.")
+    if not lo <= value <= hi:
+        raise FlowmapError(f"{_where(where)}: {name} = {value} is outside [{lo}, {hi}]; the file is damaged.")
+
+
+def _float_field(name: str, value: Any, where: str | None, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and not 0 < value <= 1e6):
+        what = "a positive finite number" if positive else "a finite number"
+        raise FlowmapError(f"{_where(where)}: {name} must be {what}, got {value!r}; re-export the model.")
+
+
+def _check_latent(latent: Any, where: str | None) -> None:
+    if not isinstance(latent, LatentSpace):
+        raise FlowmapError(f"{_where(where)}: latent must be an object, got {latent!r}; re-export the model.")
+    if latent.kind not in LATENT_KINDS:
+        raise FlowmapError(f"{_where(where)}: latent.kind {latent.kind!r} is not one of {', '.join(LATENT_KINDS)}.")
+    for name, (lo, hi) in LATENT_INT_RANGES.items():
+        _int_field(f"latent.{name}", getattr(latent, name), lo, hi, where)
+    _float_field("latent.scale", latent.scale, where)
+    _float_field("latent.bias", latent.bias, where)
+    if latent.repo is not None and not isinstance(latent.repo, str):
+        raise FlowmapError(f"{_where(where)}: latent.repo must be a string or null, got {latent.repo!r}.")
+    if not isinstance(latent.extra, dict):
+        raise FlowmapError(f"{_where(where)}: latent.extra must be an object, got {latent.extra!r}.")
+
 
 # Every convention a source can speak; adapters pick one, the model translates at its boundary (docs/conventions.md).
 TIME_CONVENTIONS = (
@@ -66,6 +118,35 @@ class ModelConfig:
     sampling: dict[str, Any] = field(default_factory=dict)  # default sampler settings (shift, cfg, nfe)
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str | None = None) -> None:
+        """Types and plausible ranges of every field; one FlowmapError naming the field otherwise."""
+        if not isinstance(self.arch, str):
+            raise FlowmapError(f"{_where(where)}: arch must be a string, got {self.arch!r}.")
+        for name, (lo, hi) in INT_RANGES.items():
+            _int_field(name, getattr(self, name), lo, hi, where)
+        _float_field("mlp_ratio", self.mlp_ratio, where, positive=True)
+        if self.hidden_size % self.num_heads:
+            raise FlowmapError(
+                f"{_where(where)}: num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}."
+            )
+        if self.patch_size > self.input_size:
+            raise FlowmapError(f"{_where(where)}: patch_size {self.patch_size} exceeds input_size {self.input_size}.")
+        for name in ("learn_sigma", "logvar"):
+            if not isinstance(getattr(self, name), bool):
+                raise FlowmapError(f"{_where(where)}: {name} must be true or false, got {getattr(self, name)!r}.")
+        if self.qk_norm not in QK_NORMS:
+            raise FlowmapError(f"{_where(where)}: qk_norm {self.qk_norm!r} is not one of {', '.join(QK_NORMS)}.")
+        for name in ("extra", "provenance", "training", "sampling"):
+            if not isinstance(getattr(self, name), dict):
+                raise FlowmapError(f"{_where(where)}: {name} must be an object, got {getattr(self, name)!r}.")
+        for name in NUMERIC_SAMPLING:
+            if name in self.sampling:
+                _float_field(f"sampling.{name}", self.sampling[name], where)
+        _check_latent(self.latent, where)
+        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, int)):
+            raise FlowmapError(f"{_where(where)}: depth must be an integer or null, got {self.depth!r}.")
         if self.time_convention not in TIME_CONVENTIONS:
             raise FlowmapError(f"unknown time convention {self.time_convention!r}; expected one of {TIME_CONVENTIONS}.")
         if self.conditioning not in CONDITIONINGS:
@@ -82,21 +163,36 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Rebuild from config.json content; unknown keys are a user error naming them."""
+    def from_dict(cls, data: dict[str, Any], where: str | None = None) -> ModelConfig:
+        """Rebuild from config.json content; unknown keys, wrong types and absurd sizes are one error each."""
+        if not isinstance(data, dict):
+            raise FlowmapError(
+                f"{_where(where)} holds a JSON {type(data).__name__}, not an object; re-export the model."
+            )
         data = dict(data)
         data.pop("flowmap_format", None)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(map(str, set(data) - names))
         if unknown:
             raise FlowmapError(
-                f"config.json has unknown fields {unknown}; it was written by a newer flowmap, upgrade with `pip install -U flowmap-convert`."
+                f"{_where(where)} has unknown fields {unknown}; it was written by a newer flowmap, upgrade with `pip install -U flowmap-convert`."
             )
-        latent = data.get("latent") or {}
-        if isinstance(latent, dict):
-            lnames = {f.name for f in dataclasses.fields(LatentSpace)}
-            data["latent"] = LatentSpace(**{k: v for k, v in latent.items() if k in lnames})
-        return cls(**data)
+        latent = data.get("latent", {})
+        if not isinstance(latent, dict):
+            raise FlowmapError(f"{_where(where)}: latent must be an object, got {latent!r}; re-export the model.")
+        lnames = {f.name for f in dataclasses.fields(LatentSpace)}
+        data["latent"] = LatentSpace(**{k: v for k, v in latent.items() if k in lnames})
+        try:
+            cfg = cls.__new__(cls)
+            for f in dataclasses.fields(cls):  # fill without __post_init__, then validate with the file's name
+                value = data[f.name] if f.name in data else dataclasses.MISSING
+                if value is dataclasses.MISSING:
+                    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                object.__setattr__(cfg, f.name, value)
+        except TypeError as e:
+            raise FlowmapError(f"{_where(where)} is not a flowmap config ({e}); re-export the model.") from None
+        cfg.validate(where)
+        return cfg
 
     @property
     def out_channels(self) -> int:

@@ -82,11 +82,11 @@ def _disk_error(e: OSError, out) -> FlowmapError:
 
 
 def write_samples(
-    images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False, labels=None
+    images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False, labels=None, sources=()
 ) -> Path:
     """Write an output directory of samples; nothing is left behind if writing fails."""
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "samples", sources=sources) as tmp:
             if png:
                 for i, img in enumerate(images):
                     to_pil(img).save(tmp / f"{i:06d}.png")

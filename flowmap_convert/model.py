@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import ModelConfig, check_depth
 from .errors import FlowmapError
+from .io import load_canonical_state_dict, read_model_files, write_model_dir
 from .layers import timestep_embedding
 
 
@@ -195,14 +196,39 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
 
     # ------------------------------------------------------------------ hub mixin
     def _save_pretrained(self, save_directory) -> None:
-        from .io import write_model_dir
-
         write_model_dir(self, save_directory)
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token, **kwargs):
-        from .io import load_model
+        from pathlib import Path
 
-        return load_model(
-            model_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-        )
+        if not Path(model_id).is_dir():
+            from huggingface_hub import snapshot_download
+
+            model_id = snapshot_download(
+                model_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=["config.json", "model.safetensors", "README.md"],
+            )
+        return read_model_dir(model_id)
+
+
+def read_model_dir(directory) -> FlowMap:
+    """Rebuild a FlowMap from an exported directory, strictly (io.read_model_files reads and checks the files).
+
+    The module is built on the meta device and the file's tensors are assigned into it after the key/shape check,
+    so a config.json with absurd sizes costs nothing unless the weights file really holds that many numbers.
+    """
+    cfg, sd = read_model_files(directory)
+    what = f"{directory}/model.safetensors"
+    with torch.device("meta"):
+        model = FlowMap(cfg)
+    load_canonical_state_dict(model, {k: v.float() for k, v in sd.items()}, what, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a non-persistent buffer stayed on meta
+        model = FlowMap(cfg)
+        load_canonical_state_dict(model, sd, what)
+    return model.eval()

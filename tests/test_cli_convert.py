@@ -41,7 +41,12 @@ def test_convert_export_load_sample_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr
     for word in ("family      repa", "depth       3 of 4", "weights     ema", "sha256"):
         assert word in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".flowmap-output.json",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["depth"] == 3 and cfg["provenance"]["family"] == "repa" and cfg["provenance"]["weights"] == "ema"
     import flowmap_convert as fm
@@ -76,7 +81,7 @@ def files(tmp_path):
 
 CASES = {
     "unknown source": (["not a source"], "cannot understand the source"),
-    "depth 0": (["{good}", "--depth", "0", "--num-heads", "4"], "depth 0 is out of range.*from 1 to 4"),
+    "depth 0": (["{good}", "--depth", "0", "--num-heads", "4"], r"--depth must be an integer in \[1, 1024\], got 0"),
     "depth > N": (["{good}", "--depth", "5", "--num-heads", "4"], "depth 5 is out of range"),
     "missing file": (["{tmp}/missing.pt"], "no such file"),
     "corrupt safetensors": (["{corrupt}"], "not a readable safetensors file"),

@@ -112,7 +112,8 @@ def test_builtin_model_loads_small_and_is_a_base_sit():
 
 @pytest.mark.parametrize("depth", [2, 4])
 def test_converted_builtin_r_equals_t_after_reload(depth, tmp_path):
-    from flowmap_convert.io import export, read_model_dir
+    from flowmap_convert.io import export
+    from flowmap_convert.model import read_model_dir
 
     base = fm.load("builtin:digits-sit")
     out = export(fm.convert("builtin:digits-sit", depth=depth), tmp_path / f"d{depth}")

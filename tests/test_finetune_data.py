@@ -124,6 +124,7 @@ def test_encode_image_folder_round_trip(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == [
+        ".flowmap-output.json",  # the output marker (flowmap_convert.io)
         "meta.json",
         "shard-00000.safetensors",
         "shard-00001.safetensors",

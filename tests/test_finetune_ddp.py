@@ -56,8 +56,8 @@ def finetune_cmd(tmp_path, out, procs, grad_accum):
 
 
 def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch(tmp_path):
-    from flowmap_convert.io import export, is_model_dir, read_model_dir
-    from flowmap_convert.model import FlowMap
+    from flowmap_convert.io import export, is_model_dir
+    from flowmap_convert.model import FlowMap, read_model_dir
 
     torch.manual_seed(0)
     export(randomize(FlowMap(tiny_config(num_blocks=2))), tmp_path / "base")

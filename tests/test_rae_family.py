@@ -178,7 +178,8 @@ def test_rae_loading_is_strict():
 
 
 def test_rae_export_round_trip(tmp_path):
-    from flowmap_convert.io import export, read_model_dir
+    from flowmap_convert.io import export
+    from flowmap_convert.model import read_model_dir
 
     model = FAMILIES["rae"].build(ddt_state_dict(seed=7), {}).with_depth(2)
     export(model, tmp_path / "m")

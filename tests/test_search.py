@@ -81,7 +81,7 @@ def test_halving_prunes_and_spends_more_on_survivors(tiny_model):
 
 
 def test_write_best_exports_the_chosen_depth(tiny_model, tmp_path):
-    from flowmap_convert.io import read_model_dir
+    from flowmap_convert.model import read_model_dir
 
     report = search_depth(
         tiny_model, depths=[1, 4], nfe=[1, 2], num_samples=16, write_best=tmp_path / "best", best_for_nfe=2, **SMALL
