@@ -10,7 +10,6 @@ filesystem (one node, or a shared disk).
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import FlowmapError
-from .io import atomic_dir, atomic_file
+from .io import atomic_dir, atomic_file, write_error
 from .sampling import UINT8_FORMULA, SampleSettings
 
 DEFAULT_CHUNK = 1000
@@ -73,14 +72,6 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
-def _disk_error(e: OSError, out) -> FlowmapError:
-    """One line for a failed write (disk full, read-only, permissions)."""
-    why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return FlowmapError(
-        f"cannot write samples to {out} ({why}); nothing was written: free space or choose another --out."
-    )
-
-
 def write_samples(
     images: np.ndarray, out: str | Path, meta: dict, png: bool = True, npz: bool = False, labels=None, sources=()
 ) -> Path:
@@ -99,7 +90,7 @@ def write_samples(
             meta = {**meta, "uint8_formula": UINT8_FORMULA, "shape": list(images.shape)}
             (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as e:
-        raise _disk_error(e, out) from None
+        raise write_error(out, e) from None
     return Path(out)
 
 
@@ -209,7 +200,7 @@ def run_sampling(
             return None
         images = np.concatenate([np.load(_chunk_path(part, k))["images"] for k in range(n_chunks)])
     except OSError as e:
-        raise _disk_error(e, out) from None
+        raise write_error(out, e) from None
     full_meta = {**(meta or {}), **sampler.settings.to_dict(), "num_samples": num_samples}
     full_meta["classes"] = labels.tolist()
     write_samples(images, out, full_meta, png=png, npz=npz, labels=labels.tolist())

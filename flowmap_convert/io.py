@@ -105,12 +105,15 @@ def clean_stale(directory: str | os.PathLike, name: str) -> list[Path]:
     return removed
 
 
-def _os_error(out, e: OSError) -> FlowmapError:
-    """One sentence for a failed write (disk full, file too large, permissions...)."""
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def write_error(out, e: OSError, then: str = "") -> FlowmapError:
+    """The one sentence for a failed write (disk full, file too large, permissions...); `then` adds a next step."""
     reason = e.strerror or str(e)
-    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return FlowmapError(f"cannot write {out} ({reason}); free some disk space or choose another --out.")
-    return FlowmapError(f"cannot write {out} ({reason}); choose a writable --out directory.")
+    if e.errno in DISK_FULL_ERRNOS:
+        return FlowmapError(f"cannot write {out} ({reason}); free some disk space or choose another --out{then}.")
+    return FlowmapError(f"cannot write {out} ({reason}); choose a writable --out directory{then}.")
 
 
 def _files_under(directory: Path) -> list[str]:
@@ -255,7 +258,7 @@ def atomic_dir(out: str | os.PathLike, kind: str, *, force: bool = False, source
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the final directory should get the usual permissions
     except OSError as e:
-        raise _os_error(out, e) from None
+        raise write_error(out, e) from None
     aside = None
     try:
         try:
@@ -273,7 +276,7 @@ def atomic_dir(out: str | os.PathLike, kind: str, *, force: bool = False, source
                     aside = None
                 raise
         except OSError as e:
-            raise _os_error(out, e) from None
+            raise write_error(out, e) from None
     except BaseException:
         if aside is not None and aside.exists() and not out.exists():  # interrupted mid-swap: the old one goes back
             try:
@@ -296,14 +299,14 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _os_error(path, e) from None
+        raise write_error(path, e) from None
     clean_stale(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise _os_error(path, e) from None
+        raise write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -172,7 +172,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_half_written_fi
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     line = error_line(cli(base, base / "run", "--steps", "6", "--checkpoint-every", "2"))
-    assert "no space left while writing" in line and "--resume" in line, line
+    assert "No space left on device" in line and "free some disk space" in line and "--resume" in line, line
     ck = base / "run" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["latest.pt"]  # no temporary file left behind
     assert checkpoint.read(ck / "latest.pt")["step"] == 2  # the last good checkpoint, intact
@@ -186,7 +186,7 @@ def test_disk_full_outside_checkpoints_is_one_line(base, monkeypatch):
 
     monkeypatch.setattr(trainer.Trainer, "_metrics_file", full)
     line = error_line(cli(base, base / "run", "--steps", "1"))
-    assert "no space left while writing" in line and "metrics.jsonl" in line, line
+    assert "No space left on device" in line and "metrics.jsonl" in line, line
 
 
 def test_latest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ leaves only complete files behind.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 
 from ..errors import FlowmapError
+from ..io import write_error
 
 CKPT_FORMAT = "flowmap-finetune/2"  # /2: a sha256 over the whole state (format /1 carried none)
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 # ---------------------------------------------------------------------------------------------------- random state
@@ -91,10 +90,8 @@ def state_digest(state) -> str:
 
 
 def disk_error(e: OSError, path: Path) -> FlowmapError:
-    """A one-line user error for a failed write (disk full, quota, read-only, permissions)."""
-    if e.errno in DISK_FULL:
-        return FlowmapError(f"no space left while writing {path}; free some disk space, then rerun with --resume.")
-    return FlowmapError(f"cannot write {path} ({e.strerror or e}); check the --out directory and its permissions.")
+    """A one-line user error for a failed checkpoint write: io's sentence plus how to continue."""
+    return write_error(path, e, then=", then rerun with --resume")
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
