@@ -50,12 +50,24 @@ def note(message: str) -> None:
     print(f"flowmap: {message}", file=sys.stderr, flush=True)
 
 
+def builtin_models() -> list[str]:
+    """Names of the builtin flow models (directories with a flowmap config.json; the digits classifier is not one)."""
+    from ..io import is_model_dir
+
+    return sorted(d.name for d in BUILTIN_DIR.iterdir() if is_model_dir(d)) if BUILTIN_DIR.is_dir() else []
+
+
 def builtin_path(name: str) -> Path:
     """Directory of a model shipped inside the package (`builtin:NAME`)."""
     p = BUILTIN_DIR / name
+    if name == "digits-classifier":
+        raise FlowmapError(
+            "builtin:digits-classifier is the evaluation classifier for builtin:digits (accuracy and FID features), "
+            "not a flow model; convert or sample builtin:digits-sit instead."
+        )
     if not p.is_dir():
-        known = sorted(d.name for d in BUILTIN_DIR.iterdir() if d.is_dir()) if BUILTIN_DIR.is_dir() else []
-        raise FlowmapError(f"unknown builtin model {name!r}; available: {', '.join(known) or 'none'}.")
+        known = ", ".join(f"builtin:{n}" for n in builtin_models())
+        raise FlowmapError(f"unknown builtin model {name!r}; available: {known or 'none'}.")
     return p
 
 

@@ -7,6 +7,18 @@ from pathlib import Path
 from .config import ModelConfig
 
 
+def describe_family(prov: dict) -> str:
+    """The family line of a model's provenance, saying what an exported (`flowmap`) model is."""
+    family = prov.get("family") or "?"
+    if prov.get("description"):
+        return f"{family} ({prov['description']})"
+    if family == "flowmap" and prov.get("source_family"):
+        return f"flowmap (exported by flowmap from a {prov['source_family']} checkpoint)"
+    if family == "flowmap":
+        return "flowmap (a model exported by flowmap)"
+    return family
+
+
 def model_card(
     cfg: ModelConfig,
     probes: str | None = None,
@@ -59,7 +71,9 @@ def model_card(
         where = cfg.latent.extra.get("decoder") or cfg.latent.extra.get("subfolder")
         lines.append(f"| latent decoder | `{cfg.latent.repo}`{f' `{where}`' if where else ''} |")
     for key in ("source", "revision", "file", "sha256", "weights", "family", "flowmap_version"):
-        if key in prov:
+        if key == "family" and key in prov:
+            lines.append(f"| family | {describe_family(prov)} |")
+        elif key in prov:
             lines.append(f"| {key} | `{prov[key]}` |")
     if cfg.training:
         lines += ["", "## Training recipe", "", "```json"]
@@ -87,7 +101,7 @@ def model_card(
         "## Use",
         "",
         "```bash",
-        f"pip install flowmap-convert\nflowmap sample {repo_id or 'PATH_OR_REPO'} --nfe 1 --out samples/",
+        f"flowmap sample {repo_id or 'PATH_OR_REPO'} --nfe 1 --out samples/",
         "```",
         "",
         "Convention: t = 1 is noise, t = 0 is data, x_t = (1 - t) x0 + t eps, x_r = x_t + (r - t) u(x_t, t, r).",

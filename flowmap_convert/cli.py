@@ -150,6 +150,7 @@ def convert(
       flowmap convert https://example.org/model.safetensors --sha256 <hex> --depth 8
     """
     from .api import convert as convert_fn
+    from .card import describe_family
     from .io import export
 
     check_out_dir(out)  # fail before a long download/conversion, not after
@@ -160,7 +161,7 @@ def convert(
     export(model, out)
     cfg, prov = model.config, model.config.provenance
     lines = [
-        f"family      {prov.get('family', '?')}",
+        f"family      {describe_family(prov)}",
         f"parameters  {model.num_parameters():,}",
         f"depth       {cfg.depth} of {cfg.num_blocks}: blocks 0..{cfg.depth - 1} see t, blocks {cfg.depth}..{cfg.num_blocks - 1} + head see r"
         if cfg.depth

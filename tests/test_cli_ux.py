@@ -60,3 +60,30 @@ def test_help_shows_no_type_for_flags(capsys):
 def test_user_errors_still_exit_2_in_one_line(capsys, tmp_path):
     code, _, err = run(["convert", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no such file" in err
+
+
+def test_builtin_digits_sit_says_what_it_is(capsys, tmp_path):
+    code, out, _ = run(["convert", "builtin:digits-sit", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0
+    assert "family      flowmap (builtin digits SiT, exported by flowmap)" in out and "weights     ema" in out
+    assert "weights     -" not in out
+
+
+def test_the_digits_classifier_is_not_a_model(capsys, tmp_path):
+    code, _, err = run(["convert", "builtin:digits-classifier", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "evaluation classifier" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["convert", "builtin:nope", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "available: builtin:digits-sit." in err and "classifier" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_card_labels_its_grid():
+    from conftest import tiny_config
+
+    from flowmap_convert.card import model_card
+
+    cfg = tiny_config().replace(training={"steps": 3}, provenance={"source": "x", "family": "flowmap"})
+    card = model_card(cfg, has_grid=True, repo_id="alice/m", figures=["loss.png"])
+    assert "Rows: 1 and 2 network evaluations (Euler, seed 0); columns: classes 0..9, one sample each." in card
+    assert "![loss](loss.png)" in card and "flowmap sample alice/m --nfe 1" in card
+    assert "| family | flowmap (a model exported by flowmap) |" in card
