@@ -65,6 +65,17 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """torch.load memory-mapped (read_checkpoint copies only the weights it selects; optimizer state and the other
+    weights are never read), or fully read for legacy (pre-zip) files, which cannot be mapped."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+
+
 def load_file_object(path: str | Path, trust_pickle: bool = False) -> tuple[Any, str]:
     """Read a checkpoint file into Python objects without running code from it; returns (object, format)."""
     path = Path(path)
@@ -82,9 +93,9 @@ def load_file_object(path: str | Path, trust_pickle: bool = False) -> tuple[Any,
             ) from None
     try:
         if trust_pickle:  # explicit opt-in: full pickle, may run code from the file
-            return torch.load(str(path), map_location="cpu", weights_only=False), "pickle"
+            return _torch_load(path, weights_only=False), "pickle"
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(str(path), map_location="cpu", weights_only=True), "pickle"
+            return _torch_load(path, weights_only=True), "pickle"
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... for bad files
         msg = str(e)
         found = re.findall(r"GLOBAL ([\w.]+)", msg)
@@ -186,5 +197,7 @@ def read_checkpoint(path: str | Path, weights: str = "auto", trust_pickle: bool 
     path = Path(path)
     obj, fmt = load_file_object(path, trust_pickle=trust_pickle)
     sd, used, args = select_weights(obj, weights, where=str(path))
+    if fmt == "pickle":  # one copy out of the mapping: a model must not break when its file is later overwritten
+        sd = {k: v.clone() for k, v in sd.items()}
     steps = obj.get("steps") if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else None
     return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt, steps=steps)

@@ -41,10 +41,9 @@ def canonical_state_dict(model) -> dict[str, torch.Tensor]:
 
 def load_canonical_state_dict(model, sd: dict[str, torch.Tensor], what: str) -> None:
     """Strictly load canonical keys into a FlowMap, reporting a readable key/shape diff on mismatch."""
-    target = {}
-    for k in model.state_dict():
-        target[k[len("net.") :] if k.startswith("net.") else k] = k
-    check_keys_and_shapes(sd, {c: model.state_dict()[k].shape for c, k in target.items()}, what)
+    own = model.state_dict()  # once: it walks every module
+    target = {k[len("net.") :] if k.startswith("net.") else k: k for k in own}
+    check_keys_and_shapes(sd, {c: own[k].shape for c, k in target.items()}, what)
     model.load_state_dict({target[k]: v for k, v in sd.items()}, strict=True)
 
 
