@@ -165,7 +165,10 @@ def load_source(source: str, **options):
         res.info.update(file=path.name, sha256=check_sha256(path, options.get("sha256")))
         res.name = path.name
     ckpt = read_checkpoint(
-        path, weights=options.get("weights") or "auto", trust_pickle=bool(options.get("trust_pickle"))
+        path,
+        weights=options.get("weights") or "auto",
+        trust_pickle=bool(options.get("trust_pickle")),
+        mapped=bool(options.get("mapped")),  # `flowmap convert`: weights stay mapped until exported
     )
     meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
     name, why = choose_family(ckpt.state_dict, meta, family)

@@ -192,12 +192,18 @@ def select_weights(
     return strip_prefixes(obj[used]), used, args
 
 
-def read_checkpoint(path: str | Path, weights: str = "auto", trust_pickle: bool = False) -> Checkpoint:
-    """Read a checkpoint file safely and select its weights (`--weights auto` = EMA when present)."""
+def read_checkpoint(
+    path: str | Path, weights: str = "auto", trust_pickle: bool = False, mapped: bool = False
+) -> Checkpoint:
+    """Read a checkpoint file safely and select its weights (`--weights auto` = EMA when present).
+
+    The selected weights are copied out of the file mapping, so a model does not change when its file is later
+    overwritten in place; `mapped=True` leaves them mapped (no copy), for a caller that exports and exits.
+    """
     path = Path(path)
     obj, fmt = load_file_object(path, trust_pickle=trust_pickle)
     sd, used, args = select_weights(obj, weights, where=str(path))
-    if fmt == "pickle":  # one copy out of the mapping: a model must not break when its file is later overwritten
+    if fmt == "pickle" and not mapped:
         sd = {k: v.clone() for k, v in sd.items()}
     steps = obj.get("steps") if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else None
     return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt, steps=steps)

@@ -157,7 +157,7 @@ def convert(
     opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
     if encoder_depth is not None:
         opts["encoder_depth"] = encoder_depth
-    model = convert_fn(source, depth=depth, **opts)
+    model = convert_fn(source, depth=depth, mapped=True, **opts)  # exported and dropped: no copy of the weights
     export(model, out)
     cfg, prov = model.config, model.config.provenance
     lines = [

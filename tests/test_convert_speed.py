@@ -45,3 +45,14 @@ def test_building_without_initialisation_restores_torch_init(tmp_path):
     assert (torch.nn.init.normal_, torch.nn.init.xavier_uniform_, torch.nn.Linear.reset_parameters) == before
     assert "reset_parameters" not in vars(torch.nn.Conv2d)  # inherited again, not left patched on the subclass
     assert torch.nn.Linear(16, 16).weight.abs().sum() > 0  # initialisation works again after the build
+
+
+def test_mapped_read_returns_the_same_weights_without_copying(tmp_path):
+    sd = small_sd()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema": sd, "opt": {"step": torch.zeros(1)}}, path)
+    mapped, copied = read_checkpoint(path, mapped=True), read_checkpoint(path)
+    assert all(torch.equal(mapped.state_dict[k], copied.state_dict[k]) for k in sd)
+    path.write_bytes(b"\0" * 16)  # only the mapped weights follow the file
+    assert all(torch.equal(copied.state_dict[k], sd[k]) for k in sd)
+    assert not all(torch.equal(mapped.state_dict[k], sd[k]) for k in sd)

@@ -5,7 +5,8 @@ size (default SiT-XL/2 at 256 px: hidden 1152, 28 blocks, 16 heads, 32x32x4 late
 when time or memory is short), then, each in a fresh process:
 
   floor    torch.load(mmap=True, weights_only=True) + safetensors save_file of the EMA tensors
-  flowmap  flowmap_convert.convert(ckpt, depth) + export(model, out)   (read, sha256, detect, build, write)
+  flowmap  flowmap_convert.convert(ckpt, depth, mapped=True) + export(model, out), as `flowmap convert` does
+           (read, sha256, detect, build, write)
 
 and prints both times, their ratio and the thread count side by side (best of --repeats, runs alternating).
 Finally the exported model is loaded and compared at r = t with tests/dit_reference.py (plain PyTorch).
@@ -54,7 +55,7 @@ torch.set_num_threads(int(sys.argv[3]))
 import flowmap_convert as fm
 from flowmap_convert.io import export
 t0 = time.perf_counter()
-model = fm.convert(sys.argv[1], depth=None if sys.argv[4] == "-" else int(sys.argv[4]))
+model = fm.convert(sys.argv[1], depth=None if sys.argv[4] == "-" else int(sys.argv[4]), mapped=True)  # as the CLI
 t1 = time.perf_counter()
 export(model, sys.argv[2])
 t2 = time.perf_counter()
@@ -65,6 +66,7 @@ print(json.dumps({"work": t2 - t0, "convert": t1 - t0, "export": t2 - t1}))
 def run(code: str, *args, threads: int) -> dict:
     """Run `code` in a fresh interpreter (OMP/MKL threads pinned too); returns its JSON line plus the process wall time."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    os.sync()  # flush the previous run's writes first: otherwise each run pays for the one before it
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
