@@ -50,11 +50,23 @@ def note(message: str) -> None:
     print(f"flowmap: {message}", file=sys.stderr, flush=True)
 
 
+def builtin_models() -> list[str]:
+    """Names of the builtin flow models (directories with a flowmap config.json; the digits classifier is not one)."""
+    from ..io import is_model_dir
+
+    return sorted(d.name for d in BUILTIN_DIR.iterdir() if is_model_dir(d)) if BUILTIN_DIR.is_dir() else []
+
+
 def builtin_path(name: str) -> Path:
     """Directory of a model shipped inside the package (`builtin:NAME`: a plain name from the builtin folder)."""
-    known = sorted(d.name for d in BUILTIN_DIR.iterdir() if d.is_dir()) if BUILTIN_DIR.is_dir() else []
-    if name not in known:  # never a path: builtin:/etc and builtin:../x name no builtin model
-        raise FlowmapError(f"unknown builtin model {name!r}; available: {', '.join(known) or 'none'}.")
+    if name == "digits-classifier":
+        raise FlowmapError(
+            "builtin:digits-classifier is the evaluation classifier for builtin:digits (accuracy and FID features), "
+            "not a flow model; convert or sample builtin:digits-sit instead."
+        )
+    if name not in builtin_models():  # never a path: builtin:/etc and builtin:../x name no builtin model
+        known = ", ".join(f"builtin:{n}" for n in builtin_models())
+        raise FlowmapError(f"unknown builtin model {name!r}; available: {known or 'none'}.")
     return BUILTIN_DIR / name
 
 
@@ -201,6 +213,7 @@ def _load_source(source: str, **options):
         weights=options.get("weights") or "auto",
         trust_pickle=bool(options.get("trust_pickle")),
         pickle_flag="trust_pickle" in options,
+        mapped=bool(options.get("mapped")),  # `flowmap convert`: weights stay mapped until exported
     )
     check_key_indices(ckpt.state_dict, str(path))
     check_tensor_dtypes(ckpt.state_dict, str(path))

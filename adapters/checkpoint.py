@@ -65,6 +65,17 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """torch.load memory-mapped (read_checkpoint copies only the weights it selects; optimizer state and the other
+    weights are never read), or fully read for legacy (pre-zip) files, which cannot be mapped."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+
+
 def load_file_object(path: str | Path, trust_pickle: bool = False, pickle_flag: bool = True) -> tuple[Any, str]:
     """Read a checkpoint file into Python objects without running code from it; returns (object, format).
 
@@ -85,9 +96,9 @@ def load_file_object(path: str | Path, trust_pickle: bool = False, pickle_flag: 
             ) from None
     try:
         if trust_pickle:  # explicit opt-in: full pickle, may run code from the file
-            return torch.load(str(path), map_location="cpu", weights_only=False), "pickle"
+            return _torch_load(path, weights_only=False), "pickle"
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(str(path), map_location="cpu", weights_only=True), "pickle"
+            return _torch_load(path, weights_only=True), "pickle"
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError... for bad files
         msg = str(e)
         found = re.findall(r"GLOBAL ([\w.]+)", msg)
@@ -189,11 +200,18 @@ def select_weights(
 
 
 def read_checkpoint(
-    path: str | Path, weights: str = "auto", trust_pickle: bool = False, pickle_flag: bool = True
+    path: str | Path, weights: str = "auto", trust_pickle: bool = False, pickle_flag: bool = True, mapped: bool = False
 ) -> Checkpoint:
-    """Read a checkpoint file safely and select its weights (`--weights auto` = EMA when present)."""
+    """Read a checkpoint file safely and select its weights (`--weights auto` = EMA when present).
+
+    The selected weights are copied out of the file mapping, so a model does not change when its file is later
+    overwritten in place; `mapped=True` leaves them mapped (no copy), for a caller that exports and exits.
+    `pickle_flag`: the calling command has --trust-pickle (otherwise the hint names `flowmap convert`).
+    """
     path = Path(path)
     obj, fmt = load_file_object(path, trust_pickle=trust_pickle, pickle_flag=pickle_flag)
     sd, used, args = select_weights(obj, weights, where=str(path))
+    if fmt == "pickle" and not mapped:
+        sd = {k: v.clone() for k, v in sd.items()}
     steps = obj.get("steps") if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else None
     return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt, steps=steps)

@@ -8,6 +8,7 @@ width, or the standard table by hidden size (`dit.heads_for_hidden`), in that or
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -218,6 +219,36 @@ def latent_for(channels: int, input_size: int) -> LatentSpace:
     )
 
 
+@contextmanager
+def _no_weight_init():
+    """Skip weight initialisation while a module is built on the meta device (the checkpoint's tensors replace it).
+
+    Initialising meta tensors computes nothing, but `normal_` on meta runs through torch._refs, whose first call
+    imports torch._dynamo: 3-9 s of a conversion on two cores.
+    """
+    import torch.nn.init as init
+
+    names = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "trunc_normal_")
+    names += ("xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_")
+    saved = {n: getattr(init, n) for n in names if hasattr(init, n)}
+    classes = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, torch.nn.LayerNorm)
+    own = {cls: vars(cls).get("reset_parameters") for cls in classes}
+    try:
+        for n in saved:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        for cls in classes:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+        for cls, fn in own.items():
+            if fn is None:
+                delattr(cls, "reset_parameters")
+            else:
+                cls.reset_parameters = fn
+
+
 def build_and_load(cfg_fields: dict[str, Any], sd: dict[str, torch.Tensor], what: str):
     """Instantiate a FlowMap from config fields and load the canonical state dict strictly (fp32, CPU).
 
@@ -229,7 +260,7 @@ def build_and_load(cfg_fields: dict[str, Any], sd: dict[str, torch.Tensor], what
     from ..model import FlowMap
 
     cfg = ModelConfig(**cfg_fields)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_weight_init():
         model = FlowMap(cfg)
     own = model.state_dict()  # once: rebuilding it per key made loading quadratic in the number of tensors
     names = {k[len("net.") :] if k.startswith("net.") else k: k for k in own}

@@ -189,16 +189,52 @@ def resolve_alias(source: str, entry: dict[str, Any], revision, filename, sha256
     if entry.get("url"):
         url = entry["url"]
         if hub_error is not None:
-            note(f"the Hub copy of {source} was not found ({hub_error}); trying {urlparse(url).netloc}")
+            note(f"{source}: {_hub_failure(hub_error, hub['repo'])}; trying its download from {urlparse(url).netloc}")
         try:
             path = fetch_url(url, sha256=sha256 or entry.get("sha256"), name=entry.get("url_filename"))
-        except FlowmapError:
-            if hub_error is not None:
-                raise hub_error from None
-            raise
+        except FlowmapError as url_error:
+            raise _alias_unavailable(source, entry, hub_error, url_error) from None
         info = {"source": source, "url": url, "file": path.name, "sha256": _recorded_sha(path)}
         return Resolved(path, info, family_hint=family, name=entry.get("url_filename") or path.name)
     raise FlowmapError(f"the alias {source} has no location; pass a file path or a Hub repo id instead.")
+
+
+def _unreachable(error: FlowmapError) -> bool:
+    """A failure to reach a server (no network), as opposed to the file being absent there."""
+    text = str(error).lower()
+    return any(w in text for w in ("unreachable", "cannot reach", "no connection", "cannot download", "cannot list"))
+
+
+def _hub_failure(error: FlowmapError, repo: str) -> str:
+    """Why an alias's Hub copy could not be read, as a clause: offline, unreachable, or not found (and why)."""
+    if is_offline():
+        return f"its Hub copy ({repo}) is not in the local Hub cache"
+    if _unreachable(error):
+        return f"the Hugging Face Hub is unreachable (for {repo})"
+    return f"its Hub copy was not found ({str(error).rstrip('.')})"
+
+
+def _alias_unavailable(
+    source: str, entry: dict[str, Any], hub_error: FlowmapError | None, url_error: FlowmapError
+) -> FlowmapError:
+    """One sentence for an alias whose Hub copy and download both failed: why each failed, and the manual fallback."""
+    url = entry["url"]
+    host = urlparse(url).netloc
+    name = entry.get("url_filename") or _url_name(url)
+    family = entry.get("family")
+    if is_offline():
+        why_url = (
+            f"its download from {host} is not cached either, and offline mode is on (HF_HUB_OFFLINE/FLOWMAP_OFFLINE)"
+        )
+    elif _unreachable(url_error):
+        why_url = f"{host} is unreachable too ({str(url_error).split('(', 1)[-1].split(')')[0]})"
+    else:
+        why_url = f"the download from {host} failed ({str(url_error).split(';')[0].rstrip('.')})"
+    why = f"{_hub_failure(hub_error, entry['hub']['repo'])} and {why_url}" if hub_error else why_url
+    fallback = f"flowmap convert ./{name}" + (f" --family {family}" if family else "")
+    return FlowmapError(
+        f"cannot fetch {source}: {why}; download {url} by hand, save it as {name}, and run `{fallback}`."
+    )
 
 
 # --------------------------------------------------------------------------------------------- Hub

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import ModelConfig
 
 
-def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = False) -> str:
-    """A Hub-style model card: front matter, what the model is, how it was made, how to sample it."""
+def describe_family(prov: dict) -> str:
+    """The family line of a model's provenance, saying what an exported (`flowmap`) model is."""
+    family = prov.get("family") or "?"
+    if prov.get("description"):
+        return f"{family} ({prov['description']})"
+    if family == "flowmap" and prov.get("source_family"):
+        return f"flowmap (exported by flowmap from a {prov['source_family']} checkpoint)"
+    if family == "flowmap":
+        return "flowmap (a model exported by flowmap)"
+    return family
+
+
+def model_card(
+    cfg: ModelConfig,
+    probes: str | None = None,
+    has_grid: bool = False,
+    repo_id: str | None = None,
+    figures: list[str] | tuple[str, ...] = (),
+    grid_nfe: tuple[int, ...] = (1, 2),
+) -> str:
+    """A Hub-style model card: front matter, what the model is, how it was made, how to sample it.
+
+    `repo_id` puts the Hub id into the sampling command; `figures` are extra images in the model directory;
+    a fine-tuned model's grid (has_grid) has one row per NFE in `grid_nfe` and one column per class.
+    """
     prov = cfg.provenance or {}
     lines = [
         "---",
@@ -46,7 +71,9 @@ def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = Fal
         where = cfg.latent.extra.get("decoder") or cfg.latent.extra.get("subfolder")
         lines.append(f"| latent decoder | `{cfg.latent.repo}`{f' `{where}`' if where else ''} |")
     for key in ("source", "revision", "file", "sha256", "weights", "family", "flowmap_version"):
-        if key in prov:
+        if key == "family" and key in prov:
+            lines.append(f"| family | {describe_family(prov)} |")
+        elif key in prov:
             lines.append(f"| {key} | `{prov[key]}` |")
     if cfg.training:
         lines += ["", "## Training recipe", "", "```json"]
@@ -54,7 +81,19 @@ def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = Fal
 
         lines += [json.dumps(cfg.training, indent=2, sort_keys=True), "```"]
     if has_grid:
-        lines += ["", "## Samples", "", "![samples](grid.png)"]
+        k = min(10, cfg.num_classes)
+        rows = " and ".join(str(n) for n in grid_nfe)
+        lines += [
+            "",
+            "## Samples",
+            "",
+            "![samples](grid.png)",
+            "",
+            f"Rows: {rows} network evaluations (Euler, seed 0); columns: classes 0..{k - 1}, one sample each.",
+        ]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{Path(f).stem}]({f})" for f in figures]
     if probes:
         lines += ["", "## Probe results", "", probes]
     lines += [
@@ -62,7 +101,7 @@ def model_card(cfg: ModelConfig, probes: str | None = None, has_grid: bool = Fal
         "## Use",
         "",
         "```bash",
-        "flowmap sample PATH_OR_REPO --nfe 1 --out samples/",
+        f"flowmap sample {repo_id or 'PATH_OR_REPO'} --nfe 1 --out samples/",
         "```",
         "",
         "Convention: t = 1 is noise, t = 0 is data, x_t = (1 - t) x0 + t eps, x_r = x_t + (r - t) u(x_t, t, r).",

@@ -36,6 +36,25 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    """--version: print the package version and exit."""
+    if value:
+        from . import __version__
+
+        console.print(f"flowmap-convert {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
 def fail(message: str) -> None:
     """Print one clear line on stderr and exit with code 2 (user error)."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -135,6 +154,7 @@ def convert(
       flowmap convert https://example.org/model.safetensors --sha256 <hex> --depth 8
     """
     from .api import convert as convert_fn
+    from .card import describe_family
     from .config import MAX_BLOCKS
     from .io import export
     from .validate import int_in_range
@@ -155,11 +175,11 @@ def convert(
     opts["allow_nonfinite"] = allow_nonfinite
     if encoder_depth is not None:
         opts["encoder_depth"] = encoder_depth
-    model = convert_fn(source, depth=depth, **opts)
+    model = convert_fn(source, depth=depth, mapped=True, **opts)  # exported and dropped: no copy of the weights
     export(model, out, force=force, sources=(source,))
     cfg, prov = model.config, model.config.provenance
     lines = [
-        f"family      {prov.get('family', '?')}",
+        f"family      {describe_family(prov)}",
         f"parameters  {model.num_parameters():,}",
         f"depth       {cfg.depth} of {cfg.num_blocks}: blocks 0..{cfg.depth - 1} see t, blocks {cfg.depth}..{cfg.num_blocks - 1} + head see r"
         if cfg.depth
@@ -310,40 +330,88 @@ def sample(
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).
 from .cli_eval import eval_cmd  # noqa: E402  (issue 12: paper metrics)
 from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
+from .cli_push import push_cmd  # noqa: E402
 from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
 
 app.command(name="search-depth")(guarded(search_depth_cmd))
 app.command(name="eval")(guarded(eval_cmd))
 app.command(name="finetune")(guarded(finetune_cmd))
 app.command(name="encode")(guarded(encode_cmd))
+app.command(name="push")(guarded(push_cmd))
 
 
-def main() -> None:
-    """Console-script entry point: usage errors (a bad option value) are one line too, exit code 2."""
-    try:  # typer >= 0.24 vendors click
-        from typer._click import exceptions as click_exceptions
-    except ImportError:  # pragma: no cover - older typer on plain click
-        from click import exceptions as click_exceptions
+def _hide_flag_types() -> None:
+    """Boolean flags take no value: --help shows no `<bool>` type next to them (typer shows one for every option)."""
+    from typer.core import TyperOption
 
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flowmap_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return shown(self, ctx)
+
+    display_type_rich._flowmap_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
+def usage_error_line(exc, argv: list[str] | None = None, commands=()) -> str:
+    """A click usage error as one line naming the fix: `<what>; see `flowmap CMD --help``."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None and ctx.parent is not None:
+        where = ctx.command_path
+    else:  # errors raised while parsing a command's options may carry no context: name the command typed
+        typed = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        where = f"flowmap {typed[0]}" if typed and typed[0] in commands else "flowmap"
+    return f"{message}; see `{where} --help`."
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """The click exception class `name` from click and from the copy typer >= 0.20 vendors (typer._click)."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors are one line on stderr with exit code 2 (no help box)."""
+    from rich.markup import escape
+
+    command = typer.main.get_command(app)
     try:
-        rc = app(standalone_mode=False)
-    except click_exceptions.NoArgsIsHelpError as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click_exceptions.UsageError as e:
-        ctx = e.ctx
-        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
-        err_console.print(
-            f"[bold red]error:[/] {e.format_message()} (see `flowmap{command} --help`)", highlight=False, soft_wrap=True
-        )
+        code = command.main(args=argv, prog_name="flowmap", standalone_mode=False)
+    except _click_exceptions("NoArgsIsHelpError") as e:  # bare `flowmap` or `flowmap CMD` without arguments
+        console.print(e.ctx.get_help() if e.ctx is not None else str(e), highlight=False)
         sys.exit(2)
-    except click_exceptions.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+    except _click_exceptions("UsageError") as e:
+        err_console.print(
+            f"[bold red]error:[/] {escape(usage_error_line(e, argv, getattr(command, 'commands', {})))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except _click_exceptions("ClickException") as e:
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except _click_exceptions("Abort"):
         err_console.print("interrupted")
         sys.exit(130)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""`flowmap push DIR REPO_ID`: upload an exported flow map and its model card to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def push_cmd(
+    directory: Annotated[Path, typer.Argument(help="A directory written by `flowmap convert` or `flowmap finetune`.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub model repo OWNER/NAME (created when missing).")],
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repo as private (an existing repo keeps its visibility).")
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option("--revision", help="Branch to commit to (created from main when missing; default main)."),
+    ] = None,
+    commit_message: Annotated[
+        str | None, typer.Option("--commit-message", "-m", help="Commit message (default: lists the uploaded files).")
+    ] = None,
+):
+    """Upload a flowmap model directory to the Hugging Face Hub, with a model card.
+
+    The token comes from HF_TOKEN or `hf auth login`. Top-level files are uploaded in one commit
+    (config.json, model.safetensors, grid.png and other images); subdirectories such as checkpoints/ stay local.
+
+    Examples:
+
+      flowmap push repa-dmf20 your-name/repa-sit-xl-dmf20
+
+      flowmap push digits-ft your-name/digits-dmf --private --revision v1 -m "digits, 2k steps"
+    """
+    from rich.console import Console
+
+    from .adapters import note
+    from .hub import push
+
+    result = push(directory, repo_id, private=private, revision=revision, commit_message=commit_message)
+    if result.skipped_dirs:
+        note(f"left out subdirectories: {', '.join(result.skipped_dirs)} (push uploads the model's top-level files)")
+    Console().print(
+        f"pushed {len(result.files)} files ({result.bytes / 2**20:.1f} MiB) to {result.url}"
+        + (f" (commit {result.commit[:12]})" if result.commit else "")
+        + f"\nsample it with: flowmap sample {repo_id} --nfe 1",
+        highlight=False,
+        soft_wrap=True,
+    )
