@@ -73,7 +73,7 @@ def test_the_digits_classifier_is_not_a_model(capsys, tmp_path):
     code, _, err = run(["convert", "builtin:digits-classifier", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "evaluation classifier" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(["convert", "builtin:nope", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "available: builtin:digits-sit." in err and "classifier" not in err
+    assert code == 2 and "builtin:digits-sit" in err and "classifier" not in err
     assert not (tmp_path / "o").exists()
 
 
