@@ -1,6 +1,6 @@
 """flowmap: turn pretrained flow-matching / diffusion transformers into few-step flow maps."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "convert",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import __version__
+from ._version import __version__
 from .config import check_depth, default_depth
 from .errors import FlowmapError
 

@@ -39,7 +39,7 @@ err_console = Console(stderr=True)
 def _print_version(value: bool) -> None:
     """--version: print the package version and exit."""
     if value:
-        from . import __version__
+        from ._version import __version__
 
         console.print(f"flowmap-convert {__version__}", highlight=False)
         raise typer.Exit(0)

@@ -135,7 +135,7 @@ def _check_kind(kind: str) -> None:
 
 def mark_output(directory: str | os.PathLike, kind: str, files: list[str] | None = None) -> Path:
     """Write the marker into `directory` (files: what we wrote; default every file now present)."""
-    from . import __version__
+    from ._version import __version__
 
     _check_kind(kind)
     directory = Path(directory)
