@@ -411,6 +411,7 @@ def write_model_dir(
         )
     except SafetensorError as e:  # the Rust writer reports I/O failures (disk full, file too large) this way
         raise OSError(errno.EIO, str(e).splitlines()[0] if str(e) else "write failed") from None
+    (directory / WEIGHTS_NAME).chmod(0o666 & ~_umask())  # the safetensors writer creates 0600 files
     from .card import model_card
 
     (directory / CARD_NAME).write_text(card if card is not None else model_card(model.config))

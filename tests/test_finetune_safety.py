@@ -217,3 +217,26 @@ def test_a_new_run_into_a_run_directory_is_refused_up_front(base):
     line = refused_up_front(cli(base, base / "run", "--steps", "2"))
     assert "already holds a run" in line and "--resume" in line
     assert (base / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_finetune_never_writes_into_a_users_folder(base, tmp_path):
+    """`finetune --out u` on a folder of the user's (README.md, config.json) refuses and changes nothing."""
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "README.md").write_text("my notes\n")
+    (user / "config.json").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    line = error_line(cli(base, user, "--steps", "1"))
+    assert "not a fine-tune run" in line and "nothing was changed" in line, line
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before
+
+
+def test_exported_weights_are_readable_by_the_group(tmp_path):
+    import flowmap_convert as fm
+    from flowmap_convert.io import export
+
+    out = export(fm.load("builtin:digits-sit"), tmp_path / "m")
+    mode = (out / "model.safetensors").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask, oct(mode)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import FlowmapError
+from ..io import output_kind
 from .recipe import Recipe
 
 __all__ = ["finetune", "Recipe", "check_run_dir", "run_defaults"]
@@ -45,8 +46,10 @@ def guidance_note(model_or_source, mg_scale: float) -> str | None:
 def check_run_dir(out, resume: bool) -> Path:
     """The one place that decides whether --out may be used as a run directory (one line when not).
 
-    Today: a file, or a directory (or its nearest existing parent) this process cannot write, is refused; an
-    existing directory is reused, except by a new run when it holds a run's checkpoints (--resume continues it).
+    A file, or a directory (or its nearest existing parent) this process cannot write, is refused. An existing
+    non-empty directory is used only when it is a fine-tune run flowmap made (its output marker says "run",
+    flowmap_convert.io): never a folder of the user's, a model or samples. A new run into a run that holds
+    checkpoints is refused too (--resume continues it).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -60,6 +63,12 @@ def check_run_dir(out, resume: bool) -> Path:
         raise FlowmapError(f"--out {out}: {probe} is not writable; choose another --out.")
     if resume and not out.is_dir():
         raise FlowmapError(f"--resume: {out} does not exist; drop --resume to start a new run.")
+    if out.is_dir() and any(out.iterdir()) and output_kind(out) != "run":
+        what = output_kind(out)
+        held = f"a flowmap {what} output" if what else "files flowmap did not write"
+        raise FlowmapError(
+            f"--out {out} holds {held}, not a fine-tune run; choose a new or empty directory (nothing was changed)."
+        )
     from .checkpoint import any_checkpoint
 
     if not resume and any_checkpoint(out / "checkpoints"):

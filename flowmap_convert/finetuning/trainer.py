@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlowmapError
+from ..io import mark_output
 from ..progress import Progress, format_seconds
 from ..runtime import resolve_device
 from . import checkpoint
@@ -290,6 +291,9 @@ class Trainer:
             raise FlowmapError(
                 f"{self.out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
             )
+        if self.main:  # the run directory says it is ours, so a later run may reuse it and nothing else is touched
+            self.out.mkdir(parents=True, exist_ok=True)
+            mark_output(self.out, "run", files=[])
         self.acc.wait_for_everyone()
         mf = self._metrics_file(self.step) if self.main else None
         if self.log_with and self.main:
