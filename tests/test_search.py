@@ -223,3 +223,15 @@ def test_log_axis_ticks_are_plain_1_2_5():
     assert log_ticks(0.03, 4) == [0.05, 0.1, 0.2, 0.5, 1, 2]
     assert len(log_ticks(1e-3, 1e6)) <= 8
     assert linear_ticks(0.97, 0.995) == [0.97, 0.98, 0.99] and linear_ticks(-3, 7) == [-2, 0, 2, 4, 6]
+
+
+def test_search_out_never_takes_a_users_folder(tmp_path):
+    """A search writes only into a new, empty or earlier-search directory; a user's folder is refused up front."""
+    from flowmap_convert.search import search_depth
+
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "todo.txt").write_text("keep\n")
+    with pytest.raises(FlowmapError, match="other than a depth search"):
+        search_depth("builtin:digits-sit", depths=[5], nfe=[1], num_samples=16, out=user, device="cpu")
+    assert [p.name for p in user.iterdir()] == ["todo.txt"]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import FlowmapError
+from ..io import check_output, mark_output, output_kind
 from ..sampling import SampleSettings
 from .plan import DEFAULT_NUM_SAMPLES, DEFAULT_TEACHER_NFE, SearchPlan, default_depths, make_plan
 from .plot import plot_search
@@ -88,6 +89,7 @@ def search_depth(
             classes=tuple(classes) if classes else None,
         )
     settings = SampleSettings(**{**settings.__dict__, "device": str(resolve_device(settings.device))})
+    check_outputs(out, write_best, source)
     model, source_name = _load(source, source_options)
     plan = plan.with_depths(depths, model.config.num_blocks)
     probe, ref_kind = _probe_for(model, source_name, plan, settings, out)
@@ -104,6 +106,7 @@ def search_depth(
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "search", files=[])
         report["written"]["plot"] = str(plot_search(report, out / "search.png"))
         report["written"]["json"] = str(out / "search.json")
     if write_best is not None:
@@ -113,6 +116,22 @@ def search_depth(
 
         write_json(out / "search.json", report)
     return report
+
+
+def check_outputs(out, write_best, source) -> None:
+    """Before any work: --out is new, empty or an earlier search (its cache is reused); --write-best may be replaced."""
+    sources = (source,) if isinstance(source, (str, os.PathLike)) else ()
+    if write_best is not None:
+        check_output(write_best, "model", sources=sources, flag="--write-best")
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlowmapError(f"--out {out} is a file; choose a directory for the search.")
+    if out.is_dir() and any(out.iterdir()) and output_kind(out) != "search":
+        raise FlowmapError(
+            f"--out {out} holds files of something other than a depth search; choose a new or empty directory."
+        )
 
 
 def _load(source, source_options):
