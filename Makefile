@@ -17,10 +17,10 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	touch $@
 
 demo: install
-	rm -rf demo-out
-	$(BIN)/flowmap convert builtin:digits-sit --depth 5 --out demo-out/digits-dmf5
-	$(BIN)/flowmap sample demo-out/digits-dmf5 --nfe 4 --num-samples 100 --out demo-out/samples
-	@echo "sample grid: demo-out/samples/grid.png"
+	$(BIN)/flowmap convert builtin:digits-sit --out demo-out/digits-dmf5
+	$(BIN)/flowmap sample builtin:digits-dmf --nfe 1 --num-samples 100 --out demo-out/samples
+	$(BIN)/python -m flowmap_convert.demo --out demo-out/compare.png
+	@echo "1-step samples of builtin:digits-dmf: demo-out/samples/grid.png; base vs flow maps: demo-out/compare.png"
 
 lint: install
 	$(BIN)/ruff check .
