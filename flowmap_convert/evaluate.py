@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FlowmapError
+from .io import check_workdir
 from .sampling import SampleSettings
 
 METRICS = ("fid", "is", "pr", "fd_dinov2", "digits")
@@ -318,7 +319,9 @@ def evaluate(
     t_all = time.perf_counter()
     settings = settings or SampleSettings()
     ref = Reference(reference)
-    out = Path(out) if out is not None else None
+    out = check_workdir(out, "eval", "flowmap eval output") if out is not None else None
+    if out is not None and Path(str(target)).resolve() == out.resolve():
+        raise FlowmapError(f"--out {out} is the samples or model being evaluated; choose another --out.")
     results = []
     extractors: dict = {}
     path = Path(str(target))
@@ -388,9 +391,10 @@ def evaluate(
     if dist_context()[0] != 0:
         return report  # under torchrun the other ranks only sample; rank 0 scores and writes
     if out is not None:
-        from .io import atomic_file
+        from .io import atomic_file, mark_output
 
         out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "eval", files=[])
         if not is_samples:
             plot_eval(report, out / "eval.png")
             report["plot"] = str(out / "eval.png")

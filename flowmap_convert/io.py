@@ -50,7 +50,7 @@ from .errors import FlowmapError
 FORMAT = "flowmap/1"
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 MARKER_NAME = ".flowmap-output.json"
-KINDS = ("model", "samples", "run", "encode", "search")
+KINDS = ("model", "samples", "run", "encode", "search", "eval")
 # What flowmap versions before the marker wrote, by kind (a directory holding only these may be replaced).
 LEGACY_FILES = {
     "model": re.compile(r"^(config\.json|model\.safetensors|README\.md)$"),
@@ -236,6 +236,26 @@ def check_output(out: str | os.PathLike, kind: str, *, force: bool = False, sour
 
 
 # ----------------------------------------------------------------------------------------------- atomic writers
+def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--out") -> Path:
+    """Up-front check of a directory written in place and resumed (a fine-tune run, a search, an evaluation).
+
+    It may be new, empty, or one of ours of the same kind (its marker says so, and its contents are ours to
+    update); a file, or a directory holding anything else (a user's folder, a model, samples), is refused in one
+    line before any work, and nothing is changed.
+    """
+    _check_kind(kind)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlowmapError(f"{flag} {out} is a file; choose a directory for the {what}.")
+    if out.is_dir() and any(out.iterdir()) and output_kind(out) != kind:
+        held = output_kind(out)
+        held = f"a flowmap {held} output" if held else "files flowmap did not write"
+        raise FlowmapError(
+            f"{flag} {out} holds {held}, not a {what}; choose a new or empty directory (nothing was changed)."
+        )
+    return out
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

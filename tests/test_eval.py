@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flowmap_convert.cli import app
+from flowmap_convert.errors import FlowmapError
 
 WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -185,3 +186,15 @@ def test_bad_inputs_one_line_exit_2(tmp_path, local_inception, monkeypatch):
     code, _, err = run_cli(tmp_path / "s.npz", "--metrics", "fid,bogus", "--out", tmp_path / "o")
     one_error_line(code, err, "unknown --metrics bogus")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_out_never_takes_a_users_folder(tmp_path):
+    """`flowmap eval MODEL --out DIR` writes only into a new, empty or earlier-eval directory."""
+    from flowmap_convert.evaluate import evaluate
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "paper.tex").write_text("keep\n")
+    with pytest.raises(FlowmapError, match="not a flowmap eval output"):
+        evaluate("builtin:digits-sit", nfe=[1], num_samples=100, out=user)
+    assert [p.name for p in user.iterdir()] == ["paper.tex"]

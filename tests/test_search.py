@@ -232,6 +232,6 @@ def test_search_out_never_takes_a_users_folder(tmp_path):
     user = tmp_path / "notes"
     user.mkdir()
     (user / "todo.txt").write_text("keep\n")
-    with pytest.raises(FlowmapError, match="other than a depth search"):
+    with pytest.raises(FlowmapError, match="not a depth search"):
         search_depth("builtin:digits-sit", depths=[5], nfe=[1], num_samples=16, out=user, device="cpu")
     assert [p.name for p in user.iterdir()] == ["todo.txt"]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import FlowmapError
-from ..io import output_kind
+from ..io import check_workdir
 from .recipe import Recipe
 
 __all__ = ["finetune", "Recipe", "check_run_dir", "run_defaults"]
@@ -51,9 +51,7 @@ def check_run_dir(out, resume: bool) -> Path:
     flowmap_convert.io): never a folder of the user's, a model or samples. A new run into a run that holds
     checkpoints is refused too (--resume continues it).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FlowmapError(f"--out {out} is a file; choose a directory for the run.")
+    out = check_workdir(out, "run", "fine-tune run")
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -63,12 +61,6 @@ def check_run_dir(out, resume: bool) -> Path:
         raise FlowmapError(f"--out {out}: {probe} is not writable; choose another --out.")
     if resume and not out.is_dir():
         raise FlowmapError(f"--resume: {out} does not exist; drop --resume to start a new run.")
-    if out.is_dir() and any(out.iterdir()) and output_kind(out) != "run":
-        what = output_kind(out)
-        held = f"a flowmap {what} output" if what else "files flowmap did not write"
-        raise FlowmapError(
-            f"--out {out} holds {held}, not a fine-tune run; choose a new or empty directory (nothing was changed)."
-        )
     from .checkpoint import any_checkpoint
 
     if not resume and any_checkpoint(out / "checkpoints"):

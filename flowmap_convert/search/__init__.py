@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import FlowmapError
-from ..io import check_output, mark_output, output_kind
+from ..io import check_output, check_workdir, mark_output
 from ..sampling import SampleSettings
 from .plan import DEFAULT_NUM_SAMPLES, DEFAULT_TEACHER_NFE, SearchPlan, default_depths, make_plan
 from .plot import plot_search
@@ -125,13 +125,7 @@ def check_outputs(out, write_best, source) -> None:
         check_output(write_best, "model", sources=sources, flag="--write-best")
     if out is None:
         return
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FlowmapError(f"--out {out} is a file; choose a directory for the search.")
-    if out.is_dir() and any(out.iterdir()) and output_kind(out) != "search":
-        raise FlowmapError(
-            f"--out {out} holds files of something other than a depth search; choose a new or empty directory."
-        )
+    check_workdir(out, "search", "depth search")
 
 
 def _load(source, source_options):
