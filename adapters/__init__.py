@@ -52,7 +52,7 @@ def note(message: str) -> None:
 
 def builtin_models() -> list[str]:
     """Names of the builtin flow models (directories with a flowmap config.json; the digits classifier is not one)."""
-    from ..io import is_model_dir
+    from ..outputs import is_model_dir
 
     return sorted(d.name for d in BUILTIN_DIR.iterdir() if is_model_dir(d)) if BUILTIN_DIR.is_dir() else []
 
@@ -159,8 +159,9 @@ def load_source(source: str, **options):
 
 
 def _load_source(source: str, **options):
-    from ..io import check_tensor_dtypes, is_model_dir, sha256_file
+    from ..io import check_tensor_dtypes, sha256_file
     from ..model import read_model_dir
+    from ..outputs import is_model_dir
     from .checkpoint import WEIGHT_SUFFIXES, read_checkpoint
     from .sources import check_sha256, resolve
 

@@ -34,7 +34,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import FlowmapError
-from ..io import clean_stale, sha256_file, write_text_atomic
+from ..io import sha256_file
+from ..outputs import clean_stale, write_text_atomic
 from . import note
 from .checkpoint import WEIGHT_SUFFIXES
 

@@ -84,7 +84,7 @@ def guarded(fn):
 
 def check_out_dir(out: Path, kind: str = "model", *, force: bool = False, sources=()) -> Path:
     """Fail now, before a long download or conversion, if --out may not be written (rules: flowmap_convert.io)."""
-    from .io import check_output
+    from .outputs import check_output
 
     return check_output(out, kind, force=force, sources=sources)
 

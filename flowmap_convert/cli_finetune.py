@@ -291,7 +291,7 @@ def encode_cmd(
 
     from .api import load
     from .finetuning.data import encode_images, list_image_folder, load_images
-    from .io import atomic_dir, check_output
+    from .outputs import atomic_dir, check_output
 
     if not images_dir.is_dir():
         raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")

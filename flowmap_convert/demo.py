@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import FlowmapError
-from .io import atomic_file
+from .outputs import atomic_file
 
 
 def labelled_grid(rows: list[tuple[str, np.ndarray]], columns: int, cell: int = 48, pad: int = 4) -> Image.Image:

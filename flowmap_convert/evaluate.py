@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FlowmapError
-from .io import check_workdir
+from .outputs import check_workdir
 from .sampling import SampleSettings
 
 METRICS = ("fid", "is", "pr", "fd_dinov2", "digits")
@@ -149,7 +149,7 @@ class Reference:
         meta = cache_dir() / "reference" / f"{self._hash[:16]}.shape.json"
         if meta.is_file():
             return json.loads(meta.read_text())
-        from .io import atomic_file
+        from .outputs import atomic_file
 
         shape = list(self.images().shape[1:])
         with atomic_file(meta) as tmp:
@@ -158,8 +158,8 @@ class Reference:
 
     def features(self, extractor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(features or None for stats-only references, mu, sigma) under `extractor`; cached by content hash."""
-        from .io import atomic_file
         from .metrics import cache_dir, dataset_reference, feature_stats, load_reference
+        from .outputs import atomic_file
 
         if self.kind == "dataset":
             ref = dataset_reference(extractor)
@@ -391,7 +391,7 @@ def evaluate(
     if dist_context()[0] != 0:
         return report  # under torchrun the other ranks only sample; rank 0 scores and writes
     if out is not None:
-        from .io import atomic_file, mark_output
+        from .outputs import atomic_file, mark_output
 
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "eval", files=[])

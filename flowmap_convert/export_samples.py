@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import FlowmapError
-from .io import atomic_dir, atomic_file, write_error
+from .outputs import atomic_dir, atomic_file, write_error
 from .sampling import UINT8_FORMULA, SampleSettings
 
 DEFAULT_CHUNK = 1000

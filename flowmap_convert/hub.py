@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FlowmapError
-from .io import CARD_NAME, CONFIG_NAME, is_model_dir
+from .outputs import CARD_NAME, CONFIG_NAME, is_model_dir
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")

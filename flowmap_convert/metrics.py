@@ -242,7 +242,7 @@ def fetch_inception_weights() -> Path:
         raise missing_weights_error("offline")
     dest = cache_dir() / INCEPTION_WEIGHTS
     try:
-        from .io import atomic_file
+        from .outputs import atomic_file
 
         with atomic_file(dest) as tmp:
             torch.hub.download_url_to_file(INCEPTION_URL, str(tmp), progress=False)
@@ -474,7 +474,7 @@ class ReferenceStats:
 
 def save_reference(path, mu, sigma) -> Path:
     """Write `mu`/`sigma` to an .npz atomically (ADM reference-batch key names)."""
-    from .io import atomic_file  # io imports torch; metrics stays numpy-only at import
+    from .outputs import atomic_file  # io imports torch; metrics stays numpy-only at import
 
     path = Path(path)
     with atomic_file(path, suffix=".npz") as tmp:

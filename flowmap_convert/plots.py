@@ -121,7 +121,7 @@ def draw_panel(g, font, box, series: list[Series], title: str, xlabel: str, xs: 
 
 def save_png(img, path) -> Path:
     """Write a PIL image atomically."""
-    from .io import atomic_file
+    from .outputs import atomic_file
 
     path = Path(path)
     with atomic_file(path, suffix=".png") as tmp:

@@ -56,8 +56,9 @@ def finetune_cmd(tmp_path, out, procs, grad_accum):
 
 
 def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch(tmp_path):
-    from flowmap_convert.io import export, is_model_dir
+    from flowmap_convert.io import export
     from flowmap_convert.model import FlowMap, read_model_dir
+    from flowmap_convert.outputs import is_model_dir
 
     torch.manual_seed(0)
     export(randomize(FlowMap(tiny_config(num_blocks=2))), tmp_path / "base")
@@ -84,6 +85,7 @@ def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch
     assert is_model_dir(ddp) and read_model_dir(ddp).config.training["processes"] == 2
     files = sorted(str(p.relative_to(ddp)) for p in ddp.rglob("*") if p.is_file())
     assert files == [
+        ".flowmap-output.json",  # the run's marker: a later run may reuse this directory, nothing else is touched
         "README.md",
         "checkpoints/latest.pt",
         "checkpoints/previous.pt",

@@ -33,8 +33,8 @@ def read_metrics(path):
 
 def test_decoder_only_keeps_encoder_bit_identical_and_exports(tmp_path):
     from flowmap_convert.finetuning import finetune
-    from flowmap_convert.io import is_model_dir
     from flowmap_convert.model import read_model_dir
+    from flowmap_convert.outputs import is_model_dir
 
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

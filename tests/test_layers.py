@@ -12,7 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # What each outside package may import from flowmap_convert (module names relative to the package root).
 ALLOWED = {
     # sources and families: read files, build backbones and FlowMaps; never the trainer, the search or the CLI
-    "adapters": {"errors", "config", "io", "model", "dit", "ddt", "ddpm", "layers", "validate", "progress", "runtime"},
+    "adapters": {
+        "errors",
+        "config",
+        "io",
+        "outputs",
+        "model",
+        "dit",
+        "ddt",
+        "ddpm",
+        "layers",
+        "validate",
+        "progress",
+        "runtime",
+    },
     # attention: nothing of the model (the model imports the kernels, not the other way round)
     "kernels": {"errors"},
 }

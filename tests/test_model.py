@@ -100,7 +100,7 @@ def test_public_functions_stay_callable_after_their_modules_are_imported():
 def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
     import numpy as np
 
-    from flowmap_convert.io import atomic_file
+    from flowmap_convert.outputs import atomic_file
 
     target = tmp_path / "sub" / "stats.npz"
     with atomic_file(target, suffix=".npz") as tmp:

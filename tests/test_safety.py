@@ -325,7 +325,7 @@ def test_sigterm_during_a_download_removes_the_part_file(http_base, tmp_path):
     assert not any(n.endswith(".part") for n in cache_files(tmp_path))
     dead = tmp_path / "cache" / "url" / f".{'0' * 16}-m.pt.999999999.ab.part"  # a killed run's leftover
     dead.write_bytes(b"x")
-    from flowmap_convert.io import clean_stale
+    from flowmap_convert.outputs import clean_stale
 
     assert clean_stale(dead.parent, dead.name.split(".999999999")[0][1:]) == [dead]
 
@@ -449,7 +449,7 @@ def test_convert_numbers_are_checked_before_any_work(tmp_path, option, value, me
 
 
 def test_mark_output_records_the_kind_for_in_place_directories(tmp_path):
-    from flowmap_convert.io import check_output, mark_output, output_kind
+    from flowmap_convert.outputs import check_output, mark_output, output_kind
 
     run = tmp_path / "run"
     run.mkdir()
@@ -467,7 +467,7 @@ def test_mark_output_records_the_kind_for_in_place_directories(tmp_path):
 
 
 def test_atomic_file_failure_keeps_the_old_file_and_names_temps_for_cleanup(tmp_path):
-    from flowmap_convert.io import atomic_file, write_text_atomic
+    from flowmap_convert.outputs import atomic_file, write_text_atomic
 
     target = write_text_atomic(tmp_path / "a.json", "old")
     with pytest.raises(RuntimeError):
@@ -479,10 +479,10 @@ def test_atomic_file_failure_keeps_the_old_file_and_names_temps_for_cleanup(tmp_
 
 
 def test_an_interrupted_swap_puts_the_old_output_back(tmp_path, monkeypatch):
-    from flowmap_convert import io
+    from flowmap_convert import outputs
 
     out = tmp_path / "out"
-    with io.atomic_dir(out, "samples") as tmp:
+    with outputs.atomic_dir(out, "samples") as tmp:
         (tmp / "grid.png").write_bytes(b"old")
     real, calls = os.rename, []
 
@@ -492,9 +492,9 @@ def test_an_interrupted_swap_puts_the_old_output_back(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(src, dst)
 
-    monkeypatch.setattr(io.os, "rename", rename)
+    monkeypatch.setattr(outputs.os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        with io.atomic_dir(out, "samples") as tmp:
+        with outputs.atomic_dir(out, "samples") as tmp:
             (tmp / "grid.png").write_bytes(b"new")
     monkeypatch.undo()
     assert calls and (out / "grid.png").read_bytes() == b"old"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import FlowmapError
-from ..io import check_workdir
+from ..outputs import check_workdir
 from .recipe import Recipe
 
 __all__ = ["finetune", "Recipe", "check_run_dir", "run_defaults"]

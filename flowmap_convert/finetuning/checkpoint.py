@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import FlowmapError
-from ..io import write_error
+from ..outputs import write_error
 
 CKPT_FORMAT = "flowmap-finetune/2"  # /2: a sha256 over the whole state (format /1 carried none)
 LATEST, PREVIOUS = "latest.pt", "previous.pt"

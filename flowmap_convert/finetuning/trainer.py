@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlowmapError
-from ..io import mark_output
+from ..outputs import mark_output
 from ..progress import Progress, format_seconds
 from ..runtime import resolve_device
 from . import checkpoint

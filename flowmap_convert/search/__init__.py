@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import FlowmapError
-from ..io import check_output, check_workdir, mark_output
+from ..outputs import check_output, check_workdir, mark_output
 from ..sampling import SampleSettings
 from .plan import DEFAULT_NUM_SAMPLES, DEFAULT_TEACHER_NFE, SearchPlan, default_depths, make_plan
 from .plot import plot_search

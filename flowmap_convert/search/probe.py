@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FlowmapError
-from ..io import atomic_file
+from ..outputs import atomic_file
 from ..sampling import SampleSettings
 from .plan import SearchPlan, survivors
 
