@@ -144,7 +144,7 @@ class Reference:
             )
 
     def _cached_shape(self):
-        from .metrics import cache_dir
+        from .extractors import cache_dir
 
         meta = cache_dir() / "reference" / f"{self._hash[:16]}.shape.json"
         if meta.is_file():
@@ -158,7 +158,9 @@ class Reference:
 
     def features(self, extractor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(features or None for stats-only references, mu, sigma) under `extractor`; cached by content hash."""
-        from .metrics import cache_dir, dataset_reference, feature_stats, load_reference
+        from .extractors import cache_dir
+        from .frechet import feature_stats
+        from .metrics import dataset_reference, load_reference
         from .outputs import atomic_file
 
         if self.kind == "dataset":
@@ -209,8 +211,9 @@ def _need(n: int, dim: int, what: str) -> None:
 
 def score(images, labels, metrics: list[str], reference: Reference, device="cpu", extractors=None) -> dict:
     """Every requested metric for one set of images (the extractors are built once and shared via `extractors`)."""
+    from .extractors import get_extractor
     from .frechet import feature_stats, frechet_distance
-    from .metrics import get_extractor, inception_score, precision_recall
+    from .metrics import inception_score, precision_recall
 
     extractors = {} if extractors is None else extractors
 
@@ -260,7 +263,7 @@ def score(images, labels, metrics: list[str], reference: Reference, device="cpu"
 
 def prepare_extractors(metrics: list[str], extractors: dict, device) -> None:
     """Build the extractors the metrics need (weights missing offline fail here, before any sampling)."""
-    from .metrics import get_extractor
+    from .extractors import get_extractor
 
     need = {"fid": "inception", "is": "inception", "pr": "inception", "fd_dinov2": "dinov2", "digits": "digits"}
     for m in metrics:
@@ -345,7 +348,7 @@ def evaluate(
         report.update(model_sha256=None, settings=None)
     else:
         from .api import load
-        from .metrics import auto_features
+        from .extractors import auto_features
 
         if out is None:
             raise FlowmapError("evaluating a model needs --out (where its samples are written and reused).")

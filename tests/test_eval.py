@@ -52,7 +52,7 @@ class TinyInception(torch.nn.Module):
 @pytest.fixture
 def local_inception(tmp_path, monkeypatch):
     """A locally built extractor weights file in $FLOWMAP_CACHE and a factory that loads it (no network)."""
-    import flowmap_convert.metrics as metrics
+    import flowmap_convert.extractors as extractors
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -68,7 +68,7 @@ def local_inception(tmp_path, monkeypatch):
         loaded.append(weights)
         return net
 
-    monkeypatch.setitem(metrics.INCEPTION_NETWORK, "factory", factory)
+    monkeypatch.setitem(extractors.INCEPTION_NETWORK, "factory", factory)
     return cache, loaded
 
 

@@ -149,7 +149,8 @@ def _load(source, source_options):
 def _probe_for(model, source_name, plan: SearchPlan, settings: SampleSettings, out) -> tuple[Probe, str]:
     """Extractor, reference and cache for this model: the Probe that measures every cell."""
     from ..decoders import get_decoder
-    from ..metrics import check_sample_count, dataset_reference, get_extractor, load_reference
+    from ..extractors import get_extractor
+    from ..metrics import check_sample_count, dataset_reference, load_reference
     from .probe import Draw, check_reference_dim, source_id, warn
 
     settings.resolve(model)  # sampler / guidance / classes against this model, before any work
