@@ -8,6 +8,7 @@ import random
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,47 @@ def test_option_numbers_never_trace(value, tmp_path, capsys, monkeypatch):
         assert code == 2 and "Traceback" not in err and err.strip().startswith("error:"), (opt, err)
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def numeric_options(command_name: str) -> list[str]:
+    """Every int / float option of a command, read from the CLI itself (new options are covered automatically)."""
+    import typer
+
+    def numeric(p) -> bool:
+        if getattr(p, "type", None) is not None:  # click's parameter types
+            return p.type.name in ("integer", "float")
+        ann = p.type_descriptor.annotation  # typer >= 0.20 keeps the annotation instead
+        return bool({ann, *typing.get_args(ann)} & {int, float})
+
+    cmd = typer.main.get_command(cli.app).commands[command_name]
+    return [
+        p.opts[0]
+        for p in cmd.params
+        if p.param_type_name == "option" and not getattr(p, "is_flag", False) and numeric(p)
+    ]
+
+
+BAD_NUMBERS = ["nan", "inf", "-inf", "1e309", "abc", ""]
+
+
+@pytest.mark.parametrize("command", ["sample", "finetune", "search-depth", "eval"])
+def test_random_bad_numbers_are_refused_up_front(command, tmp_path, capsys, monkeypatch):
+    """Any non-finite or non-numeric value of any numeric option: one line, exit 2, at once, nothing written."""
+    rng = random.Random(f"numbers-{command}")
+    opts = numeric_options(command)
+    assert len(opts) >= 3, opts
+    target = [] if command in ("sample", "finetune", "search-depth") else ["builtin:digits-sit"]
+    for i in range(6):
+        chosen = rng.sample(opts, k=rng.randint(1, min(3, len(opts))))
+        argv = [command, *target]
+        for opt in chosen:
+            argv += [opt, rng.choice(BAD_NUMBERS)]
+        out = tmp_path / f"out{i}"
+        t0 = time.perf_counter()
+        code, err = run_main([*argv, "--out", out], capsys, monkeypatch)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
+        assert time.perf_counter() - t0 < CASE_SECONDS, argv
+        assert not out.exists(), argv
+    assert [p.name for p in tmp_path.iterdir()] == []
