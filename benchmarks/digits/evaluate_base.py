@@ -5,7 +5,7 @@ Every row uses 2000 samples (200 per class, classes cycled 0..9), `fm.sample(mod
 Noise floors: (a) FD between two random halves of the real digits (5 seeded splits), (b) FD between two
 2000-sample sets drawn with seeds 0 and 1 at 32 steps, and each one's FD to the real digits.
 
-    python benchmarks/digits/evaluate_base.py                    # writes benchmarks/digits/results.json
+    python benchmarks/digits/evaluate_base.py                    # writes benchmarks/digits/results_base.json
     python benchmarks/digits/evaluate_base.py --model ./my-digits-model --nfe 1,4 --json /tmp/r.json
 """
 
@@ -62,7 +62,7 @@ def main() -> None:
     )
     ap.add_argument("--convert-nfe", type=int, default=4, help="Euler steps for the --convert-depths rows")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on shared cores)")
-    ap.add_argument("--json", type=Path, default=HERE / "results.json", help="where to write the numbers")
+    ap.add_argument("--json", type=Path, default=HERE / "results_base.json", help="where to write the numbers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.time()
