@@ -322,9 +322,7 @@ def evaluate(
     t_all = time.perf_counter()
     settings = settings or SampleSettings()
     ref = Reference(reference)
-    out = check_workdir(out, "eval", "flowmap eval output") if out is not None else None
-    if out is not None and Path(str(target)).resolve() == out.resolve():
-        raise FlowmapError(f"--out {out} is the samples or model being evaluated; choose another --out.")
+    out = check_workdir(out, "eval", "flowmap eval output", sources=(target,)) if out is not None else None
     results = []
     extractors: dict = {}
     path = Path(str(target))

@@ -174,6 +174,19 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _refuse_sources(out: Path, target: Path, sources, flag: str) -> None:
+    """One line when `out` is, or holds, a local path the command reads (builtin:NAME, URLs and Hub ids skipped)."""
+    for src in sources or ():
+        if src is None:
+            continue
+        text = str(src)
+        if ":" in text.split("/")[0] and not Path(text).exists():  # builtin:NAME, https://...
+            continue
+        sp = Path(os.path.expanduser(text))
+        if sp.exists() and _within(sp.resolve(), target):
+            raise FlowmapError(f"{flag} {out} is the source being read; choose another {flag}.")
+
+
 def check_output(out: str | os.PathLike, kind: str, *, force: bool = False, sources=(), flag: str = "--out") -> Path:
     """Fail now (one FlowmapError) if `out` may not be written or replaced; returns it as a Path.
 
@@ -187,15 +200,7 @@ def check_output(out: str | os.PathLike, kind: str, *, force: bool = False, sour
     if out.is_symlink():
         raise FlowmapError(f"{flag} {out} is a symbolic link; pass the real directory or another {flag}.")
     target = out.resolve()
-    for src in sources or ():
-        if src is None:
-            continue
-        text = str(src)
-        if ":" in text.split("/")[0] and not Path(text).exists():  # builtin:NAME, https://...
-            continue
-        sp = Path(os.path.expanduser(text))
-        if sp.exists() and _within(sp.resolve(), target):
-            raise FlowmapError(f"{flag} {out} is the source being read; choose another {flag}.")
+    _refuse_sources(out, target, sources, flag)
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
@@ -216,7 +221,7 @@ def check_output(out: str | os.PathLike, kind: str, *, force: bool = False, sour
 
 
 # ----------------------------------------------------------------------------------------------- atomic writers
-def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--out") -> Path:
+def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--out", sources=()) -> Path:
     """Up-front check of a directory written in place and resumed (a fine-tune run, a search, an evaluation).
 
     It may be new, empty, or one of ours of the same kind (its marker says so, and its contents are ours to
@@ -225,6 +230,7 @@ def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--o
     """
     _check_kind(kind)
     out = Path(out)
+    _refuse_sources(out, out.resolve(), sources, flag)
     if out.exists() and not out.is_dir():
         raise FlowmapError(f"{flag} {out} is a file; choose a directory for the {what}.")
     if out.is_dir() and any(out.iterdir()) and output_kind(out) != kind:

@@ -198,3 +198,14 @@ def test_eval_out_never_takes_a_users_folder(tmp_path):
     with pytest.raises(FlowmapError, match="not a flowmap eval output"):
         evaluate("builtin:digits-sit", nfe=[1], num_samples=100, out=user)
     assert [p.name for p in user.iterdir()] == ["paper.tex"]
+
+
+def test_eval_out_is_never_the_samples_being_read(tmp_path):
+    from flowmap_convert.evaluate import evaluate
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "000000.png").write_bytes(b"not read")
+    with pytest.raises(FlowmapError, match="is the source being read"):
+        evaluate(samples, out=samples)
+    assert [p.name for p in samples.iterdir()] == ["000000.png"]
