@@ -27,7 +27,7 @@ def test_plan_covers_every_row_and_is_deterministic(bench):
         plan = bench.build_plan(profile)
         again = bench.build_plan(profile)
         assert list(plan.jobs) == list(again.jobs), name  # keys depend only on settings
-        assert {r.group for r in plan.rows} == set(range(1, 9)), name
+        assert {r.group for r in plan.rows} == set(range(1, 10)), name  # the rows 1-8 and the shipped model
         types = {j.spec["type"] for j in plan.jobs.values()}
         assert {"eval", "finetune", "train_base", "real_floor", "seed_floor"} <= types
         for job in plan.jobs.values():
