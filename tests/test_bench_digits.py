@@ -61,7 +61,7 @@ def test_select_only_rows(bench):
     assert head_floor[0] in bench.select(plan, "8")  # row 8 fine-tunes the headline seed itself
     assert set(bench.select(plan, "")) == set(plan.jobs)
     with pytest.raises(SystemExit):
-        bench.select(plan, "9")
+        bench.select(plan, "10")
 
 
 def test_execute_caches_and_resumes(bench, tmp_path, monkeypatch):

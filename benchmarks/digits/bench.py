@@ -1149,7 +1149,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--work", type=Path, default=HERE / ".bench-cache", help="job cache and model directory")
     ap.add_argument("--out-dir", type=Path, default=HERE, help="where RESULTS.md, results.json, fd_vs_nfe.png go")
-    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-8; floors always)")
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (1-9; floors always)")
     ap.add_argument("--force", action="store_true", help="ignore the cache for the selected rows' jobs")
     ap.add_argument("--plan", action="store_true", help="print the plan and exit")
     ap.add_argument("--ship", type=Path, default=None, help="export the best 1-step model to this directory")
