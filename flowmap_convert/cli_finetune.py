@@ -67,7 +67,7 @@ def finetune_cmd(
         str,
         typer.Option(
             "--train",
-            help="all, or decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient).",
+            help="all; decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient, fastest); or decoder+time (DMF Sec. 3.1: the decoder and the timestep embedder, whose gradient flows back through the frozen encoder).",
         ),
     ] = "all",
     steps: Annotated[
@@ -101,7 +101,7 @@ def finetune_cmd(
         str,
         typer.Option(
             "--loss",
-            help="adaptive (DMF log-variance loss), adaptive-weight (MeanFlow 1/(|e|^2 + c)^p) or mse (diverged on digits).",
+            help="adaptive (DMF log-variance loss), adaptive-weight (MeanFlow: |e|^2 / (|e|^2 + c)^p, weight detached), mfrae (MF-RAE's released code: |e|^4 / (|e|^4 + c)^p) or mse (diverged on digits).",
         ),
     ] = "adaptive",
     derivative: Annotated[

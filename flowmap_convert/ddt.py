@@ -28,6 +28,8 @@ from .layers import LabelEmbedder, RMSNorm, modulate, sincos_pos_embed_2d
 class GaussianFourierEmbedder(nn.Module):
     """arg = t W 2 pi with a frozen W ~ N(0, 1) [256] -> [sin | cos] -> Linear(512, D) -> SiLU -> Linear (RAE)."""
 
+    fixed_parameters = ("W",)  # RAE keeps W at its random draw; fine-tuning must not move it
+
     def __init__(self, hidden_size: int, embedding_size: int = 256):
         super().__init__()
         self.W = nn.Parameter(torch.randn(embedding_size), requires_grad=False)  # must be loaded from the checkpoint

@@ -163,3 +163,30 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(bench, tmp_path):
     a = fm.load(clean["path"]).state_dict()
     b = fm.load(resumed["path"]).state_dict()
     assert all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_compare_matches_rows_by_job_and_uses_the_seed_floor(tmp_path):
+    spec = importlib.util.spec_from_file_location("digits_compare", BENCH.parent / "compare.py")
+    cmp_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp_mod)
+
+    def row(job, fd, train):
+        return {"row": 3, "setting": job, "nfe": 1, "sampler": "euler", "fd": fd, "train_wall_s": train, "job": job}
+
+    floors = {"seed_base": {"to_real": [2.7, 2.4]}, "seed_headline": {"to_real": [2.2, 2.3]}}
+    old = {"meta": {}, "rows": [row("a", 5.0, 0.0), row("b", 2.0, 10.0), row("c", 2.0, 10.0)]}
+    new = {
+        "meta": {"wall_s": 60},
+        "noise_floors": floors,
+        "rows": [row("a", 5.2, 0.0), row("b", 2.0, 10.0), row("c", 2.5, 10.0), row("d", 1.0, 10.0)],
+    }
+    out = cmp_mod.compare(old, new)
+    by = {r["setting"]: r for r in out["rows"]}
+    assert set(by) == {"a", "b", "c"} and out["unmatched_new_rows"] == 1
+    assert by["a"]["within"] and abs(by["a"]["floor"] - 0.3) < 1e-9  # untrained: the base's spread
+    assert by["b"]["within"] and by["b"]["diff"] == 0.0
+    assert not by["c"]["within"] and abs(by["c"]["floor"] - 0.1) < 1e-9  # trained: the headline's spread
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert cmp_mod.main([str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--out", str(tmp_path / "r.md")]) == 1
+    assert "| 3 | c | 1 | euler | 2.000 | 2.500 | +0.500 | 0.10 | NO |" in (tmp_path / "r.md").read_text()

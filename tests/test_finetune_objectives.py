@@ -126,6 +126,49 @@ def test_decoder_only_jvp_equals_full_jvp_and_only_decoder_gets_gradients():
     assert model.net.final_layer.linear.weight.grad.abs().sum() > 0
 
 
+def test_decoder_plus_time_trains_the_time_embedder_through_the_frozen_encoder():
+    """--train decoder+time (DMF Sec. 3.1): the timestep embedder gets the gradient of the whole model (its use by the
+    encoder included), the encoder blocks and the other embedders none, and u / du/dt are the full model's."""
+    from flowmap_convert.finetuning.common import mf_target
+    from flowmap_convert.finetuning.trainer import set_trainable
+
+    model = make(depth=3)
+    x, v, t, r, y = inputs()
+    # reference: every weight trainable, the whole model differentiated
+    set_trainable(model, "all")
+    u_a, tgt_a, _ = mf_target(ctx_for(model, "all"), x, t, r, y, v)
+    (u_a - tgt_a).pow(2).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    trainable = set_trainable(model, "decoder+time")
+    u_d, tgt_d, _ = mf_target(ctx_for(model, "decoder+time"), x, t, r, y, v)
+    assert torch.allclose(u_d, u_a, atol=1e-6) and torch.allclose(tgt_d, tgt_a, atol=1e-5)
+    (u_d - tgt_d).pow(2).sum().backward()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in names if n.startswith("net.t_embedder.")} and len(trainable) == len(names)
+    assert not any(
+        n.startswith(("net.x_embedder.", "net.y_embedder.", "net.blocks.0.", "net.blocks.2.")) for n in names
+    )
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # the same gradient as when everything trains: nothing was cut at the encoder
+            assert torch.allclose(p.grad, ref[n], atol=1e-6, rtol=1e-5), n
+        else:
+            assert p.grad is None, n
+
+
+def test_fixed_parameters_never_train():
+    """RAE's random Fourier frequencies W stay fixed under every --train choice."""
+    from flowmap_convert.ddt import GaussianFourierEmbedder
+    from flowmap_convert.finetuning.trainer import set_trainable
+
+    model = make(depth=3)
+    model.net.t_embedder.extra = GaussianFourierEmbedder(8)  # a module that declares a fixed parameter
+    for part in ("all", "decoder", "decoder+time"):
+        set_trainable(model, part)
+        assert not model.net.t_embedder.extra.W.requires_grad, part
+        assert model.net.t_embedder.extra.mlp[0].weight.requires_grad == (part != "decoder"), part
+
+
 def _fp64(monkeypatch):
     """Run the tiny model fully in float64 (the CPU attention placeholder and time embedding compute in fp32)."""
     import flowmap_convert.dit as dit
@@ -245,6 +288,26 @@ def test_losses():
     # the weight is detached: d/de [w m] = w * 2 e with w = 1 / (m + c)
     assert torch.allclose(err.grad, 2 * err.detach() / (m + 1e-3).reshape(-1, 1, 1, 1), atol=1e-6)
     assert torch.allclose(per_sample_loss(err, None, Recipe(loss="mse")), mse)
+
+
+def test_mfrae_loss_is_the_released_squared_form():
+    """MF-RAE's code: m = sum e^2, w = sg(1 / (m^2 + c)^p), loss = w m^2; value and gradient against that formula."""
+    from flowmap_convert.finetuning.common import per_sample_loss
+    from flowmap_convert.finetuning.recipe import Recipe
+
+    err = (0.3 * torch.randn(5, 2, 3, 3)).requires_grad_(True)
+    for p in (1.0, 0.5):
+        err.grad = None
+        got = per_sample_loss(err, None, Recipe(loss="mfrae", adaptive_p=p))
+        m = err.detach().pow(2).sum((1, 2, 3))
+        assert torch.allclose(got.detach(), m**2 / (m**2 + 1e-3) ** p, rtol=1e-5)
+        got.sum().backward()
+        # d/de [w m^2] = w * 2 m * 2 e, the weight held fixed
+        want = (4 * m / (m**2 + 1e-3) ** p).reshape(-1, 1, 1, 1) * err.detach()
+        assert torch.allclose(err.grad, want, rtol=1e-4, atol=1e-6)
+    # not the MeanFlow form: for |e|^2 = m the two differ
+    other = per_sample_loss(err.detach(), None, Recipe(loss="adaptive-weight"))
+    assert not torch.allclose(other, per_sample_loss(err.detach(), None, Recipe(loss="mfrae")))
 
 
 def test_cmt_trajectory_and_chords_with_a_constant_teacher():

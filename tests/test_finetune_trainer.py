@@ -265,7 +265,12 @@ def test_every_trainable_parameter_gets_a_gradient_for_ddp():
     from flowmap_convert.finetuning.recipe import Recipe
     from flowmap_convert.finetuning.trainer import Trainer
 
-    for obj, train, loss in [("dmf", "all", "mse"), ("mfd", "decoder", "adaptive"), ("cmt", "all", "adaptive")]:
+    for obj, train, loss in [
+        ("dmf", "all", "mse"),
+        ("mfd", "decoder", "adaptive"),
+        ("dmf", "decoder+time", "mfrae"),
+        ("cmt", "all", "adaptive"),
+    ]:
         model = small_model()
         model.logvar_linear = torch.nn.Linear(256, 1)  # a head from an earlier adaptive-loss fine-tune
         rec = Recipe(objective=obj, train=train, loss=loss, batch_size=2, steps=1, cmt_states=2)

@@ -84,6 +84,11 @@ def per_sample_loss(err: torch.Tensor, lv: torch.Tensor | None, recipe: Recipe) 
             1.0 / (m.detach() + recipe.adaptive_c) ** recipe.adaptive_p
         )  # MeanFlow adaptive weight, w = sg(1/(|e|^2 + c)^p)
         return w * m
+    if recipe.loss == "mfrae":
+        # MF-RAE's released training code squares the summed error once more: w = sg(1 / (m^2 + c)^p), loss = w m^2
+        # with m = |e|^2 (docs/objectives.md); for m >> sqrt(c) its gradient is about twice adaptive-weight's
+        m2 = err.pow(2).sum(dim=(1, 2, 3)).pow(2)
+        return m2 / (m2.detach() + recipe.adaptive_c) ** recipe.adaptive_p
     return err.pow(2).mean(dim=(1, 2, 3))  # plain MSE
 
 

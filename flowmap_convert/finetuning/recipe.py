@@ -10,9 +10,9 @@ from ..errors import FlowmapError
 from ..validate import finite_float, int_in_range, interval, seed
 
 OBJECTIVES = ("dmf", "mfd", "mft", "cmt", "fm")
-LOSSES = ("adaptive", "adaptive-weight", "mse")
+LOSSES = ("adaptive", "adaptive-weight", "mfrae", "mse")
 DERIVATIVES = ("jvp", "fd")
-TRAIN_PARTS = ("decoder", "all")
+TRAIN_PARTS = ("decoder", "decoder+time", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTION = ("auto", "triton", "sdpa", "math")
 
@@ -24,7 +24,9 @@ class Recipe:
     objective: str = (
         "dmf"  # dmf (FM + MeanFlow, 2510.24474) | mfd | mft | cmt (MF-RAE, 2511.13019) | fm (flow matching only)
     )
-    train: str = "all"  # all parameters, or the decoder only (blocks[depth:] + head; encoder and embedders frozen)
+    train: str = (
+        "all"  # all | decoder (blocks[depth:] + head) | decoder+time (also the timestep embedder, DMF Sec. 3.1)
+    )
     steps: int = 1000  # optimizer steps
     batch_size: int = 64  # per-process micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -35,7 +37,7 @@ class Recipe:
     grad_clip: float = 1.0  # max global gradient norm (DMF: 1.0); 0 disables
     ema: float = -1.0  # EMA decay; < 0 picks one from the run length (see ema_decay())
     ema_warmup: bool = True  # decay_n = min(ema, (1 + n) / (10 + n)): early EMA follows the weights
-    loss: str = "adaptive"  # adaptive (DMF log-variance loss) | adaptive-weight (MeanFlow 1/(|e|^2+c)^p) | mse
+    loss: str = "adaptive"  # adaptive (DMF log-variance) | adaptive-weight (MeanFlow) | mfrae (MF-RAE's code) | mse
     adaptive_p: float = 1.0  # power p of the adaptive weight (MeanFlow / MF-RAE)
     adaptive_c: float = 1e-3  # constant c of the adaptive weight
     logvar_eps: float = 0.01  # eps inside log(mse * exp(-lv) + eps) (DMF log_lv_loss)

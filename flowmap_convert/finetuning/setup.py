@@ -54,21 +54,28 @@ def prepare_model(model_or_source, recipe: Recipe):
 
 
 def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter]:
-    """Freeze what --train excludes; decoder: the embedders and blocks[:depth] stay fixed (DMF §3.1 decoder fine-tuning).
+    """Freeze what --train excludes (docs/objectives.md, decoder-only fine-tuning).
 
-    A log-variance head that the loss does not use (any loss but adaptive) stays frozen too: DDP needs a gradient
-    for every parameter that trains.
+    decoder: the embedders and blocks[:depth] stay fixed; decoder+time: the same but the timestep embedder trains
+    (DMF Sec. 3.1 fine-tunes "the decoder (and timestep embeddings layers)"). Parameters an architecture defines as
+    fixed (a sin-cos position table, RAE's random Fourier frequencies) never train. A log-variance head that the loss
+    does not use (any loss but adaptive) stays frozen too: DDP needs a gradient for every parameter that trains.
     """
     for p in model.parameters():
         p.requires_grad_(True)
     net = model.net
-    if hasattr(net, "pos_embed"):
-        net.pos_embed.requires_grad_(False)  # fixed sin-cos table
-    if part == "decoder":
+    if part in ("decoder", "decoder+time"):
         if not Calls.can_split(model):
-            raise FlowmapError("--train decoder needs a decoupled DiT-style flow map; use --train all for this model.")
+            raise FlowmapError(f"--train {part} needs a decoupled DiT-style flow map; use --train all for this model.")
         for mod in (net.x_embedder, net.t_embedder, net.y_embedder, *net.blocks[: model.depth]):
             mod.requires_grad_(False)
+        if part == "decoder+time":
+            net.t_embedder.requires_grad_(True)
+    if hasattr(net, "pos_embed"):
+        net.pos_embed.requires_grad_(False)  # fixed sin-cos table
+    for mod in net.modules():
+        for name in getattr(mod, "fixed_parameters", ()):
+            getattr(mod, name).requires_grad_(False)
     if loss != "adaptive" and getattr(model, "logvar_linear", None) is not None:
         model.logvar_linear.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]

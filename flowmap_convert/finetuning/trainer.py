@@ -84,6 +84,8 @@ class Trainer:
         self.data = load_dataset(data, self.model.config.latent, self.device)
         check_dataset(self.data, self.model.config)
         self.sampler = EpochSampler(len(self.data), recipe.batch_size, recipe.seed)
+        # decoder: the encoder runs once without gradient; decoder+time: the timestep embedder's gradient also flows
+        # back through the frozen encoder blocks, so the model is called whole
         self.calls = Calls(self.model, decoder_only=recipe.train == "decoder")
         self.ctx = Context(self.calls, recipe, self.model.config.num_classes, self.teacher)
         self.objective = OBJECTIVE_FNS[recipe.objective]
