@@ -869,12 +869,13 @@ def findings(res: dict, p: Profile) -> dict[int, list[str]]:
                 + (f"; best untrained conversion was '{c['setting']}' (FD {c['fd']:.2f})." if c else ".")
             )
     for nfe in p.ft_nfe:
-        v = [
+        v = [  # one entry per length (the 300-step sweep row and the 300-step length row are the same job)
             f"{steps} steps FD {r['fd']:.2f}"
             for steps in p.lengths
             for r in rows
             if r["row"] == 3 and r["nfe"] == nfe and r["setting"] == f"DMF all, depth {p.best_depth}, {steps} steps"
         ]
+        v = list(dict.fromkeys(v))
         if v:
             lines.append(f"NFE {nfe}, length (all parameters, depth {p.best_depth}): " + ", ".join(v) + ".")
     out[3] = lines
@@ -1172,7 +1173,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     meta = {
-        "command": "python benchmarks/digits/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/digits/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "profile": plan.p.name,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
