@@ -105,6 +105,18 @@ def test_execute_keeps_going_after_a_failure(bench, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_ship_refuses_a_directory_flowmap_did_not_write(bench, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["--profile", "quick", "--work", str(tmp_path / "work"), "--out-dir", str(tmp_path / "o"), "--workers", "1"]
+    with pytest.raises(SystemExit) as e:
+        bench.main(args + ["--ship", str(mine)])
+    assert e.value.code == 2 and "--ship" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me" and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
 def test_quick_profile_end_to_end(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     import torch
@@ -117,16 +129,20 @@ def test_quick_profile_end_to_end(bench, tmp_path, monkeypatch):
     data = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "fd_vs_nfe.png").stat().st_size > 1000
     assert (tmp_path / "ship" / "config.json").exists()
-    assert {r["row"] for r in data["rows"]} == set(range(1, 9))
+    assert {r["row"] for r in data["rows"]} == set(range(1, 10))
     for r in data["rows"]:
         assert r["fd"] is not None and r["command"].startswith("fm.sample(")
         assert r["samples"] == 200 and r["eval_wall_s"] is not None and r["train_wall_s"] is not None
     assert {"real_halves", "seed_base", "seed_headline"} <= set(data["noise_floors"])
-    for g in range(1, 9):
+    for g in range(1, 10):
         assert f"## {g}. " in md
     assert md.count("Noise floors: base at") >= 8  # every comparison section states the floors
-    assert re.search(r"Best 1-step model: .* = \*\*[0-9.]+x\*\* the base's best FD .* acceptance <= 1.1x", md)
-    assert re.search(r"Best 2-step model: .* acceptance <= 1.0x: \*\*(PASS|FAIL)\*\*", md)
+    assert re.search(
+        r"Best 1-step model of the run: .* = \*\*[0-9.]+x\*\* the base's best FD .* acceptance <= 1.1x", md
+    )
+    assert re.search(r"Best 2-step model of the run: .* acceptance <= 1.0x: \*\*(PASS|FAIL)\*\*", md)
+    assert re.search(r"Shipped builtin:digits-dmf at 1 NFE: .* acceptance <= 1.1x: \*\*(PASS|FAIL)\*\*", md)
+    assert json.loads((tmp_path / "ship" / "config.json").read_text())["conditioning"] == "decoupled"
     again = bench.main(args)
     assert again["meta"]["jobs_run"] == 0  # everything cached
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == data["rows"]

@@ -1093,21 +1093,48 @@ def plot(path: Path, res: dict) -> None:
 
 
 def ship(res: dict, plan: Plan, records: dict, work: Path, dest: Path, log=print) -> None:
-    """Export the best 1-step model's directory (EMA weights, config, card) to dest."""
-    best = res["headline"].get("nfe1")
-    if not best:
-        raise SystemExit("--ship: no 1-step row has run yet")
-    model = plan.jobs[best["job"]].spec["model"]
-    if "job" in model and "depth" not in model:
-        src = Path(records[model["job"]]["result"]["path"])
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoints", "raw", "samples", ".export.*"))
-    else:  # an untrained conversion: write it the way `flowmap convert --out` does
-        from flowmap_convert.io import export
+    """Export the run's best 1-step model (EMA weights, config, card) to dest, the way `flowmap convert --out` writes.
 
-        shutil.rmtree(dest, ignore_errors=True)
-        export(resolve_model(model, work), dest)
+    The shipped builtin itself (row 9) is not a candidate: --ship is how a new builtin is made. dest is replaced only
+    when flowmap wrote it (flowmap_convert.outputs), so a directory the user made is never removed.
+    """
+    from flowmap_convert.outputs import atomic_dir
+
+    cand = [
+        r
+        for r in res["rows"]
+        if r["row"] not in (1, 9) and r["nfe"] == 1 and r["fd"] is not None and r["sampler"] == "euler"
+    ]
+    if not cand:
+        raise SystemExit("--ship: no 1-step row has run yet")
+    best = min(cand, key=lambda r: r["fd"])
+    model = plan.jobs[best["job"]].spec["model"]
+    with atomic_dir(dest, "model") as tmp:
+        if "job" in model and "depth" not in model:
+            src = Path(records[model["job"]]["result"]["path"])
+            skip = {"checkpoints", "raw", "samples", ".flowmap-output.json"}
+            for item in src.iterdir():
+                if item.name not in skip and not item.name.startswith(".export."):
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        else:  # an untrained conversion
+            from flowmap_convert.io import write_model_dir
+
+            write_model_dir(resolve_model(model, work), tmp)
     log(f"shipped the best 1-step model ({best['setting']}, FD {best['fd']:.2f}) to {dest}")
+
+
+def check_ship(dest: Path | None) -> None:
+    """Refuse a --ship directory flowmap may not replace before any job runs (one line, exit 2)."""
+    if dest is None:
+        return
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.outputs import check_output
+
+    try:
+        check_output(dest, "model", flag="--ship")
+    except FlowmapError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -1156,6 +1183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ship", type=Path, default=None, help="export the best 1-step model to this directory")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    check_ship(args.ship)
     t0 = time.perf_counter()
     plan = build_plan(PROFILES[args.profile])
     work = args.work.resolve()
