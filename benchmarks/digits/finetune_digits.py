@@ -55,6 +55,14 @@ def main():
     ap.add_argument("--record", default="benchmarks/digits/FINETUNE.md")
     a = ap.parse_args()
     nfes = [int(s) for s in a.nfe.split(",")]
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.outputs import check_output
+
+    try:  # before any work: an existing --run-dir is replaced only when an earlier fine-tune wrote it
+        check_output(a.run_dir, "run", flag="--run-dir")
+    except FlowmapError as e:
+        print(f"error: {str(e).replace('pass --force to replace it, or ', '')}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     from flowmap_convert.api import convert
     from flowmap_convert.finetuning import finetune
@@ -69,7 +77,8 @@ def main():
 
     import shutil
 
-    shutil.rmtree(a.run_dir, ignore_errors=True)
+    if Path(a.run_dir).exists():
+        shutil.rmtree(a.run_dir)  # ours (checked above): a fresh run, not a resume
     t0 = time.perf_counter()
     ema = finetune(
         convert(a.model, depth=a.depth),
