@@ -104,7 +104,6 @@ def test_execute_keeps_going_after_a_failure(bench, tmp_path, monkeypatch):
     assert not (tmp_path / "jobs" / f"{bad}.json").exists()  # retried next time
 
 
-@pytest.mark.slow
 def test_ship_refuses_a_directory_flowmap_did_not_write(bench, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
