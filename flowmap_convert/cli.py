@@ -82,11 +82,13 @@ def guarded(fn):
     return wrapper
 
 
-def check_out_dir(out: Path, kind: str = "model", *, force: bool = False, sources=()) -> Path:
-    """Fail now, before a long download or conversion, if --out may not be written (rules: flowmap_convert.io)."""
+def check_out_dir(
+    out: Path, kind: str = "model", *, force: bool = False, force_flag: str | None = None, sources=()
+) -> Path:
+    """Fail now, before a long download or conversion, if --out may not be written (rules: flowmap_convert.outputs)."""
     from .outputs import check_output
 
-    return check_output(out, kind, force=force, sources=sources)
+    return check_output(out, kind, force=force, sources=sources, force_flag=force_flag)
 
 
 def source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256) -> dict:
@@ -170,7 +172,7 @@ def convert(
         raise FlowmapError(f"--sha256 {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
     if (weights or "auto").lower() not in ("auto", "ema", "model"):
         raise FlowmapError(f"--weights {weights!r} is not one of auto, ema, model; pass one of them.")
-    check_out_dir(out, "model", force=force, sources=(source,))
+    check_out_dir(out, "model", force=force, force_flag="--force", sources=(source,))
     opts = source_options(revision, filename, family, weights, num_heads, trust_pickle, sha256)
     opts["allow_nonfinite"] = allow_nonfinite
     if encoder_depth is not None:

@@ -145,7 +145,7 @@ def export(
     sources=(),
 ) -> Path:
     """Atomically export a FlowMap to `out` (see the module docstring for when an existing `out` is replaced)."""
-    with atomic_dir(out, "model", force=force, sources=sources) as tmp:
+    with atomic_dir(out, "model", force=force, sources=sources, force_flag="--force") as tmp:
         write_model_dir(model, tmp, card=card, extra_files=extra_files)
     return Path(out)
 

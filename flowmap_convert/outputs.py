@@ -3,7 +3,7 @@
 Output marker and `--out` rules
 -------------------------------
 Every output directory flowmap creates gets a `.flowmap-output.json`, written last, holding
-`{"kind": "model" | "samples" | "run" | "encode" | "search", "files": [every file we wrote, relative paths],
+`{"kind": "model" | "samples" | "run" | "encode" | "search" | "eval", "files": [every file we wrote, relative paths],
 "flowmap_version": ...}`. An existing `--out` is replaced only when it is
 
 * empty, or
@@ -11,8 +11,8 @@ Every output directory flowmap creates gets a `.flowmap-output.json`, written la
   export of an older flowmap without a marker that holds only the files that version wrote (`LEGACY_FILES`);
 
 and never when it is (or contains) a source the command reads, a symbolic link, not a directory, or read-only.
-Anything else fails up front with one line naming `--force` (commands that have it) or another path; `--force`
-lifts only the "ours" rule. `check_output` is that up-front check (every command calls it before any work).
+Anything else fails up front with one line naming `--force` (commands that have it: `force_flag`) or another
+path; `--force` lifts only the "ours" rule. `check_output` is that up-front check (every command calls it before any work).
 
 Replacement is atomic (`atomic_dir`): the new output is written complete into `.NAME.<pid>.<random>.tmp` beside
 `--out`, the old one is renamed aside to `.NAME.<pid>.<random>.old`, the new one renamed in, and the old one
@@ -187,11 +187,20 @@ def _refuse_sources(out: Path, target: Path, sources, flag: str) -> None:
             raise FlowmapError(f"{flag} {out} is the source being read; choose another {flag}.")
 
 
-def check_output(out: str | os.PathLike, kind: str, *, force: bool = False, sources=(), flag: str = "--out") -> Path:
+def check_output(
+    out: str | os.PathLike,
+    kind: str,
+    *,
+    force: bool = False,
+    sources=(),
+    flag: str = "--out",
+    force_flag: str | None = None,
+) -> Path:
     """Fail now (one FlowmapError) if `out` may not be written or replaced; returns it as a Path.
 
     `sources` are what the command reads (local paths; other strings are ignored): an `out` that is, or holds,
-    one of them is refused even with --force. `force` replaces a directory that is not ours.
+    one of them is refused even with --force. `force` replaces a directory that is not ours; `force_flag` is the
+    option that sets it, named in the refusal (None for commands that have no such option).
     """
     _check_kind(kind)
     out = Path(out)
@@ -213,14 +222,14 @@ def check_output(out: str | os.PathLike, kind: str, *, force: bool = False, sour
             raise FlowmapError(f"{flag} {out} is read-only; make it writable or choose another {flag}.")
         ok, why = _ours(out, kind)
         if not ok and not force:
-            raise FlowmapError(f"{flag} {out} exists and {why}; pass --force to replace it, or choose another {flag}.")
+            hint = f"pass {force_flag} to replace it, or " if force_flag else ""
+            raise FlowmapError(f"{flag} {out} exists and {why}; {hint}choose another {flag}.")
     elif not os.access(parent, os.W_OK | os.X_OK):
         raise FlowmapError(f"cannot write to {out} ({parent} is not writable); choose another {flag}.")
     clean_stale(target.parent, target.name)
     return out
 
 
-# ----------------------------------------------------------------------------------------------- atomic writers
 def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--out", sources=()) -> Path:
     """Up-front check of a directory written in place and resumed (a fine-tune run, a search, an evaluation).
 
@@ -233,8 +242,8 @@ def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--o
     _refuse_sources(out, out.resolve(), sources, flag)
     if out.exists() and not out.is_dir():
         raise FlowmapError(f"{flag} {out} is a file; choose a directory for the {what}.")
-    if out.is_dir() and any(out.iterdir()) and output_kind(out) != kind:
-        held = output_kind(out)
+    held = output_kind(out) if out.is_dir() and any(out.iterdir()) else kind
+    if held != kind:
         held = f"a flowmap {held} output" if held else "files flowmap did not write"
         raise FlowmapError(
             f"{flag} {out} holds {held}, not a {what}; choose a new or empty directory (nothing was changed)."
@@ -242,6 +251,7 @@ def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--o
     return out
 
 
+# ----------------------------------------------------------------------------------------------- atomic writers
 def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -249,14 +259,14 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, kind: str, *, force: bool = False, sources=()):
+def atomic_dir(out: str | os.PathLike, kind: str, *, force: bool = False, sources=(), force_flag: str | None = None):
     """Yield a temporary sibling directory; on success it gets the marker and replaces `out` by rename.
 
     The old `out` (checked again by `check_output` right before the swap) is renamed aside, the new one renamed
     in, the old one removed. On any failure the temporary directory is removed and `out` is left untouched;
     OSErrors (disk full, permissions) become one FlowmapError.
     """
-    out = check_output(out, kind, force=force, sources=sources)
+    out = check_output(out, kind, force=force, sources=sources, force_flag=force_flag)
     parent = out.absolute().parent
     name = out.absolute().name
     try:
@@ -270,7 +280,7 @@ def atomic_dir(out: str | os.PathLike, kind: str, *, force: bool = False, source
         try:
             yield tmp
             mark_output(tmp, kind)
-            check_output(out, kind, force=force, sources=sources)  # nothing changed under us meanwhile
+            check_output(out, kind, force=force, sources=sources, force_flag=force_flag)  # nothing changed meanwhile
             if out.exists():
                 aside = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
                 os.rename(out, aside)

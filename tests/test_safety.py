@@ -71,6 +71,17 @@ def test_convert_into_a_user_project_keeps_its_files_and_force_replaces(tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".proj.")]  # no temp or aside dir left
 
 
+def test_commands_without_force_do_not_suggest_it(tmp_path):
+    """sample and encode have no --force: refusing a user's folder names only another --out."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("keep")
+    r = invoke("sample", BUILTIN, "--nfe", "1", "-n", "2", "--out", proj)
+    one_line_error(r, r"proj exists and is not a flowmap output.*choose another --out")
+    assert "--force" not in r.stderr
+    assert snapshot(proj) == {"notes.txt": b"keep"}
+
+
 def test_own_output_is_replaced_but_not_after_the_user_adds_a_file(tmp_path, model_dir):
     out = tmp_path / "out"
     assert invoke("convert", BUILTIN, "--out", out, "--depth", "2").exit_code == 0
