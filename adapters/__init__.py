@@ -64,8 +64,9 @@ def builtin_path(name: str) -> Path:
             "builtin:digits-classifier is the evaluation classifier for builtin:digits (accuracy and FID features), "
             "not a flow model; convert or sample builtin:digits-sit instead."
         )
-    if name not in builtin_models():  # never a path: builtin:/etc and builtin:../x name no builtin model
-        known = ", ".join(f"builtin:{n}" for n in builtin_models())
+    known = builtin_models()
+    if name not in known:  # never a path: builtin:/etc and builtin:../x name no builtin model
+        known = ", ".join(f"builtin:{n}" for n in known)
         raise FlowmapError(f"unknown builtin model {name!r}; available: {known or 'none'}.")
     return BUILTIN_DIR / name
 

@@ -67,7 +67,7 @@ def finetune_cmd(
         str,
         typer.Option(
             "--train",
-            help="all; decoder (blocks[depth:] + head; encoder and embedders frozen, run once without gradient, fastest); or decoder+time (DMF Sec. 3.1: the decoder and the timestep embedder, whose gradient flows back through the frozen encoder).",
+            help="all; decoder (the blocks from --depth on + head; encoder and embedders frozen, run once without gradient, fastest); or decoder+time (DMF Sec. 3.1: the decoder and the timestep embedder, whose gradient flows back through the frozen encoder).",
         ),
     ] = "all",
     steps: Annotated[

@@ -48,7 +48,7 @@ def check_run_dir(out, resume: bool) -> Path:
 
     A file, or a directory (or its nearest existing parent) this process cannot write, is refused. An existing
     non-empty directory is used only when it is a fine-tune run flowmap made (its output marker says "run",
-    flowmap_convert.io): never a folder of the user's, a model or samples. A new run into a run that holds
+    flowmap_convert.outputs): never a folder of the user's, a model or samples. A new run into a run that holds
     checkpoints is refused too (--resume continues it).
     """
     out = check_workdir(out, "run", "fine-tune run")
