@@ -104,7 +104,7 @@ def test_execute_keeps_going_after_a_failure(bench, tmp_path, monkeypatch):
     assert not (tmp_path / "jobs" / f"{bad}.json").exists()  # retried next time
 
 
-def test_ship_refuses_a_directory_flowmap_did_not_write(bench, tmp_path, capsys):
+def test_ship_and_out_dir_refuse_what_the_bench_did_not_write(bench, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
@@ -113,6 +113,13 @@ def test_ship_refuses_a_directory_flowmap_did_not_write(bench, tmp_path, capsys)
         bench.main(args + ["--ship", str(mine)])
     assert e.value.code == 2 and "--ship" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me" and not (tmp_path / "work").exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "RESULTS.md").write_text("my own results")
+    with pytest.raises(SystemExit) as e:
+        bench.main(args[:-4] + ["--out-dir", str(theirs)])
+    assert e.value.code == 2 and "--out-dir" in capsys.readouterr().err
+    assert (theirs / "RESULTS.md").read_text() == "my own results" and not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow

@@ -1098,7 +1098,7 @@ def ship(res: dict, plan: Plan, records: dict, work: Path, dest: Path, log=print
     The shipped builtin itself (row 9) is not a candidate: --ship is how a new builtin is made. dest is replaced only
     when flowmap wrote it (flowmap_convert.outputs), so a directory the user made is never removed.
     """
-    from flowmap_convert.outputs import atomic_dir
+    from flowmap_convert.outputs import MARKER_NAME, atomic_dir
 
     cand = [
         r
@@ -1112,15 +1112,34 @@ def ship(res: dict, plan: Plan, records: dict, work: Path, dest: Path, log=print
     with atomic_dir(dest, "model") as tmp:
         if "job" in model and "depth" not in model:
             src = Path(records[model["job"]]["result"]["path"])
-            skip = {"checkpoints", "raw", "samples", ".flowmap-output.json"}
-            for item in src.iterdir():
-                if item.name not in skip and not item.name.startswith(".export."):
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            skip = shutil.ignore_patterns("checkpoints", "raw", "samples", ".export.*", MARKER_NAME)
+            shutil.copytree(src, tmp, ignore=skip, dirs_exist_ok=True)
         else:  # an untrained conversion
             from flowmap_convert.io import write_model_dir
 
             write_model_dir(resolve_model(model, work), tmp)
     log(f"shipped the best 1-step model ({best['setting']}, FD {best['fd']:.2f}) to {dest}")
+
+
+REPORT_FILES = ("RESULTS.md", "results.json", "fd_vs_nfe.png")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out-dir whose report files this script did not write (one line, exit 2), before any job runs."""
+    try:
+        ours = "meta" in json.loads((out_dir / "results.json").read_text()) and (
+            out_dir / "RESULTS.md"
+        ).read_text().startswith("# Digits benchmark")
+    except (OSError, ValueError, TypeError):
+        ours = False
+    present = [n for n in REPORT_FILES if (out_dir / n).exists()]
+    if present and not ours:
+        print(
+            f"error: --out-dir {out_dir} holds {', '.join(present)} that make bench-digits did not write; "
+            "choose another --out-dir.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 def check_ship(dest: Path | None) -> None:
@@ -1183,6 +1202,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ship", type=Path, default=None, help="export the best 1-step model to this directory")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    check_out_dir(args.out_dir)
     check_ship(args.ship)
     t0 = time.perf_counter()
     plan = build_plan(PROFILES[args.profile])

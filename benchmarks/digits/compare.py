@@ -53,10 +53,7 @@ def compare(old: dict, new: dict) -> dict:
                 "within": floor is not None and abs(diff) <= floor,
             }
         )
-    seen = {(r["row"], r["setting"], r["nfe"], r["sampler"]) for r in rows}
-    unmatched = sum(
-        1 for r in new["rows"] if r["fd"] is not None and (r["row"], r["setting"], r["nfe"], r["sampler"]) not in seen
-    )
+    unmatched = sum(1 for r in new["rows"] if r["fd"] is not None and r["job"] not in before)
     return {"rows": rows, "spreads": spreads, "unmatched_new_rows": unmatched}
 
 

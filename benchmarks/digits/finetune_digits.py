@@ -56,12 +56,12 @@ def main():
     a = ap.parse_args()
     nfes = [int(s) for s in a.nfe.split(",")]
     from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.outputs import check_output
+    from flowmap_convert.outputs import check_workdir
 
     try:  # before any work: an existing --run-dir is replaced only when an earlier fine-tune wrote it
-        check_output(a.run_dir, "run", flag="--run-dir")
+        check_workdir(a.run_dir, "run", "fine-tune run", flag="--run-dir")
     except FlowmapError as e:
-        print(f"error: {str(e).replace('pass --force to replace it, or ', '')}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
     from flowmap_convert.api import convert
