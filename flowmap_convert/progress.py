@@ -128,9 +128,14 @@ class Progress:
                 self._emit()
 
     def _emit(self) -> None:
-        """Write one plain line and flush (log files see it at once)."""
+        """Write one plain line and flush (log files see it at once).
+
+        One write call with its newline: ranks of a launch share one stderr pipe, and a line written in pieces
+        (print writes the text, then the newline) can be split by another rank's line.
+        """
         self._last_line = time.perf_counter()
-        print(self.line(), file=self.stream, flush=True)
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
 
 
 def _fmt(v) -> str:
