@@ -69,14 +69,16 @@ def test_decoder_only_u_and_dudt_equal_the_full_model(family):
     x, v, t, r, y = batch(model)
     dec, full = Calls(model, decoder_only=True), Calls(model)
     u_ref = model(x, t, r, y).detach()
-    assert (dec.u(x, t, r, y).detach() - u_ref).abs().max().item() <= 1e-6
-    assert (full.u(x, t, r, y).detach() - u_ref).abs().max().item() <= 1e-6
+    # fp32 rounding grows with the magnitude: a few ulps of |u| (about 4 here) exceed 1e-6 on some CPUs' kernels
+    tol_u = 1e-6 * max(1.0, u_ref.abs().max().item())
+    assert (dec.u(x, t, r, y).detach() - u_ref).abs().max().item() <= tol_u
+    assert (full.u(x, t, r, y).detach() - u_ref).abs().max().item() <= tol_u
     # the full model's du/dt along (v, 1, 0), straight from torch.func on model(x, t, r, y)
     _, dudt_ref = jvp(lambda x_, t_: model(x_, t_, r, y), (x, t), (v, torch.ones(3)))
     u_d, dudt_d = dec.u_and_dudt_jvp(x, t, r, y, v)
     u_f, dudt_f = full.u_and_dudt_jvp(x, t, r, y, v)
     scale = max(1.0, dudt_ref.abs().max().item())
-    assert (u_d - u_ref).abs().max().item() <= 1e-6
+    assert (u_d - u_ref).abs().max().item() <= tol_u
     assert (dudt_d - dudt_ref).abs().max().item() <= 1e-5 * scale, family
     assert (dudt_f - dudt_ref).abs().max().item() <= 1e-5 * scale, family
     assert dudt_ref.abs().max().item() > 1e-3  # a real derivative, not zeros on both sides
