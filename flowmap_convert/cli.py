@@ -57,7 +57,9 @@ def _root(
 
 def fail(message: str) -> None:
     """Print one clear line on stderr and exit with code 2 (user error)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from .vocabulary import for_cli
+
+    err_console.print(f"[bold red]error:[/] {for_cli(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -56,13 +56,16 @@ def test_default_thread_rule_on_a_small_machine_says_what_it_chose(base, monkeyp
     assert torch.get_num_threads() == 1
 
 
-def test_builtin_defaults_and_guidance_note():
-    from flowmap_convert.finetuning import guidance_note, run_defaults
+def test_builtin_recipe_and_guidance_note():
+    from flowmap_convert.api import load
+    from flowmap_convert.finetuning import guidance_note
+    from flowmap_convert.finetuning.recipes import default_recipe, resolve, get
 
-    steps, batch, note = run_defaults("builtin:digits-sit", None, None)
-    assert (steps, batch) == (200, 32) and "pass --steps / --batch-size" in note
-    assert run_defaults("builtin:digits-sit", 50, 8) == (50, 8, None)
-    assert run_defaults("some/model", None, None) == (1000, 64, None)
+    name, why = default_recipe(load("builtin:digits-sit").config, "builtin:digits-sit")
+    assert name == "digits" and "builtin" in why
+    rec = resolve(get("digits"), {})[0].recipe
+    assert (rec.steps, rec.batch_size) == (200, 32)
+    assert resolve(get("digits"), {"steps": 50, "batch_size": 8})[0].recipe.steps == 50
     assert "FINETUNE.md" in guidance_note("builtin:digits-sit", 0.6)
     assert guidance_note("builtin:digits-sit", 0.0) is None and guidance_note("some/model", 0.6) is None
 
@@ -73,7 +76,10 @@ def test_builtin_dry_run_says_its_defaults_depth_origin_and_guidance_note():
     r = CliRunner().invoke(app, ["finetune", "--mg-scale", "0.6", "--dry-run", "--threads", "1", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.split())
-    assert "builtin:digits-sit: 200 steps at batch 32 by default" in flat
+    assert "recipe: digits (a builtin model)" in flat
+    assert "steps 200 recipe digits: benchmarks/digits/FINETUNE.md" in flat
+    assert "batch_size 32 recipe digits: benchmarks/digits/FINETUNE.md" in flat
+    assert "mg_scale 0.6 option" in flat and "lr 0.0001 default" in flat
     assert "model guidance makes the converged builtin:digits-sit worse" in flat and "FINETUNE.md" in flat
     assert "depth 5 of 6 (the depth search-depth chose, carried by the model)" in flat
     assert "nothing written (dry run)" in flat

@@ -1,4 +1,6 @@
-"""`flowmap finetune` as a function: DMF / MeanFlow fine-tuning of a flow map (see trainer.py for the loop)."""
+"""`flowmap finetune` as a function: DMF / MeanFlow fine-tuning of a flow map with the papers' recipes.
+
+recipes.py holds the named recipes, runrecord.py the record a resume continues, trainer.py the loop."""
 
 from __future__ import annotations
 
@@ -8,29 +10,11 @@ from pathlib import Path
 from ..errors import FlowmapError
 from ..outputs import check_workdir
 from .recipe import Recipe
+from .recipes import RECIPES
 
-__all__ = ["finetune", "Recipe", "check_run_dir", "run_defaults"]
+__all__ = ["finetune", "Recipe", "RECIPES", "check_run_dir"]
 
 BUILTIN = "builtin:digits-sit"
-BUILTIN_STEPS, BUILTIN_BATCH = 200, 32  # ~2-3 min on 2 idle CPU cores (benchmarks/digits/FINETUNE.md: 0.65-0.88 s/step)
-DEFAULT_STEPS, DEFAULT_BATCH = 1000, 64  # DMF-style defaults for real models
-
-
-def run_defaults(model_or_source, steps: int | None, batch_size: int | None) -> tuple[int, int, str | None]:
-    """(steps, batch, note): the user's values, else quick ones for the builtin demo model, else 1000 x 64."""
-    if steps is not None and batch_size is not None:
-        return steps, batch_size, None
-    if isinstance(model_or_source, str) and model_or_source == BUILTIN:
-        s, b = steps or BUILTIN_STEPS, batch_size or BUILTIN_BATCH
-        return (
-            s,
-            b,
-            (
-                f"{BUILTIN}: {s} steps at batch {b} by default for this small demo model (a few minutes on 2 CPU cores); "
-                "pass --steps / --batch-size to change."
-            ),
-        )
-    return steps or DEFAULT_STEPS, batch_size or DEFAULT_BATCH, None
 
 
 def guidance_note(model_or_source, mg_scale: float) -> str | None:
@@ -41,6 +25,205 @@ def guidance_note(model_or_source, mg_scale: float) -> str | None:
             "--mg-scale 0.6 vs 3.9/2.7/2.8 without; benchmarks/digits/FINETUNE.md); --mg-scale 0 suits it."
         )
     return None
+
+
+def stage_dir(out: Path, k: int, n: int, name: str) -> Path:
+    """Where stage k of n trains: the last one in OUT itself (its export is the run's model), earlier ones beside it."""
+    return out if k == n - 1 else out / "stages" / f"{k + 1}-{name}"
+
+
+def finetune(
+    model_or_source=None,
+    data="builtin:digits",
+    *,
+    recipe: str | Recipe | None = None,
+    stages=None,
+    out="flowmap-finetune",
+    resume: bool = False,
+    dry_run: bool = False,
+    dry_run_steps: int = 3,
+    log_with=None,
+    device=None,
+    threads: int | None = None,
+    progress=None,
+    console=None,
+    grid: bool = True,
+    **options,
+):
+    """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
+
+    `recipe` names one of RECIPES (default: the one that fits the model, `digits` for a builtin); every Recipe field
+    can be passed as a keyword and overrides the recipe's value (e.g. `lr=5e-5`, `derivative="fd"`, `depth=4`). A
+    staged recipe (mf-rae-*) runs its `stages` (default: the recipe's) one after another in `out`. The resolved
+    recipe is recorded in `out`/recipe.json; `resume=True` continues exactly that run. Returns the EMA FlowMap, or
+    with dry_run=True a report dict (parameters, peak memory, seconds per step) and nothing written. Every option is
+    checked before anything is loaded or written.
+    """
+    import copy
+
+    from ..runtime import resolve_device, set_threads
+    from ..validate import int_in_range
+    from . import recipes as rc
+    from . import runrecord as rr
+
+    if model_or_source is None and not resume:
+        model_or_source = BUILTIN
+    names = {f for f in Recipe.__dataclass_fields__}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise FlowmapError(f"unknown fine-tuning option `{unknown[0]}`; see docs/objectives.md for the recipe fields.")
+    given = dict(options)
+    if isinstance(recipe, Recipe):  # an explicit Recipe: every field as if typed
+        given = {**recipe.to_dict(), **given}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+        recipe = None
+    for k, v in list(given.items()):  # each typed value checked now, named as its parameter
+        Recipe(**{k: v, **({"global_batch": 1} if k == "batch_size" and v is None else {})})
+    if isinstance(stages, str):
+        stages = tuple(s for s in stages.replace(" ", "").split(",") if s)
+    named = rc.get(recipe) if isinstance(recipe, str) else None
+    dev = resolve_device(device)
+    if threads is not None:
+        int_in_range("`threads`", threads, 1, 4096)
+    int_in_range("`dry_run_steps`", dry_run_steps, 1, 10_000)
+    out = Path(out)
+    record = None
+    if not dry_run:
+        check_run_dir(out, resume)
+        if resume:
+            record = rr.read_record(out)
+            if record is None:
+                raise FlowmapError(
+                    f"--resume: {out} has no {rr.RECORD} (a run of an earlier version); start a new run."
+                )
+    if record is not None:
+        if model_or_source is None:
+            model_or_source = record["model"]
+            if model_or_source is None:
+                raise FlowmapError("--resume of a run started from an in-memory model needs that model again.")
+        if named is None and recipe is None and record.get("recipe"):
+            named = rc.get(record["recipe"])
+        if stages is None and named is not None and named.stages:
+            stages = tuple(s["stage"] for s in record["stages"])
+        given = rr.resumed_given(record, given)
+
+    from ..model import FlowMap
+
+    if isinstance(model_or_source, FlowMap):
+        model = model_or_source
+    else:
+        from ..api import load
+
+        model = load(str(model_or_source))
+    why = "named"
+    if named is None and recipe is None and record is None:
+        name, why = rc.default_recipe(model.config, model_or_source)
+        named = rc.get(name) if name else None
+    elif named is not None:
+        why = "--recipe" if record is None else "recorded in the run"
+    resolved = rc.resolve(named, given, stages)
+    teacher_src = resolved[0].recipe.teacher
+    now = rr.make_record(model_or_source, data, named.name if named else None, resolved, teacher_src)
+    if record is not None:
+        rr.check_same_run(record, now)
+        active = [
+            stage_dir(out, k, len(resolved), r.stage)
+            for k, r in enumerate(resolved)
+            if checkpoint_in(stage_dir(out, k, len(resolved), r.stage))
+        ]
+        done = any(finished(stage_dir(out, k, len(resolved), r.stage)) for k, r in enumerate(resolved))
+        if active or not done:  # a missing or corrupted checkpoint is refused before any training
+            from .checkpoint import load_verified
+
+            load_verified((active[-1] if active else out) / "checkpoints")
+
+    def say(msg):
+        if console is not None:
+            console.print(msg, highlight=False, soft_wrap=True, markup=False)
+        else:
+            import sys
+
+            print(msg, file=sys.stderr)
+
+    from .objectives import NEEDS_TEACHER
+    from .trainer import Trainer
+    from .trainer import dry_run as run_dry
+
+    teacher = None
+    if any(r.recipe.objective in NEEDS_TEACHER for r in resolved):
+        if teacher_src:  # --teacher names another flow model
+            from ..api import load
+
+            teacher = load(str(teacher_src))
+        else:  # the pretrained model the run started from, before any update
+            teacher = copy.deepcopy(model)
+    thread_note = set_threads(threads, dev)
+    current = model
+    result = None
+    n = len(resolved)
+    for k, res in enumerate(resolved):
+        where = stage_dir(out, k, n, res.stage)
+        if not dry_run and k < n - 1 and finished(where):
+            from ..api import load
+
+            current = load(str(where))
+            continue
+        trainer = Trainer(
+            current,
+            data,
+            res.recipe,
+            where,
+            log_with=None if dry_run else log_with,
+            device=str(dev),
+            progress=progress,
+            console=console,
+            grid=grid,
+            teacher=teacher,
+        )
+        if trainer.main:
+            notes = []
+            if k == 0:
+                recs = [trainer.recipe] + [r.recipe for r in resolved[1:]]
+                notes = [
+                    rr.plan_table(resolved, named.name if named else None, why, recs),
+                    guidance_note(model_or_source, trainer.recipe.mg_scale),
+                    rr.guidance_warning(model.config, resolved),
+                    thread_note,
+                ]
+            if teacher is not None and trainer.teacher_model is not None:
+                notes.append(f"teacher: {teacher_src or source_label(model_or_source)} (the pretrained flow model)")
+            notes.append((f"stage {k + 1}/{n} ({res.stage}): " if n > 1 else "") + trainer.plan())
+            for note in notes:
+                if note:
+                    say(note)
+        if dry_run:
+            report = run_dry(trainer, dry_run_steps)
+            report["stage"] = res.stage
+            return report
+        if k == 0 and trainer.main:
+            rr.write_record(out, now)
+        if teacher is not None:
+            trainer.set_teacher_provenance(teacher_src or source_label(model_or_source))
+        result = trainer.run(resume=checkpoint_in(where))
+        current = result
+    return result
+
+
+def source_label(x) -> str:
+    """A model source as text for messages and provenance."""
+    return str(x) if isinstance(x, (str, Path)) else "the model passed in (in memory)"
+
+
+def checkpoint_in(run: Path) -> bool:
+    """True when `run`/checkpoints holds a checkpoint."""
+    from .checkpoint import any_checkpoint
+
+    return any_checkpoint(Path(run) / "checkpoints")
+
+
+def finished(stage: Path) -> bool:
+    """True when a stage directory holds its exported model (config.json is written last)."""
+    return (Path(stage) / "config.json").is_file() and (Path(stage) / "model.safetensors").is_file()
 
 
 def check_run_dir(out, resume: bool) -> Path:
@@ -62,90 +245,10 @@ def check_run_dir(out, resume: bool) -> Path:
     if resume and not out.is_dir():
         raise FlowmapError(f"--resume: {out} does not exist; drop --resume to start a new run.")
     from .checkpoint import any_checkpoint
+    from .runrecord import RECORD
 
-    if not resume and any_checkpoint(out / "checkpoints"):
+    if not resume and (any_checkpoint(out / "checkpoints") or (out / RECORD).exists()):
         raise FlowmapError(
             f"{out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
         )
     return out
-
-
-def finetune(
-    model_or_source=BUILTIN,
-    data="builtin:digits",
-    objective: str = "dmf",
-    mg_scale: float = 0.0,
-    train: str = "all",
-    steps: int | None = None,
-    batch_size: int | None = None,
-    lr: float = 1e-4,
-    out="flowmap-finetune",
-    *,
-    resume: bool = False,
-    dry_run: bool = False,
-    dry_run_steps: int = 3,
-    log_with=None,
-    device=None,
-    threads: int | None = None,
-    progress=None,
-    console=None,
-    recipe: Recipe | None = None,
-    grid: bool = True,
-    **options,
-):
-    """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
-
-    Every Recipe field can be passed as a keyword (e.g. `derivative="fd"`, `loss="adaptive-weight"`, `depth=4`).
-    steps / batch_size default to 200 x 32 for builtin:digits-sit and 1000 x 64 otherwise. Returns the EMA
-    FlowMap, or with dry_run=True a report dict (parameters, peak memory, seconds per step) and nothing written.
-    Every option is checked before anything is loaded or written.
-    """
-    from ..runtime import resolve_device, set_threads
-    from ..validate import int_in_range
-
-    steps, batch_size, defaults = run_defaults(model_or_source, steps, batch_size)
-    base = recipe or Recipe()
-    recipe = base.replace(
-        objective=objective, mg_scale=mg_scale, train=train, steps=steps, batch_size=batch_size, lr=lr, **options
-    )
-    dev = resolve_device(device)
-    if threads is not None:
-        int_in_range("--threads", threads, 1, 4096)
-    int_in_range("dry_run_steps", dry_run_steps, 1, 10_000)
-    if not dry_run:
-        check_run_dir(out, resume)
-        if resume:  # a missing or corrupted checkpoint is refused before any model is loaded
-            from .checkpoint import load_verified
-
-            load_verified(Path(out) / "checkpoints")
-
-    def say(msg):
-        if console is not None:
-            console.print(msg, highlight=False, soft_wrap=True)
-        else:
-            import sys
-
-            print(msg, file=sys.stderr)
-
-    from .trainer import Trainer
-    from .trainer import dry_run as run_dry
-
-    thread_note = set_threads(threads, dev)
-    trainer = Trainer(
-        model_or_source,
-        data,
-        recipe,
-        out,
-        log_with=None if dry_run else log_with,
-        device=str(dev),
-        progress=progress,
-        console=console,
-        grid=grid,
-    )
-    if trainer.main:
-        for note in (defaults, guidance_note(model_or_source, recipe.mg_scale), thread_note, trainer.plan()):
-            if note:
-                say(note)
-    if dry_run:
-        return run_dry(trainer, dry_run_steps)
-    return trainer.run(resume=resume)

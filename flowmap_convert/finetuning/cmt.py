@@ -22,15 +22,19 @@ def teacher_trajectory(teacher, z: torch.Tensor, y: torch.Tensor, n: int, shift:
 
 
 def cmt_loss(ctx: Context, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-    """u(z_{t_i}, t_i, t_j) regresses (z_{t_i} - z_{t_j}) / (t_i - t_j) for random pairs i > j (MF-RAE Eq. 3)."""
+    """u(z_{t_i}, t_i, t_j) regresses (z_{t_i} - z_{t_j}) / (t_i - t_j) for random pairs i > j (MF-RAE Eq. 3).
+
+    Each of the b teacher trajectories gives `cmt_pairs` rows, so the student sees b x cmt_pairs pairs per batch.
+    """
     rec, b, dev = ctx.recipe, x0.shape[0], x0.device
     n = rec.cmt_states
     y, _ = drop_labels(y, rec.label_dropout, ctx.null, gen)
     states = teacher_trajectory(ctx.teacher, randn(x0.shape, gen, dev), y, n, rec.time_shift)
     t_all = torch.linspace(0.0, 1.0, n, dtype=torch.float64)  # time labels as written (unshifted, docs/objectives.md)
     ii, jj = torch.tril_indices(n, n, offset=-1)  # all pairs i > j: n (n - 1) / 2 of them
-    pick = torch.randint(0, len(ii) * b, (b,), generator=gen)  # b rows with replacement out of pairs x batch
-    pair, row = pick // b, pick % b
+    k = rec.cmt_pairs  # pairs per trajectory, drawn with replacement (MF-RAE: 64 at 256 px, 8 at 512 px)
+    pair = torch.randint(0, len(ii), (b * k,), generator=gen)
+    row = torch.arange(b).repeat_interleave(k)
     i, j = ii[pair], jj[pair]
     src, dst = states[n - 1 - i, row], states[n - 1 - j, row]
     ti, tj = t_all[i], t_all[j]

@@ -50,9 +50,9 @@ def dmf_mf_times(n: int, recipe: Recipe, gen, device) -> tuple[torch.Tensor, tor
     return torch.maximum(a, b), torch.minimum(a, b)
 
 
-def shift_time(t: torch.Tensor, s: float) -> torch.Tensor:
-    """RAE / SD3 time shift t' = s t / (1 + (s - 1) t)."""
-    return t if s == 1.0 else s * t / (1 + (s - 1) * t)
+def shift_time(t: torch.Tensor, s: float | None) -> torch.Tensor:
+    """RAE / SD3 time shift t' = s t / (1 + (s - 1) t) (None: a recipe whose shift the Trainer has not filled in, 1)."""
+    return t if s is None or s == 1.0 else s * t / (1 + (s - 1) * t)
 
 
 def mfrae_times(n: int, recipe: Recipe, gen, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,8 @@ def export_run(model, ema, training: dict, out: Path, device, grid: bool, write:
     """EMA weights -> a flowmap model dir at `out`, raw weights at `out`/raw (written when `write`); the EMA model."""
     ema_m = ema_model(model, ema)
     raw = copy.deepcopy(model).eval()
-    sampling = {"sampler": "euler", "nfe": 1, "shift": 1.0, "cfg_scale": 1.0}  # guidance is trained in
+    shift = float(training.get("recipe", {}).get("sample_shift", 1.0))  # the recipe's (DMF App. C: 1.5 at 512 px)
+    sampling = {"sampler": "euler", "nfe": 1, "shift": shift, "cfg_scale": 1.0}  # guidance is trained in
     for m, w in ((ema_m, "ema"), (raw, "raw")):
         m.config = m.config.replace(training={**training, "weights": w}, sampling=sampling)
     if write:

@@ -43,6 +43,8 @@ def prepare_model(model_or_source, recipe: Recipe):
         model = model.with_depth(recipe.depth or default_depth(model.config))
     elif recipe.depth is not None and model.config.conditioning == "decoupled" and recipe.depth != model.config.depth:
         model = model.with_depth(recipe.depth)
+    if recipe.qk_norm:
+        add_qk_norm(model)
     if recipe.loss == "adaptive":
         model.add_logvar_head()  # DMF's log-variance head, zero-init: lv = 0 at the start
     needs_null = recipe.label_dropout > 0 or recipe.mg_scale > 0
@@ -51,6 +53,28 @@ def prepare_model(model_or_source, recipe: Recipe):
             "this model has no null-class embedding, which label dropout and model guidance need; pass --label-dropout 0 --mg-scale 0."
         )
     return model.float(), origin
+
+
+def add_qk_norm(model) -> None:
+    """Add QK RMSNorm (DMF's: parameter `scale` = 1, eps 1e-6) to every attention that has none (DMF App. E).
+
+    Added at fine-tune time, as DMF does at 512 px; the config says qk_norm "rms" so the export reloads it.
+    """
+    from ..layers import RMSNorm
+
+    if model.config.qk_norm == "rms":
+        return
+    if model.config.qk_norm != "none" or model.config.arch != "dit":
+        raise FlowmapError(
+            f"`qk_norm` adds QK RMSNorm to a DiT-family model without QK norm; this one is {model.config.arch} with "
+            f"qk_norm {model.config.qk_norm!r}. Pass --no-qk-norm."
+        )
+    ref = next(model.parameters())
+    for blk in model.net.blocks:
+        attn = blk.attn
+        attn.q_norm = RMSNorm(attn.head_dim).to(ref.device, ref.dtype)
+        attn.k_norm = RMSNorm(attn.head_dim).to(ref.device, ref.dtype)
+    model.config = model.config.replace(qk_norm="rms")
 
 
 def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter]:

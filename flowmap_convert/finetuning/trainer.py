@@ -36,7 +36,7 @@ from .distributed import LossModule, check_replicas, make_accelerator, mean_over
 from .ema import EMA
 from .export import export_run, training_record
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
-from .recipe import Recipe
+from .recipe import Recipe, latent_shift
 from .setup import check_trackers, count_params, peak_memory_bytes, prepare_model, set_attention_backend, set_trainable
 
 MAX_ROLLBACKS = 3
@@ -58,15 +58,18 @@ class Trainer:
         progress=None,
         console=None,
         grid=True,
+        teacher=None,
     ):
         check_trackers(log_with)
         if isinstance(log_with, str):
             log_with = [n.strip() for n in log_with.split(",") if n.strip()]
-        self.recipe = recipe
         self.out = Path(out)
         self.acc = make_accelerator(resolve_device(device), log_with, self.out)
         self.device = self.acc.device
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if recipe.batch_size is None:  # a recipe's global batch, split over the processes and accumulation steps
+            recipe = recipe.replace(batch_size=recipe.per_process_batch(self.world))
+        self.recipe = recipe
         self.main = self.acc.is_main_process
         self.log_with = log_with
         self.console = console
@@ -76,11 +79,18 @@ class Trainer:
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
 
         model, self.depth_origin = prepare_model(model_or_source, recipe)
+        if recipe.time_shift is None:  # MF-RAE's shift from the latent shape (recipe.latent_shift)
+            self.recipe = recipe = recipe.replace(time_shift=latent_shift(model.config))
         self.model = model.to(self.device)
         self.trainable = set_trainable(self.model, recipe.train, recipe.loss)
-        self.teacher = None
-        if recipe.objective in NEEDS_TEACHER:  # frozen copy of the source before any update (MF-RAE teacher)
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).velocity
+        self.teacher_model = None
+        if recipe.objective in NEEDS_TEACHER:
+            # MF-RAE's teacher is the pretrained flow model the run started from (finetune() passes it, or the model
+            # `teacher` names), never the student's own u(x, t, t); without one, a frozen copy of the starting model
+            src = teacher if teacher is not None else copy.deepcopy(model)
+            self.teacher_model = src.float().to(self.device).eval().requires_grad_(False)
+        self.teacher = self.teacher_model.velocity if self.teacher_model is not None else None
+        self.teacher_source = None  # what the teacher is, for config.training of the export
         self.data = load_dataset(data, self.model.config.latent, self.device)
         check_dataset(self.data, self.model.config)
         self.sampler = EpochSampler(len(self.data), recipe.batch_size, recipe.seed)
@@ -103,6 +113,11 @@ class Trainer:
         self.skipped = 0
         self.rollbacks = 0
         self.bad_run = 0
+
+    def set_teacher_provenance(self, source: str) -> None:
+        """Record where the MFD / CMT teacher came from (written into config.training of the export)."""
+        if self.teacher_model is not None:
+            self.teacher_source = source
 
     # -------------------------------------------------------------- one optimizer step
     def train_step(self) -> dict:
@@ -355,6 +370,8 @@ class Trainer:
         """EMA weights -> a flowmap model dir at --out, raw weights at --out/raw (rank 0 writes); the EMA model."""
         rec = self.recipe
         training = training_record(rec, self.step, self.skipped, self.ema.decay, self.world, self.data.name)
+        if self.teacher_source is not None:
+            training["teacher"] = self.teacher_source
         model = export_run(self.model, self.ema, training, self.out, self.device, self.grid, write=self.main)
         if self.main:
             self.say(f"exported EMA weights to {self.out} and raw weights to {self.out / 'raw'}")
