@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,8 @@ from .cli_common import (
     WeightsOpt,
 )
 from .errors import FlowmapError
+from .options import with_options
+from .sample_options import SampleRun, SampleSettings
 
 app = typer.Typer(
     name="flowmap",
@@ -224,6 +227,7 @@ def velocity_warning(model, nfe: int) -> str | None:
 
 @app.command()
 @guarded
+@with_options((SampleSettings, {}), (SampleRun, {}))
 def sample(
     model: Annotated[
         str | None,
@@ -231,49 +235,9 @@ def sample(
             help="Exported flowmap directory, Hub id, checkpoint or builtin:NAME (default: builtin:digits-dmf)."
         ),
     ] = None,
-    nfe: Annotated[int, typer.Option("--nfe", help="Network evaluations per sample (Heun: (nfe + 1) // 2 steps).")] = 1,
-    sampler: Annotated[
-        str,
-        typer.Option("--sampler", help="euler (flow-map jumps, or plain Euler for base models), heun, restart or ctm."),
-    ] = "euler",
-    gamma: Annotated[float, typer.Option("--gamma", help="CTM re-noising strength in [0, 1).")] = 0.0,
-    shift: Annotated[
-        float | None, typer.Option("--shift", help="Time-grid shift t' = s t / (1 + (s - 1) t) (default: the model's).")
-    ] = None,
-    cfg_scale: Annotated[
-        float | None,
-        typer.Option("--cfg-scale", help="Classifier-free guidance scale (1 = off; default: the model's)."),
-    ] = None,
-    guidance_low: Annotated[float, typer.Option("--guidance-low", help="Guide only where t >= this.")] = 0.0,
-    guidance_high: Annotated[float, typer.Option("--guidance-high", help="Guide only where t <= this.")] = 1.0,
-    classes: Annotated[
-        str | None,
-        typer.Option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes)."),
-    ] = None,
-    num_samples: Annotated[
-        int | None,
-        typer.Option("--num-samples", "-n", help="How many samples (default: one per listed class, else 16)."),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 64,
-    chunk_size: Annotated[
-        int, typer.Option("--chunk-size", help="Samples per resumable chunk written to .OUT.partial/.")
-    ] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i).")] = 0,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the shared rule).")] = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory for PNGs, grid.png and samples.json.")
-    ] = Path("samples"),
-    npz: Annotated[
-        bool, typer.Option("--npz", help="Also write an ADM-compatible samples.npz (arr_0: uint8 NHWC).")
-    ] = False,
-    no_png: Annotated[
-        bool, typer.Option("--no-png", help="Skip the per-sample PNG files (grid.png is still written).")
-    ] = False,
     family: FamilyOpt = None,
     revision: RevisionOpt = None,
+    **options,
 ):
     """Sample images from a flow map (or a base flow model) in a few network evaluations.
 
@@ -292,26 +256,15 @@ def sample(
     """
     from .api import load
     from .export_samples import run_sampling
+    from .options import from_cli
     from .runtime import choose_threads, resolve_device, set_threads
-    from .sampling import MAX_SAMPLES, SampleSettings, default_num_samples, parse_classes
-    from .validate import int_in_range
+    from .sampling import default_num_samples
 
-    settings = SampleSettings(
-        nfe=nfe,
-        sampler=sampler,
-        shift=shift,
-        cfg_scale=cfg_scale,
-        guidance_interval=(guidance_low, guidance_high),
-        gamma=gamma,
-        seed=seed,
-        batch_size=batch_size,
-        device=str(resolve_device(device)),
-        classes=parse_classes(classes),
-    )
-    n = int_in_range(
-        "--num-samples", default_num_samples(settings.classes) if num_samples is None else num_samples, 1, MAX_SAMPLES
-    )
-    chunk = int_in_range("--chunk-size", chunk_size, 1, MAX_SAMPLES)
+    settings = SampleSettings(**from_cli(SampleSettings, options))
+    settings = replace(settings, device=str(resolve_device(settings.device)))
+    opts = SampleRun(**from_cli(SampleRun, options))
+    n = default_num_samples(settings.classes) if opts.num_samples is None else opts.num_samples
+    chunk, threads, out, npz, no_png = opts.chunk_size, opts.threads, opts.out, opts.npz, opts.no_png
     choose_threads(threads)  # --threads checked before any work
     check_out_dir(out, "samples", sources=(model,) if model else ())  # never the model read or a user's folder
     main_rank = os.environ.get("RANK", "0") in ("", "0")  # under torchrun, only rank 0 prints notes

@@ -7,106 +7,25 @@ depends only on (seed, i), so any batching, any split over processes and any res
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from .errors import FlowmapError
-from .validate import finite_float, int_in_range, interval
-from .validate import seed as check_seed
-
-SAMPLERS = ("euler", "heun", "restart", "ctm")
-UINT8_FORMULA = "uint8(clamp(127.5 * x + 128, 0, 255)) for decoded x in [-1, 1] (ADM / DiT sample_ddp)"
-MAX_NFE = 10_000
-MAX_SHIFT = 1e4  # t' = s t / (1 + (s - 1) t): beyond 1e4 (or below 1e-4) every step but one is empty
-MAX_CFG = 1e3
-MAX_SAMPLES = 10_000_000
-MAX_BATCH = 1_000_000
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """Every knob of a sampling run; written next to the images as a JSON sidecar.
-
-    `shift` and `cfg_scale` of None mean "the model's default" (config.sampling); `resolve(model)` fills them in.
-    """
-
-    nfe: int = 1
-    sampler: str = "euler"
-    shift: float | None = None
-    cfg_scale: float | None = None
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    gamma: float = 0.0
-    seed: int = 0
-    batch_size: int = 64
-    device: str | None = None
-    classes: tuple[int, ...] | None = None
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        """Every number checked finite and in range before any work (one FlowmapError naming the option)."""
-        if self.sampler not in SAMPLERS:
-            raise FlowmapError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        object.__setattr__(self, "nfe", int_in_range("--nfe", self.nfe, 1, MAX_NFE))
-        if self.shift is not None:
-            object.__setattr__(self, "shift", finite_float("--shift", self.shift, 1 / MAX_SHIFT, MAX_SHIFT))
-        if self.cfg_scale is not None:
-            object.__setattr__(self, "cfg_scale", finite_float("--cfg-scale", self.cfg_scale, 0.0, MAX_CFG))
-        lo, hi = self.guidance_interval
-        object.__setattr__(self, "guidance_interval", interval("--guidance-low/--guidance-high", lo, hi))
-        object.__setattr__(self, "gamma", finite_float("--gamma", self.gamma, 0.0, 1.0, hi_open=True))
-        object.__setattr__(self, "seed", check_seed("--seed", self.seed))
-        object.__setattr__(self, "batch_size", int_in_range("--batch-size", self.batch_size, 1, MAX_BATCH))
-        if self.classes is not None:
-            cls = tuple(int_in_range("--classes", c, 0) for c in self.classes)
-            if not cls:
-                raise FlowmapError("--classes lists no class; pass e.g. --classes 1,2,3 or leave it out.")
-            object.__setattr__(self, "classes", cls)
-
-    @property
-    def steps(self) -> int:
-        """Integration steps (Heun spends two evaluations per step but the last)."""
-        return self.nfe if self.sampler != "heun" else (self.nfe + 1) // 2
-
-    def resolve(self, model) -> SampleSettings:
-        """Fill the model's defaults (shift, cfg scale, dtype) and reject settings this model cannot use."""
-        defaults = model.config.sampling or {}
-        s = replace(
-            self,
-            shift=float(defaults.get("shift", 1.0)) if self.shift is None else self.shift,
-            cfg_scale=float(defaults.get("cfg_scale", 1.0)) if self.cfg_scale is None else self.cfg_scale,
-            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        )
-        if s.sampler in ("restart", "ctm") and not model.config.is_flow_map:
-            raise FlowmapError(
-                f"the {s.sampler} sampler needs a flow map; convert the model first or use --sampler euler/heun."
-            )
-        if s.cfg_scale != 1.0 and model.config.class_embed_rows <= model.config.num_classes:
-            raise FlowmapError(
-                "classifier-free guidance needs a null-class embedding, which this model lacks; use --cfg-scale 1."
-            )
-        if s.classes:
-            check_classes(model, s.classes)
-        return s
-
-    def validate(self, model) -> None:
-        """Raise a FlowmapError when these settings cannot work with `model` (kept for callers of the old API)."""
-        self.resolve(model)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        d = asdict(self)
-        d["guidance_interval"] = list(self.guidance_interval)
-        d["classes"] = list(self.classes) if self.classes is not None else None
-        return d
-
-    def key(self) -> dict:
-        """What the images depend on (not the batch size or the device): for resume checks and caches."""
-        d = self.to_dict()
-        d.pop("batch_size")
-        d.pop("device")
-        return d
+from .sample_options import (  # noqa: F401  (re-exported: sampling.SampleSettings is the public name)
+    MAX_BATCH,
+    MAX_CFG,
+    MAX_NFE,
+    MAX_SAMPLES,
+    MAX_SHIFT,
+    SAMPLERS,
+    UINT8_FORMULA,
+    SampleRun,
+    SampleSettings,
+    _classes_text,
+    check_classes,
+)
+from .validate import int_in_range
 
 
 def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -200,14 +119,6 @@ def sample_latents(
     return x.float()
 
 
-def check_classes(model, classes: Sequence[int]) -> None:
-    """Every class id is a label of this model (K, the null class, only when the model has one)."""
-    k = model.config.num_classes
-    for c in classes:
-        if not 0 <= int(c) <= k or (int(c) == k and model.config.class_embed_rows <= k):
-            raise FlowmapError(f"class {c} is out of range for a model with {k} classes; use labels 0..{k - 1}.")
-
-
 def labels_for(model, classes: Sequence[int] | None, num_samples: int) -> torch.Tensor:
     """Class labels cycling through `classes` (all classes when None); K means unconditional."""
     k = model.config.num_classes
@@ -223,15 +134,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def parse_classes(text: str | None) -> tuple[int, ...] | None:
     """--classes text -> a tuple of class ids (None when not given); `,,,` is an error, not 'all classes'."""
-    if text is None:
-        return None
-    try:
-        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise FlowmapError(f"--classes must be a comma-separated list of integers, got {text!r}.") from None
-    if not ids:
-        raise FlowmapError(f"--classes lists no class ({text!r}); pass e.g. --classes 1,2,3 or leave it out.")
-    return ids
+    return None if text is None else _classes_text(text)
 
 
 def default_num_samples(classes: Sequence[int] | None) -> int:
@@ -314,7 +217,7 @@ def sample(
             classes=tuple(classes) if classes is not None else None,
         )
     n = default_num_samples(settings.classes) if num_samples is None else num_samples
-    n = int_in_range("--num-samples", n, 1, MAX_SAMPLES)
+    n = int_in_range("`num_samples`", n, 1, MAX_SAMPLES)
     run = Sampler(model, settings, decoder)
     labels = run.labels(n)
     if progress:

@@ -59,7 +59,7 @@ def test_default_thread_rule_on_a_small_machine_says_what_it_chose(base, monkeyp
 def test_builtin_recipe_and_guidance_note():
     from flowmap_convert.api import load
     from flowmap_convert.finetuning import guidance_note
-    from flowmap_convert.finetuning.recipes import default_recipe, resolve, get
+    from flowmap_convert.finetuning.recipes import default_recipe, get, resolve
 
     name, why = default_recipe(load("builtin:digits-sit").config, "builtin:digits-sit")
     assert name == "digits" and "builtin" in why
