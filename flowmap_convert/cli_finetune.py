@@ -19,10 +19,11 @@ from .vocabulary import default_out
 class FinetuneRun:
     """The options of `flowmap finetune` that are not training settings (those are finetuning.Recipe's fields)."""
 
-    data: str = option(
-        "builtin:digits",
+    data: str | None = option(
+        None,
         "builtin:digits, a `flowmap encode` output (.safetensors/.npz shards), a REPA/DMF folder with vae-sd/*.npy + "
-        "dataset.json, or an image folder with class sub-folders.",
+        "dataset.json, or an image folder with class sub-folders (default: builtin:digits, or the run's own with "
+        "--resume).",
     )
     recipe: str | None = option(
         None, "A named recipe (see --list-recipes; default: the one that fits the model, digits for a builtin)."

@@ -34,7 +34,7 @@ def stage_dir(out: Path, k: int, n: int, name: str) -> Path:
 
 def finetune(
     model_or_source=None,
-    data="builtin:digits",
+    data=None,
     *,
     recipe: str | Recipe | None = None,
     stages=None,
@@ -52,7 +52,7 @@ def finetune(
 ):
     """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
 
-    `recipe` names one of RECIPES (default: the one that fits the model, `digits` for a builtin); every Recipe field
+    `data` defaults to builtin:digits (on a resume: the run's). `recipe` names one of RECIPES (default: the one that fits the model, `digits` for a builtin); every Recipe field
     can be passed as a keyword and overrides the recipe's value (e.g. `lr=5e-5`, `derivative="fd"`, `depth=4`). A
     staged recipe (mf-rae-*) runs its `stages` (default: the recipe's) one after another in `out`. The resolved
     recipe is recorded in `out`/recipe.json; `resume=True` continues exactly that run. Returns the EMA FlowMap, or
@@ -68,6 +68,8 @@ def finetune(
 
     if model_or_source is None and not resume:
         model_or_source = BUILTIN
+    if data is None and not resume:
+        data = "builtin:digits"
     names = {f for f in Recipe.__dataclass_fields__}
     unknown = sorted(set(options) - names)
     if unknown:
@@ -101,11 +103,17 @@ def finetune(
             model_or_source = record["model"]
             if model_or_source is None:
                 raise FlowmapError("--resume of a run started from an in-memory model needs that model again.")
+        if data is None:
+            data = record["data"]
+            if data is None:
+                raise FlowmapError("--resume of a run trained on in-memory data needs that data again.")
         if named is None and recipe is None and record.get("recipe"):
             named = rc.get(record["recipe"])
         if stages is None and named is not None and named.stages:
             stages = tuple(s["stage"] for s in record["stages"])
         given = rr.resumed_given(record, given)
+        typed = {"model": source_name(model_or_source), "data": source_name(data), "teacher": given.get("teacher")}
+        rr.check_same_sources(record, {**typed, "recipe": named.name if named else None})
 
     from ..model import FlowMap
 
@@ -207,6 +215,11 @@ def finetune(
         result = trainer.run(resume=checkpoint_in(where))
         current = result
     return result
+
+
+def source_name(x) -> str | None:
+    """A source as recorded (text), or None for an object in memory."""
+    return str(x) if isinstance(x, (str, Path)) else None
 
 
 def source_label(x) -> str:

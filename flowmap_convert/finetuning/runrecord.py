@@ -65,8 +65,8 @@ def _show(v) -> str:
     return str(v)
 
 
-def check_same_run(record: dict, now: dict) -> None:
-    """Refuse a resume that changes anything but the run's length and cadence, naming the setting and both values."""
+def check_same_sources(record: dict, now: dict) -> None:
+    """Refuse a resume from another model, data, recipe or teacher (checked before anything is loaded)."""
     for key in ("model", "data", "recipe", "teacher"):
         old, new = record.get(key), now.get(key)
         if new is not None and old is not None and old != new:
@@ -75,9 +75,14 @@ def check_same_run(record: dict, now: dict) -> None:
                 f"--resume continues the run as it was started: {flag} was {old}, now {new}; drop it or start a new "
                 "run with another --out."
             )
+
+
+def check_same_run(record: dict, now: dict) -> None:
+    """Refuse a resume that changes anything but the run's length and cadence, naming the setting and both values."""
+    check_same_sources(record, now)
     old_stages = [s["stage"] for s in record["stages"]]
     new_stages = [s["stage"] for s in now["stages"]]
-    if old_stages != new_stages:
+    if old_stages != new_stages and max(len(old_stages), len(new_stages)) > 1:  # one stage: its objective below
         raise FlowmapError(
             f"--resume continues the run as it was started: `stages` were {','.join(old_stages)}, now "
             f"{','.join(new_stages)}; drop it or start a new run with another --out."
