@@ -74,7 +74,7 @@ def finetune_cmd(
 
       flowmap finetune sihyun-yu/REPA --data ./imagenet-latents --recipe dmf-xl2-256 --grad-accum 8
 
-      flowmap finetune RAE-DiTDH-XL --data ./rae-latents --recipe mf-rae-256 --stages cmt,mfd,mft
+      flowmap finetune bytetriper/RAE --data ./rae-latents --recipe mf-rae-256 --stages cmt,mfd,mft
 
       flowmap finetune digits-d4 --objective mfd --derivative fd --loss adaptive-weight --dry-run
 
