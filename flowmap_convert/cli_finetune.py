@@ -51,6 +51,19 @@ class FinetuneRun:
 register(FinetuneRun)
 
 
+def _flag_console():
+    """A rich Console for the fine-tuner's notes that shows backticked parameters as their flags (vocabulary.for_cli)."""
+    from rich.console import Console
+
+    from .vocabulary import for_cli
+
+    class Flagged(Console):
+        def print(self, *objects, **kw):
+            super().print(*(for_cli(o) if isinstance(o, str) else o for o in objects), **kw)
+
+    return Flagged
+
+
 @with_options((FinetuneRun, {}), (Recipe, {"given_only": True, "default_note": ", unless the recipe sets it"}))
 def finetune_cmd(
     model: Annotated[
@@ -80,10 +93,10 @@ def finetune_cmd(
 
       torchrun --nproc_per_node 2 -m flowmap_convert.cli finetune digits-d4 --steps 100 --out ft-ddp
     """
-    from rich.console import Console
-
     from .finetuning import finetune
     from .finetuning.recipes import table
+
+    FlagConsole = _flag_console()
 
     run = FinetuneRun(**from_cli(FinetuneRun, options))
     if run.list_recipes:
@@ -91,7 +104,7 @@ def finetune_cmd(
         return
     given = from_cli(Recipe, options, given_only=True)
     Recipe(**{**given, **({"global_batch": 1} if given.get("batch_size") is None else {})})  # checks, nothing loaded
-    console = Console(stderr=True)
+    console = FlagConsole(stderr=True)
     out = run.out
     result = finetune(
         model,

@@ -166,6 +166,15 @@ def finetune(
         else:  # the pretrained model the run started from, before any update
             teacher = copy.deepcopy(model)
     thread_note = set_threads(threads, dev)
+    if os.environ.get("RANK", "0") in ("", "0"):  # the plan, before anything is built or trained (rank 0 only)
+        for note in (
+            rr.plan_table(resolved, named.name if named else None, why, [r.recipe for r in resolved]),
+            guidance_note(model_or_source, resolved[0].recipe.mg_scale),
+            rr.guidance_warning(model.config, resolved),
+            thread_note,
+        ):
+            if note:
+                say(note)
     current = model
     result = None
     n = len(resolved)
@@ -190,14 +199,6 @@ def finetune(
         )
         if trainer.main:
             notes = []
-            if k == 0:
-                recs = [trainer.recipe] + [r.recipe for r in resolved[1:]]
-                notes = [
-                    rr.plan_table(resolved, named.name if named else None, why, recs),
-                    guidance_note(model_or_source, trainer.recipe.mg_scale),
-                    rr.guidance_warning(model.config, resolved),
-                    thread_note,
-                ]
             if teacher is not None and trainer.teacher_model is not None:
                 notes.append(f"teacher: {teacher_src or source_label(model_or_source)} (the pretrained flow model)")
             notes.append((f"stage {k + 1}/{n} ({res.stage}): " if n > 1 else "") + trainer.plan())

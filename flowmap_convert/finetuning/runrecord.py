@@ -115,11 +115,11 @@ def resumed_given(record: dict, given: dict) -> dict:
     return out
 
 
-def plan_table(stages: list[Resolved], recipe_name: str | None, why: str, trainers_recipes: list[Recipe]) -> str:
+def plan_table(stages: list[Resolved], recipe_name: str | None, why: str, recipes: list[Recipe]) -> str:
     """Every field of every stage with its value and where it came from (recipe NAME: source / option / model / default)."""
     head = f"recipe: {recipe_name} ({why})" if recipe_name else f"recipe: none ({why}); Recipe defaults"
     lines = [head]
-    for k, (res, rec) in enumerate(zip(stages, trainers_recipes)):
+    for k, (res, rec) in enumerate(zip(stages, recipes)):
         if len(stages) > 1:
             lines.append(f"stage {k + 1}/{len(stages)}: {res.stage}")
         for name, value in rec.to_dict().items():
@@ -127,7 +127,7 @@ def plan_table(stages: list[Resolved], recipe_name: str | None, why: str, traine
             if name == "time_shift" and res.recipe.time_shift is None:
                 origin = "model: sqrt(C H W / 4096) of its latent"
             elif name == "batch_size" and res.recipe.batch_size is None:
-                origin = f"global_batch {res.recipe.global_batch} / (processes x grad_accum)"
+                origin = f"global_batch {res.recipe.global_batch} / (processes x grad_accum): see the line below"
             elif name == "depth" and value is None:
                 origin = "model (the split in the line below)"
             lines.append(f"  {name:<18} {_show(value):<12} {origin}")
