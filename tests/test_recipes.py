@@ -340,3 +340,18 @@ def test_the_commands_options_are_the_declarations(command, flags):
             assert flag in r.output, flag
     if command == "sample":
         assert "--guidance-low" not in r.output and "flowmap-sample" in r.output
+
+
+def test_a_staged_run_resumes_in_its_last_stage(tmp_path):
+    """A finished stage is not trained again on --resume; the stage with checkpoints continues."""
+    from flowmap_convert.finetuning import finetune
+
+    out = tmp_path / "run"
+    kw = dict(data=small_data(), recipe="mf-rae-256", out=out, **{**TINY, "steps": 1})
+    finetune(velocity_model(), **kw)
+    stage1 = (out / "stages" / "1-cmt" / "metrics.jsonl").read_text()
+    finetune(velocity_model(), resume=True, **{**kw, "steps": 2})
+    assert (out / "stages" / "1-cmt" / "metrics.jsonl").read_text() == stage1  # CMT not trained again
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]  # MFD continued
+    with pytest.raises(FlowmapError, match="`stages` were cmt,mfd, now cmt,mfd,mft"):
+        finetune(velocity_model(), resume=True, stages="cmt,mfd,mft", **kw)

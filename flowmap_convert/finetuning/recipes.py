@@ -225,6 +225,9 @@ def resolve(named: Named | None, given: dict[str, Any], stages: tuple[str, ...] 
     if "batch_size" in given and "global_batch" not in given:
         given["global_batch"] = None
     if named is None:
+        if stages is not None:
+            staged = ", ".join(r.name for r in RECIPES.values() if r.stages)
+            raise FlowmapError(f"`stages` needs a staged recipe ({staged}); name one with `recipe` or drop `stages`.")
         stage_list: tuple[Stage | None, ...] = (None,)
     elif named.stages:
         want = stages if stages is not None else named.default_stages
