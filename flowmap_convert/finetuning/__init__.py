@@ -52,8 +52,8 @@ def finetune(
 ):
     """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
 
-    `data` defaults to builtin:digits (on a resume: the run's). `recipe` names one of RECIPES (default: the one that fits the model, `digits` for a builtin); every Recipe field
-    can be passed as a keyword and overrides the recipe's value (e.g. `lr=5e-5`, `derivative="fd"`, `depth=4`). A
+    `data` defaults to builtin:digits (on a resume: the run's). `recipe` names one of RECIPES (default: the one that
+    fits the model, `digits` for a builtin); every Recipe field can be passed as a keyword and overrides the recipe's value (e.g. `lr=5e-5`, `derivative="fd"`, `depth=4`). A
     staged recipe (mf-rae-*) runs its `stages` (default: the recipe's) one after another in `out`. The resolved
     recipe is recorded in `out`/recipe.json; `resume=True` continues exactly that run. Returns the EMA FlowMap, or
     with dry_run=True a report dict (parameters, peak memory, seconds per step) and nothing written. Every option is
@@ -96,17 +96,17 @@ def finetune(
             record = rr.read_record(out)
             if record is None:
                 raise FlowmapError(
-                    f"--resume: {out} has no {rr.RECORD} (a run of an earlier version); start a new run."
+                    f"`resume`: {out} has no {rr.RECORD} (a run of an earlier version); start a new run."
                 )
     if record is not None:
         if model_or_source is None:
             model_or_source = record["model"]
             if model_or_source is None:
-                raise FlowmapError("--resume of a run started from an in-memory model needs that model again.")
+                raise FlowmapError("`resume` of a run started from an in-memory model needs that model again.")
         if data is None:
             data = record["data"]
             if data is None:
-                raise FlowmapError("--resume of a run trained on in-memory data needs that data again.")
+                raise FlowmapError("`resume` of a run trained on in-memory data needs that data again.")
         if named is None and recipe is None and record.get("recipe"):
             named = rc.get(record["recipe"])
         if stages is None and named is not None and named.stages:
@@ -127,8 +127,10 @@ def finetune(
     if named is None and recipe is None and record is None:
         name, why = rc.default_recipe(model.config, model_or_source)
         named = rc.get(name) if name else None
+    elif record is not None:
+        why = "recorded in the run"
     elif named is not None:
-        why = "--recipe" if record is None else "recorded in the run"
+        why = "named by `recipe`"
     resolved = rc.resolve(named, given, stages)
     teacher_src = resolved[0].recipe.teacher
     now = rr.make_record(model_or_source, data, named.name if named else None, resolved, teacher_src)

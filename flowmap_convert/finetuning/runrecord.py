@@ -50,10 +50,10 @@ def read_record(out: Path) -> dict | None:
         rec = json.loads(path.read_text())
     except ValueError:
         raise FlowmapError(
-            f"{path} is not valid JSON; it records the run's recipe, so --resume cannot continue."
+            f"{path} is not valid JSON; it records the run's recipe, so `resume` cannot continue."
         ) from None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise FlowmapError(f"{path} is not a flowmap recipe record; --resume cannot continue this run.")
+        raise FlowmapError(f"{path} is not a flowmap recipe record; `resume` cannot continue this run.")
     return rec
 
 
@@ -69,10 +69,11 @@ def check_same_sources(record: dict, now: dict) -> None:
     """Refuse a resume from another model, data, recipe or teacher (checked before anything is loaded)."""
     for key in ("model", "data", "recipe", "teacher"):
         old, new = record.get(key), now.get(key)
-        if new is not None and old is not None and old != new:
+        strict = key in ("recipe", "teacher")  # None is a value here (no recipe, the source as teacher)
+        if old != new and (strict or (new is not None and old is not None)):
             flag = {"model": "MODEL", "recipe": "`recipe`", "data": "`data`", "teacher": "`teacher`"}[key]
             raise FlowmapError(
-                f"--resume continues the run as it was started: {flag} was {old}, now {new}; drop it or start a new "
+                f"`resume` continues the run as it was started: {flag} was {old}, now {new}; drop it or start a new "
                 "run with another --out."
             )
 
@@ -84,7 +85,7 @@ def check_same_run(record: dict, now: dict) -> None:
     new_stages = [s["stage"] for s in now["stages"]]
     if old_stages != new_stages and max(len(old_stages), len(new_stages)) > 1:  # one stage: its objective below
         raise FlowmapError(
-            f"--resume continues the run as it was started: `stages` were {','.join(old_stages)}, now "
+            f"`resume` continues the run as it was started: `stages` were {','.join(old_stages)}, now "
             f"{','.join(new_stages)}; drop it or start a new run with another --out."
         )
     for old_s, new_s in zip(record["stages"], now["stages"]):
@@ -94,7 +95,7 @@ def check_same_run(record: dict, now: dict) -> None:
                 continue
             if _norm(old_f[k]) != _norm(new_f[k]):
                 raise FlowmapError(
-                    f"--resume continues the run as it was started: `{k}` was {_show(old_f[k])}, now {_show(new_f[k])}; "
+                    f"`resume` continues the run as it was started: `{k}` was {_show(old_f[k])}, now {_show(new_f[k])}; "
                     "drop it or start a new run with another --out."
                 )
 
