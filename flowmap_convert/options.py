@@ -176,8 +176,6 @@ def check_value(d: Declared, value):
                 out.append(int_in_range(one, v, _int(o.lo), _int(o.hi)))
             else:
                 out.append(finite_float(one, v, o.lo, o.hi, lo_open=o.lo_open, hi_open=o.hi_open))
-        if fixed and not out and len(args):
-            raise FlowmapError(f"{name} lists nothing.")
         if o.ordered and len(out) == 2 and out[0] > out[1]:
             raise FlowmapError(f"{name} must have start <= end, got {list(items)}.")
         return tuple(out)

@@ -97,6 +97,7 @@ def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch
         "raw/config.json",
         "raw/grid.png",
         "raw/model.safetensors",
+        "recipe.json",  # the resolved recipe a resume continues
     ]
     assert torch.load(ddp / "checkpoints" / "latest.pt", weights_only=True)["world"] == 2
 
