@@ -20,6 +20,8 @@ def depth_origin(cfg, recipe: Recipe) -> str:
     searched = (cfg.provenance.get("search") or {}).get("best_depth") if isinstance(cfg.provenance, dict) else None
     if isinstance(searched, int) and searched == default_depth(cfg):
         return "the depth search-depth chose, carried by the model"
+    if cfg.arch == "mcg-ddt":
+        return "DDT's encoder / decoder boundary"
     return "all encoder blocks (RAE)" if cfg.arch == "ddt" else "2/3 of the blocks"
 
 
