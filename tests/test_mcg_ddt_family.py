@@ -207,3 +207,43 @@ def test_nothing_guessed_silently_about_the_split(tmp_path):
         FAMILIES["ddt"].build(sd, {"encoder_depth": 5, "input_size": SIDE})
     with pytest.raises(FlowmapError, match="4 heads, not 8"):
         FAMILIES["ddt"].build(sd, {**OPTS, "num_heads": 8})
+
+
+@pytest.mark.parametrize("depth", [NE - 1, NE, NE + 1])
+def test_decoder_only_u_and_dudt_equal_the_whole_model(depth):
+    """Decoder-only fine-tuning runs encode once without grad: its u and du/dt (JVP) must be the whole model's."""
+    from torch.func import jvp
+
+    from flowmap_convert.finetuning.common import Calls
+
+    model = FAMILIES["ddt"].build(random_ddt_sd(HID, HEADS, NB, C, P, K, seed=11), OPTS).with_depth(depth)
+    x, t, y = inputs(seed=12)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(13))
+    r = t * 0.5
+    with torch.no_grad():
+        assert torch.equal(model.decode(model.encode(x, t, y), r, y), model(x, t, r, y))
+    u_ref = model(x, t, r, y).detach()
+    _, dudt_ref = jvp(lambda x_, t_: model(x_, t_, r, y), (x, t), (v, torch.ones(3)))
+    u_d, dudt_d = Calls(model, decoder_only=True).u_and_dudt_jvp(x, t, r, y, v)
+    assert (u_d - u_ref).abs().max().item() <= 1e-5
+    assert dudt_ref.abs().max().item() > 1e-3
+    assert (dudt_d - dudt_ref).abs().max().item() <= 1e-5 * max(1.0, dudt_ref.abs().max().item())
+
+
+def test_decoder_only_training_gives_every_trainable_parameter_a_gradient():
+    """--train decoder on DDT's boundary: the encoder (and its s_embedder) is frozen, every trainable weight learns."""
+    from flowmap_convert.finetuning.common import Calls, Context, mf_target
+    from flowmap_convert.finetuning.recipe import Recipe
+    from flowmap_convert.finetuning.setup import set_trainable
+
+    model = FAMILIES["ddt"].build(random_ddt_sd(HID, HEADS, NB, C, P, K, seed=14), OPTS).with_depth(NE)
+    params = set_trainable(model, "decoder", loss="l2")
+    x, t, y = inputs(seed=15)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(16))
+    ctx = Context(Calls(model, decoder_only=True), Recipe(train="decoder"), K)
+    u, u_tgt, _ = mf_target(ctx, x, t, t * 0.5, y, v)
+    (u - u_tgt).pow(2).sum().backward()
+    net = model.net
+    assert not any(p.requires_grad for p in (*net.s_embedder.parameters(), *net.blocks[NE - 1].parameters()))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert net.blocks[NE].attn.qkv.weight.requires_grad and net.final_layer.linear.weight.requires_grad
