@@ -247,3 +247,26 @@ def test_decoder_only_training_gives_every_trainable_parameter_a_gradient():
     assert not any(p.requires_grad for p in (*net.s_embedder.parameters(), *net.blocks[NE - 1].parameters()))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert net.blocks[NE].attn.qkv.weight.requires_grad and net.final_layer.linear.weight.requires_grad
+
+
+def test_alias_offline_hint_and_revision(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        FlowmapError, match=r"MCG-NJU/DDT-XL-22en6de-R256 is not in the local Hub cache .* unset HF_HUB_OFFLINE"
+    ):
+        load_source("MCG-NJU/DDT")
+    old, new = random_ddt_sd(16, 2, 28, C, P, K, seed=17), random_ddt_sd(16, 2, 28, C, P, K, seed=18)
+    add_repo(
+        cache, "MCG-NJU/DDT-XL-22en6de-R256", {"model.ckpt": torch_bytes(lightning_ckpt(old, old))}, commit="b" * 40
+    )
+    add_repo(
+        cache, "MCG-NJU/DDT-XL-22en6de-R256", {"model.ckpt": torch_bytes(lightning_ckpt(new, new))}, commit="c" * 40
+    )
+    model, info = load_source("MCG-NJU/DDT", revision="b" * 40)  # refs/main points at c...; --revision picks b...
+    assert info["revision"] == "b" * 40
+    assert torch.equal(model.net.blocks[0].attn.qkv.weight, old["blocks.0.attn.qkv.weight"])
+    _, info = load_source("MCG-NJU/DDT")
+    assert info["revision"] == "c" * 40
