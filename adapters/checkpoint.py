@@ -167,7 +167,7 @@ def _lightning_weights(inner: dict, weights: str, where: str) -> tuple[dict[str,
     if used is None:
         have = ", ".join(f"{w} ({LIGHTNING_PREFIXES[w]}*)" for w in present)
         raise FlowmapError(
-            f"{where} has no {weights!r} weights (its Lightning state_dict has: {have}); pass --weights {present[0]}."
+            f"{where} has no {weights!r} weights (its Lightning state_dict has: {have}); pass `weights` {present[0]}."
         )
     pre = LIGHTNING_PREFIXES[used]
     return strip_prefixes({k[len(pre) :]: v for k, v in inner.items() if k.startswith(pre)}), used

@@ -1,11 +1,11 @@
 """MCG-NJU's DDT (Decoupled Diffusion Transformer; MCG-NJU/DDT-XL-22en6de-R256 / -R512), docs/checkpoints.md.
 
 Released files are Lightning checkpoints: `ckpt["state_dict"]` holds `ema_denoiser.*` (taken by default) and
-`denoiser.*` (`--weights model`); checkpoint.py picks one and strips the prefix. The network (class `DDT`) is N blocks
+`denoiser.*` (weights "model"); checkpoint.py picks one and strips the prefix. The network (class `DDT`) is N blocks
 of one width: blocks [0, N_e) encode s_embedder(x) under c = silu(te(t) + ye(y)), blocks [N_e, N) decode
 x_embedder(x) modulated token-wise by silu(te(t) + s). Nothing in the weights says N_e, the latent side or the
 channel / patch split of the patch embedder, so they come from, in order: the caller's options
-(`encoder_depth` = --encoder-depth, `input_size`, `in_channels`), the file's or repository's name
+(`encoder_depth`, `input_size`, `in_channels`), the file's or repository's name
 (`22en6de`, `R256` / `R512`), then the released model (N_e = 22 of 28, 256 px, SD-VAE's 4 channels), each
 announced on stderr.
 
@@ -58,18 +58,18 @@ def _names(options: dict) -> list[str]:
 
 
 def encoder_blocks(n: int, options: dict) -> int:
-    """N_e from --encoder-depth, the training args, a `<N_e>en<N_d>de` name, or the released 22 of 28."""
+    """N_e from `encoder_depth`, the training args, a `<N_e>en<N_d>de` name, or the released 22 of 28."""
     args = options.get("args") or {}
     given = options.get("encoder_depth") or args.get("num_encoder_blocks")
     if given is not None:
-        ne, why = int(given), "--encoder-depth"
+        ne, why = int(given), "the given encoder depth"
     else:
         found = [m for part in _names(options) for m in EN_DE_RE.finditer(part)]
         if found:
             ne, nd = int(found[0].group(1)), int(found[0].group(2))
             if ne + nd != n:
                 raise FlowmapError(
-                    f"the file is named {found[0].group(0)} but holds {n} blocks, not {ne + nd}; pass --encoder-depth."
+                    f"the file is named {found[0].group(0)} but holds {n} blocks, not {ne + nd}; pass `encoder_depth`."
                 )
             why = f"the name {found[0].group(0)}"
         elif n in RELEASED_ENCODER_BLOCKS:
@@ -77,11 +77,11 @@ def encoder_blocks(n: int, options: dict) -> int:
             why = f"the released DDT-XL/2 {ne}en{n - ne}de"
         else:
             raise FlowmapError(
-                f"this DDT has {n} blocks and nothing says how many form its condition encoder; pass --encoder-depth "
+                f"this DDT has {n} blocks and nothing says how many form its condition encoder; pass `encoder_depth` "
                 "(22 for the released 28-block DDT-XL/2)."
             )
     if not 1 <= ne < n:
-        raise FlowmapError(f"--encoder-depth {ne} is out of range for a DDT with {n} blocks; choose 1 to {n - 1}.")
+        raise FlowmapError(f"`encoder_depth` {ne} is out of range for a DDT with {n} blocks; choose 1 to {n - 1}.")
     note(f"DDT: {ne} encoder + {n - ne} decoder blocks (from {why})")
     return ne
 
@@ -114,7 +114,7 @@ def ddt_config(sd: dict, options: dict):
     p = math.isqrt(max(cpp // c, 1))
     if c * p * p != cpp:
         raise FlowmapError(
-            f"the patch embedder reads {cpp} features, not {c} channels times a square patch; pass in_channels."
+            f"the patch embedder reads {cpp} features, not {c} channels times a square patch; pass `in_channels`."
         )
     n = block_count(sd)
     ne = encoder_blocks(n, options)
@@ -122,7 +122,7 @@ def ddt_config(sd: dict, options: dict):
     heads = d // head_dim
     if options.get("num_heads") and int(options["num_heads"]) != heads:
         raise FlowmapError(
-            f"this DDT's QK-norm has head size {head_dim}, so it has {heads} heads, not {options['num_heads']}; drop --num-heads."
+            f"this DDT's QK-norm has head size {head_dim}, so it has {heads} heads, not {options['num_heads']}; drop `num_heads`."
         )
     hidden = sd["blocks.0.mlp.w1.weight"].shape[0]
     ratio = round(hidden * 1.5 / d * 4) / 4  # FeedForward hidden = int(2 * int(D * ratio) / 3)
@@ -132,7 +132,7 @@ def ddt_config(sd: dict, options: dict):
         )
     side = latent_side(options)
     if side % p:
-        raise FlowmapError(f"a {side}x{side} latent does not split into {p}x{p} patches; pass input_size.")
+        raise FlowmapError(f"a {side}x{side} latent does not split into {p}x{p} patches; pass `input_size`.")
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
     return ModelConfig(
         arch="mcg-ddt",
@@ -204,7 +204,7 @@ class DDTFamily:
 
         if not is_mcg_ddt(sd):
             raise FlowmapError(
-                "the weights are not a DDT (MCG-NJU/DDT) state dict: it needs Linear x/s embedders, blocks.{i}.mlp.w1 and adaLN_modulation.0; check --family."
+                "the weights are not a DDT (MCG-NJU/DDT) state dict: it needs Linear x/s embedders, blocks.{i}.mlp.w1 and adaLN_modulation.0; check `family`."
             )
         options = options or {}
         cfg = ddt_config(sd, options)

@@ -191,7 +191,7 @@ def test_lightning_weight_selection_and_its_errors():
     ckpt = {"state_dict": {"ema_denoiser.a.weight": torch.ones(2), "diffusion_trainer.b": torch.zeros(1)}}
     got, used, _ = select_weights(ckpt)
     assert used == "ema" and list(got) == ["a.weight"]
-    with pytest.raises(FlowmapError, match=r"no .model. weights .*ema \(ema_denoiser\.\*\)\); pass --weights ema"):
+    with pytest.raises(FlowmapError, match=r"no .model. weights .*ema \(ema_denoiser\.\*\)\); pass `weights` ema"):
         select_weights(ckpt, "model")
     got, used, _ = select_weights({"denoiser." + k: v for k, v in sd.items()})  # a bare Lightning state_dict
     assert used == "model" and list(got) == ["a.weight"]
@@ -199,7 +199,7 @@ def test_lightning_weight_selection_and_its_errors():
 
 def test_nothing_guessed_silently_about_the_split(tmp_path):
     sd = random_ddt_sd(HID, HEADS, NB, C, P, K, seed=10)
-    with pytest.raises(FlowmapError, match=r"5 blocks and nothing says .* pass --encoder-depth"):
+    with pytest.raises(FlowmapError, match=r"5 blocks and nothing says .* pass `encoder_depth`"):
         FAMILIES["ddt"].build(sd, {"input_size": SIDE})
     with pytest.raises(FlowmapError, match="named 22en6de but holds 5 blocks"):
         FAMILIES["ddt"].build(sd, {"what": str(tmp_path / "DDT-XL-22en6de-R256" / "x.ckpt")})
