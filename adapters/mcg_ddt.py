@@ -51,10 +51,15 @@ def is_mcg_ddt(sd: dict) -> bool:
 
 
 def _names(options: dict) -> list[str]:
-    """The path the weights came from (for the Hub: the cache's models--owner--name/… path), last parts first."""
-    what = str(options.get("what") or "")
-    parts = [p for p in reversed(re.split(r"[/\\]", what)) if p and not re.fullmatch(r"[0-9a-f]{40}", p)]
-    return parts[:3]  # file, then (in a Hub cache) snapshots/ and models--owner--name
+    """Where the weights came from, file name first: path parts up to a Hub cache's models--owner--name (at most 6)."""
+    parts: list[str] = []
+    for part in reversed(re.split(r"[/\\]", str(options.get("what") or ""))):
+        if not part or re.fullmatch(r"[0-9a-f]{40}", part):  # a snapshot commit's hex could read as a number
+            continue
+        parts.append(part)
+        if part.startswith("models--") or len(parts) == 6:
+            break
+    return parts
 
 
 def encoder_blocks(n: int, options: dict) -> int:

@@ -270,3 +270,20 @@ def test_alias_offline_hint_and_revision(tmp_path, monkeypatch):
     assert torch.equal(model.net.blocks[0].attn.qkv.weight, old["blocks.0.attn.qkv.weight"])
     _, info = load_source("MCG-NJU/DDT")
     assert info["revision"] == "c" * 40
+
+
+def test_the_512_px_release_is_read_from_its_repository_name(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = random_ddt_sd(16, 2, 28, C, P, K, seed=19)
+    add_repo(cache, "MCG-NJU/DDT-XL-22en6de-R512", {"ckpts/last.ckpt": torch_bytes(lightning_ckpt(sd, sd))})
+    model, info = load_source("MCG-NJU/DDT-XL-22en6de-R512")  # the repository's only weights file
+    cfg = model.config
+    assert info["family"] == "ddt" and info["file"] == "ckpts/last.ckpt"
+    assert (cfg.input_size, cfg.latent.image_size, cfg.sampling["cfg_scale"], cfg.extra["encoder_blocks"]) == (
+        64,
+        512,
+        3.0,
+        22,
+    )
