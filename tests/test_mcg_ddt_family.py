@@ -287,3 +287,12 @@ def test_the_512_px_release_is_read_from_its_repository_name(tmp_path, monkeypat
         3.0,
         22,
     )
+
+
+def test_mcg_njus_plain_dit_shares_the_key_names_and_is_refused_not_guessed():
+    """DDT's repository also has a plain DiT (`improved_dit.py`): DDT's keys without s_embedder. No family reads it,
+    so detection must say so instead of handing it to a DiT-style family that shares the top-level names."""
+    sd = {k: v for k, v in random_ddt_sd().items() if not k.startswith("s_embedder.")}
+    assert not any(f.detect(sd) for f in FAMILIES.values())
+    with pytest.raises(FlowmapError, match="no known model family matches this checkpoint"):
+        choose_family(sd, {})
