@@ -360,12 +360,13 @@ class MCGDDT(nn.Module):
         c, d, p = cfg.in_channels, cfg.hidden_size, cfg.patch_size
         if cfg.input_size % p:
             raise FlowmapError(f"DDT: the latent side {cfg.input_size} is not a multiple of the patch size {p}.")
-        self.num_encoder_blocks = int(cfg.extra.get("encoder_blocks", cfg.num_blocks))
-        if not 1 <= self.num_encoder_blocks < cfg.num_blocks:
+        ne = cfg.extra.get("encoder_blocks")
+        if isinstance(ne, bool) or not isinstance(ne, int) or not 1 <= ne < cfg.num_blocks:
             raise FlowmapError(
-                f"config.json: extra.encoder_blocks = {self.num_encoder_blocks} must be in [1, {cfg.num_blocks - 1}] "
+                f"config.json: extra.encoder_blocks = {ne!r} must be an integer in [1, {cfg.num_blocks - 1}] "
                 "for a DDT; re-export the model."
             )
+        self.num_encoder_blocks = ne
         self.grid = cfg.input_size // p
         self.x_embedder = PatchEmbed(c, d, p)  # DDT's unfold + Linear, as a conv (same (c, kh, kw) order)
         self.s_embedder = PatchEmbed(c, d, p)

@@ -296,3 +296,13 @@ def test_mcg_njus_plain_dit_shares_the_key_names_and_is_refused_not_guessed():
     assert not any(f.detect(sd) for f in FAMILIES.values())
     with pytest.raises(FlowmapError, match="no known model family matches this checkpoint"):
         choose_family(sd, {})
+
+
+@pytest.mark.parametrize("bad", [None, "22", 0, 5, True])
+def test_a_damaged_encoder_split_in_config_json_is_one_error(bad):
+    from flowmap_convert.model import FlowMap
+
+    cfg = FAMILIES["ddt"].build(random_ddt_sd(), OPTS).config
+    extra = {} if bad is None else {"encoder_blocks": bad}
+    with pytest.raises(FlowmapError, match=r"extra.encoder_blocks = .* must be an integer in \[1, 4\]"):
+        FlowMap(cfg.replace(extra=extra))
