@@ -236,4 +236,5 @@ def _load_source(source: str, **options):
 # isort: off
 from . import dmf, repa, sit  # noqa: E402,F401
 from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
+from . import mcg_ddt  # noqa: E402,F401  MCG-NJU's DDT (its own key set: Linear patch embedders, w1/w2/w3)
 # isort: on

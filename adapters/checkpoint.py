@@ -25,6 +25,8 @@ SAFETENSORS_SUFFIX = ".safetensors"
 WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
 PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers (DMF's EMA helper strips both)
 WEIGHT_CHOICES = ("auto", "ema", "model")
+# Lightning checkpoints (MCG-NJU/DDT's LightningModel): ckpt["state_dict"] keys carry the module's name.
+LIGHTNING_PREFIXES = {"ema": "ema_denoiser.", "model": "denoiser."}
 
 
 @dataclass
@@ -152,6 +154,25 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+def _lightning_weights(inner: dict, weights: str, where: str) -> tuple[dict[str, torch.Tensor], str] | None:
+    """A Lightning module's state dict holding `ema_denoiser.*` / `denoiser.*` (MCG-NJU/DDT): (weights, used), or None.
+
+    `auto` and `ema` take `ema_denoiser.`, `model` takes `denoiser.`; every other entry (REPA projectors, the
+    trainer's feature encoder) is left in the file, unread.
+    """
+    present = [w for w, pre in LIGHTNING_PREFIXES.items() if any(k.startswith(pre) for k in inner)]
+    if not present:
+        return None
+    used = present[0] if weights == "auto" else (weights if weights in present else None)
+    if used is None:
+        have = ", ".join(f"{w} ({LIGHTNING_PREFIXES[w]}*)" for w in present)
+        raise FlowmapError(
+            f"{where} has no {weights!r} weights (its Lightning state_dict has: {have}); pass `weights` {present[0]}."
+        )
+    pre = LIGHTNING_PREFIXES[used]
+    return strip_prefixes({k[len(pre) :]: v for k, v in inner.items() if k.startswith(pre)}), used
+
+
 def _args_dict(args: Any) -> dict[str, Any]:
     """Training args as a plain dict (Namespace, dict or absent)."""
     if isinstance(args, argparse.Namespace):
@@ -171,6 +192,10 @@ def select_weights(
         obj = {k: _as_state_dict(v) for k, v in obj.items()}
     if weights not in WEIGHT_CHOICES:
         raise FlowmapError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}; pass ema, model or auto.")
+    if _is_state_dict(obj) or isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
+        lightning = _lightning_weights(obj if _is_state_dict(obj) else obj["state_dict"], weights, where)
+        if lightning is not None:
+            return *lightning, _args_dict(obj.get("args"))
     if _is_state_dict(obj):
         if weights != "auto":
             raise FlowmapError(
@@ -214,4 +239,6 @@ def read_checkpoint(
     if fmt == "pickle" and not mapped:
         sd = {k: v.clone() for k, v in sd.items()}
     steps = obj.get("steps") if isinstance(obj, dict) and isinstance(obj.get("steps"), int) else None
+    if steps is None and isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
+        steps = obj["global_step"]  # Lightning
     return Checkpoint(state_dict=sd, weights=used, args=args, path=path, format=fmt, steps=steps)

@@ -32,6 +32,8 @@ def has_dit_keys(sd: dict[str, torch.Tensor]) -> bool:
     """True when the state dict carries the DiT-family backbone keys (blocks may still be legacy-named)."""
     if "s_embedder.proj.weight" in sd or "t_embedder.W" in sd:
         return False  # RAE DiT^DH / MF-RAE (adapters/rae.py): same top-level names, different network
+    if getattr(sd.get("x_embedder.proj.weight"), "dim", lambda: 4)() != 4:
+        return False  # a Linear patch embedder (MCG-NJU's DDT and its plain DiT): same names, not a conv patchifier
     return all(k in sd for k in REQUIRED) and any(BLOCK_RE.match(k) or k.startswith("decoder_blocks.") for k in sd)
 
 

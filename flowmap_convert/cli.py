@@ -135,7 +135,7 @@ def convert(
         int | None,
         typer.Option(
             "--encoder-depth",
-            help="REPA legacy checkpoints only: blocks before `decoder_blocks.0` (default: from the training args).",
+            help="Blocks before the decoder: REPA legacy checkpoints (before `decoder_blocks.0`; default: from the training args) and DDT (its condition encoder; default: 22 of 28, as released).",
         ),
     ] = None,
     force: Annotated[

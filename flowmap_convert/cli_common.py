@@ -29,7 +29,8 @@ FilenameOpt = Annotated[
     str | None, typer.Option("--filename", help="File inside the Hub repo (default: picked by pattern and printed).")
 ]
 FamilyOpt = Annotated[
-    str | None, typer.Option("--family", help="Override family detection: repa, sit, dit, dmf, rae, mf-rae, flowmap.")
+    str | None,
+    typer.Option("--family", help="Override family detection: repa, sit, dit, dmf, rae, mf-rae, ddt, flowmap."),
 ]
 WeightsOpt = Annotated[
     str,

@@ -210,7 +210,7 @@ def default_depth(cfg: ModelConfig) -> int:
 
     In order: the split of a model that is already decoupled; the depth `flowmap search-depth` chose for this
     model (`provenance["search"]["best_depth"]`, written by `--write-best`); for RAE DiT^DH all encoder blocks
-    (the whole DDT head sees r); otherwise 2/3 of the blocks (DMF's choice, 20 of 28 for SiT-XL/2).
+    (the whole DDT head sees r); for MCG-NJU's DDT its encoder / decoder boundary (22 of 28); otherwise 2/3 of the blocks (DMF's choice, 20 of 28 for SiT-XL/2).
     """
     n = cfg.num_blocks
     if cfg.conditioning == "decoupled" and cfg.depth is not None:
@@ -220,6 +220,8 @@ def default_depth(cfg: ModelConfig) -> int:
         return searched
     if cfg.arch == "ddt":
         return n
+    if cfg.arch == "mcg-ddt" and isinstance(cfg.extra.get("encoder_blocks"), int):
+        return cfg.extra["encoder_blocks"]  # DDT's own encoder / decoder boundary: its velocity decoder sees r
     return max(1, round(2 * n / 3))
 
 

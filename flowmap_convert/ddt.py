@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .dit import PatchEmbed
 from .errors import FlowmapError
 from .kernels import attention
-from .layers import LabelEmbedder, RMSNorm, modulate, sincos_pos_embed_2d
+from .layers import LabelEmbedder, RMSNorm, TimestepEmbedder, modulate, sincos_pos_embed_2d, timestep_embedding
 
 
 class GaussianFourierEmbedder(nn.Module):
@@ -268,3 +268,144 @@ class DiTDH(nn.Module):
         c = F.silu(te + self.y_embedder(y))
         s = self._encoder_blocks(self._encoder_input(x), c, 0, self.num_encoder_blocks)
         return self._head(s, self.x_embedder(x), te)
+
+
+# ==================================================================================== MCG-NJU DDT
+# DDT (Decoupled Diffusion Transformer, MCG-NJU/DDT; docs/checkpoints.md): N blocks of one width, the first N_e a
+# condition encoder on s_embedder(x) with c = silu(te(t) + ye(y)), the rest a velocity decoder on x_embedder(x)
+# modulated token-wise by silu(te(t) + s). It reuses the layers above with three differences from RAE's blocks:
+# adaLN is a bare Linear (no SiLU; c is already silu'ed), qkv and the SwiGLU have no biases, and the 2-D RoPE
+# interleaves x and y frequencies over linspace(0, 16, side) positions. Source time: t = 0 noise, t = 1 data, the
+# network returns data - noise ("reversed", translated by FlowMap).
+
+
+class DDTRope(VisionRope):
+    """DDT's precompute_freqs_cis_2d: head pair j turns by pos_x f_(j//2) (j even) or pos_y f_(j//2) (j odd).
+
+    f_k = theta^(-4k / head_dim), positions linspace(0, 16, side) on both axes; computed, never stored (the
+    tables are not in DDT's checkpoints), applied by VisionRope.forward as a complex product per adjacent pair.
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0, span: float = 16.0):
+        nn.Module.__init__(self)
+        if head_dim % 4:
+            raise FlowmapError(f"DDT's 2-D RoPE needs a head size divisible by 4, got {head_dim}.")
+        cpu = torch.device("cpu")  # real tables even when the model is built on the meta device (they are not loaded)
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=cpu)[: head_dim // 4].float() / head_dim))
+        pos = torch.linspace(0, span, grid, device=cpu)
+        rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # tokens row-major, as unfold orders them
+        ax, ay = torch.outer(cols.reshape(-1), freqs), torch.outer(rows.reshape(-1), freqs)
+        angle = torch.stack([ax, ay], dim=-1).reshape(grid * grid, -1).repeat_interleave(2, dim=-1)
+        self.register_buffer("freqs_cos", angle.cos(), persistent=False)
+        self.register_buffer("freqs_sin", angle.sin(), persistent=False)
+
+
+class UnitTimeEmbedder(TimestepEmbedder):
+    """DDT's TimestepEmbedder: t in [0, 1] with max_period 10 ([cos | sin], f_k = 10^(-k / 128)), DiT's MLP."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_size, max_period=10.0)  # fp32 island
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class BiasFreeSwiGLU(SwiGLU):
+    """DDT's FeedForward as a SwiGLU without biases: w12 = [w1; w3] (stacked by the adapter), w3 = DDT's w2."""
+
+    def __init__(self, dim: int, hidden: int):
+        nn.Module.__init__(self)
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w3 = nn.Linear(hidden, dim, bias=False)
+
+
+class BiasFreeQKVAttention(NormAttention):
+    """DDT's RAttention: qkv without bias, QK-RMSNorm (eps 1e-6), RoPE, proj with bias; NormAttention's forward."""
+
+    def __init__(self, dim: int, num_heads: int):
+        nn.Module.__init__(self)
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, param_name="weight")
+        self.k_norm = RMSNorm(self.head_dim, param_name="weight")
+        self.proj = nn.Linear(dim, dim)
+
+
+class MCGBlock(DDTBlock):
+    """DDT's DDTBlock on DDTBlock's forward: RMSNorm, the attention and SwiGLU above, adaLN a bare Linear.
+
+    DDT feeds silu(te + ye) (encoder) or silu(te + s) (decoder) straight into the Linear, so the Sequential's SiLU
+    slot is an Identity (keys `adaLN_modulation.1.*`; DDT's `.0.` is renamed by the adapter).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        nn.Module.__init__(self)
+        self.norm1, self.norm2 = RMSNorm(dim, param_name="weight"), RMSNorm(dim, param_name="weight")
+        self.attn = BiasFreeQKVAttention(dim, num_heads)
+        self.mlp = BiasFreeSwiGLU(dim, int(2 * int(dim * mlp_ratio) / 3))  # FeedForward: int(2 * hidden / 3)
+        self.wo_shift = False
+        self.adaLN_modulation = nn.Sequential(nn.Identity(), nn.Linear(dim, 6 * dim))
+
+
+class MCGDDT(nn.Module):
+    """MCG-NJU's DDT in its own time (`encode` / `decode`); cfg.extra["encoder_blocks"] = N_e (22 of 28 for XL).
+
+    Decoupling at `depth` (blocks [0, depth) see t, the rest and the final layer see r): for depth <= N_e the encoder
+    blocks [depth, N_e) run on c(r) and the decoder is conditioned on silu(te(r) + s); for depth > N_e the decoder
+    blocks [N_e, depth) are conditioned on silu(te(t) + s) and the rest on silu(te(r) + s). depth = N_e (the default,
+    config.default_depth) is DDT's own boundary: the whole velocity decoder sees r.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, d, p = cfg.in_channels, cfg.hidden_size, cfg.patch_size
+        if cfg.input_size % p:
+            raise FlowmapError(f"DDT: the latent side {cfg.input_size} is not a multiple of the patch size {p}.")
+        ne = cfg.extra.get("encoder_blocks")
+        if isinstance(ne, bool) or not isinstance(ne, int) or not 1 <= ne < cfg.num_blocks:
+            raise FlowmapError(
+                f"config.json: extra.encoder_blocks = {ne!r} must be an integer in [1, {cfg.num_blocks - 1}] "
+                "for a DDT; re-export the model."
+            )
+        self.num_encoder_blocks = ne
+        self.grid = cfg.input_size // p
+        self.x_embedder = PatchEmbed(c, d, p)  # DDT's unfold + Linear, as a conv (same (c, kh, kw) order)
+        self.s_embedder = PatchEmbed(c, d, p)
+        self.t_embedder = UnitTimeEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_embed_rows)
+        self.rope = DDTRope(d // cfg.num_heads, self.grid)
+        self.blocks = nn.ModuleList([MCGBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.num_blocks)])
+        self.final_layer = DDTFinalLayer(d, p, c, rmsnorm=False)  # LayerNorm without affine, eps 1e-6
+        self.final_layer.adaLN_modulation[0] = nn.Identity()
+
+    def _run(self, h: torch.Tensor, cond: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        for i in range(lo, hi):
+            h = self.blocks[i](h, cond, self.rope)
+        return h
+
+    def _cond(self, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        te = self.t_embedder(t)[:, None]  # (B, 1, D)
+        return te, F.silu(te + self.y_embedder(y)[:, None])
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int) -> tuple:
+        """(encoder tokens s after blocks[:min(depth, N_e)], decoder tokens after blocks[N_e:depth]) in DDT time t."""
+        ne = self.num_encoder_blocks
+        te, c = self._cond(t, y)
+        s = self._run(self.s_embedder(x), c, 0, min(depth, ne))
+        h = self.x_embedder(x)
+        if depth > ne:
+            h = self._run(h, F.silu(te + s), ne, depth)
+        return s, h
+
+    def decode(self, state: tuple, r: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
+        """The remaining encoder blocks on c(r), the decoder on silu(te(r) + s); returns (B, C, H, W), DDT's output."""
+        s, h = state
+        ne, n = self.num_encoder_blocks, len(self.blocks)
+        te, c = self._cond(r, y)
+        if depth < ne:
+            s = self._run(s, c, depth, ne)
+        cond = F.silu(te + s)
+        h = self._run(h, cond, max(depth, ne), n)
+        out = self.final_layer(h, cond)  # (B, L, C p p), features ordered (c, kh, kw) as fold reads them
+        b, g, p = out.shape[0], self.grid, self.cfg.patch_size
+        out = out.reshape(b, g, g, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, -1, g * p, g * p)

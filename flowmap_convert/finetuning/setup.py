@@ -20,6 +20,8 @@ def depth_origin(cfg, recipe: Recipe) -> str:
     searched = (cfg.provenance.get("search") or {}).get("best_depth") if isinstance(cfg.provenance, dict) else None
     if isinstance(searched, int) and searched == default_depth(cfg):
         return "the depth search-depth chose, carried by the model"
+    if cfg.arch == "mcg-ddt":
+        return "DDT's encoder / decoder boundary"
     return "all encoder blocks (RAE)" if cfg.arch == "ddt" else "2/3 of the blocks"
 
 
@@ -93,6 +95,8 @@ def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter
             raise FlowmapError(f"--train {part} needs a decoupled DiT-style flow map; use --train all for this model.")
         for mod in (net.x_embedder, net.t_embedder, net.y_embedder, *net.blocks[: model.depth]):
             mod.requires_grad_(False)
+        if hasattr(net, "s_embedder"):  # DDT / DiT^DH encoder input: runs in encode only, so it gets no gradient
+            net.s_embedder.requires_grad_(False)
         if part == "decoder+time":
             net.t_embedder.requires_grad_(True)
     if hasattr(net, "pos_embed"):
