@@ -40,7 +40,7 @@ class SampleSettings:
     """Every knob of a sampling run; written next to the images as a JSON sidecar.
 
     Each field is declared once (flowmap_convert.options): `flowmap sample`'s options and the checks derive from it.
-    `shift` and `cfg_scale` of None mean "the model's default" (config.sampling); `resolve(model)` fills them in.
+    `shift`, `cfg_scale` and `guidance_interval` of None mean "the model's default" (config.sampling); `resolve(model)` fills them in.
     """
 
     nfe: int = option(
@@ -49,8 +49,8 @@ class SampleSettings:
     sampler: str = option("euler", concept="sampler", choices=SAMPLERS)
     shift: float | None = option(None, concept="shift", lo=1 / MAX_SHIFT, hi=MAX_SHIFT)
     cfg_scale: float | None = option(None, concept="cfg_scale", lo=0.0, hi=MAX_CFG)
-    guidance_interval: tuple[float, float] = option(
-        (0.0, 1.0), concept="guidance_interval", lo=0.0, hi=1.0, ordered=True
+    guidance_interval: tuple[float, float] | None = option(
+        None, concept="guidance_interval", lo=0.0, hi=1.0, ordered=True
     )
     gamma: float = option(0.0, "CTM re-noising strength in [0, 1).", lo=0.0, hi=1.0, hi_open=True)
     seed: int = option(0, concept="seed", lo=0, hi=INT64_MAX)
@@ -77,6 +77,11 @@ class SampleSettings:
             self,
             shift=float(defaults.get("shift", 1.0)) if self.shift is None else self.shift,
             cfg_scale=float(defaults.get("cfg_scale", 1.0)) if self.cfg_scale is None else self.cfg_scale,
+            guidance_interval=(
+                (float(defaults.get("guidance_low", 0.0)), float(defaults.get("guidance_high", 1.0)))
+                if self.guidance_interval is None
+                else self.guidance_interval
+            ),
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         )
         if s.sampler in ("restart", "ctm") and not model.config.is_flow_map:
@@ -98,7 +103,7 @@ class SampleSettings:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         d = asdict(self)
-        d["guidance_interval"] = list(self.guidance_interval)
+        d["guidance_interval"] = list(self.guidance_interval) if self.guidance_interval is not None else None
         d["classes"] = list(self.classes) if self.classes is not None else None
         return d
 

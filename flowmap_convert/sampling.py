@@ -55,7 +55,7 @@ def _call(model, x, t, r, y, s: SampleSettings, dtype) -> torch.Tensor:
     b = x.shape[0]
     tt = torch.full((b,), float(t), device=x.device)
     rr = torch.full((b,), float(r), device=x.device)
-    lo, hi = s.guidance_interval
+    lo, hi = s.guidance_interval or (0.0, 1.0)  # unresolved settings: guide everywhere
     xin = x.to(dtype)
     if s.cfg_scale != 1.0 and lo <= float(t) <= hi:
         null = torch.full_like(y, model.config.num_classes)
@@ -190,7 +190,7 @@ def sample(
     sampler: str = "euler",
     shift: float | None = None,
     cfg_scale: float | None = None,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    guidance_interval: tuple[float, float] | None = None,
     gamma: float = 0.0,
     batch_size: int = 64,
     device: str | torch.device | None = None,
@@ -209,7 +209,7 @@ def sample(
             sampler=sampler,
             shift=shift,
             cfg_scale=cfg_scale,
-            guidance_interval=tuple(guidance_interval),
+            guidance_interval=tuple(guidance_interval) if guidance_interval is not None else None,
             gamma=gamma,
             seed=seed,
             batch_size=batch_size,
