@@ -222,7 +222,7 @@ def _load_source(source: str, **options):
     meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
     name, why = choose_family(ckpt.state_dict, meta, family)
     note(f"family {name} ({why}); weights: {ckpt.weights}{' (EMA)' if ckpt.weights == 'ema' else ''}")
-    build_opts = {**options, "args": ckpt.args, "what": str(path)}
+    build_opts = {**options, "args": ckpt.args, "what": str(path), "source_info": dict(res.info)}
     model = FAMILIES[name].build(ckpt.state_dict, build_opts)
     info = {**res.info, "weights": ckpt.weights, "family": name}
     if ckpt.steps is not None:
@@ -234,6 +234,7 @@ def _load_source(source: str, **options):
 # Built-in families register on import, in detection order: most specific first.
 # The order of these imports is the detection order, so import sorting must not touch them.
 # isort: off
+from . import lightningdit, repae  # noqa: E402,F401  before repa / sit: their keys are a superset of SiT's
 from . import dmf, repa, sit  # noqa: E402,F401
 from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
 # isort: on

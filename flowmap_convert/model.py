@@ -24,7 +24,13 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         from .ddt import DiTDH  # RAE DiT^DH (issue 3)
 
         return DiTDH(cfg)
-    raise FlowmapError(f"unknown architecture {cfg.arch!r} in config.json; this flowmap knows 'dit' and 'ddt'.")
+    if cfg.arch == "lightningdit":
+        from .lightningdit import LightningDiT
+
+        return LightningDiT(cfg)
+    raise FlowmapError(
+        f"unknown architecture {cfg.arch!r} in config.json; this flowmap knows 'dit', 'ddt' and 'lightningdit'."
+    )
 
 
 def as_time(t, batch: int, device) -> torch.Tensor:
