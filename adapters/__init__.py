@@ -234,7 +234,7 @@ def _load_source(source: str, **options):
 # Built-in families register on import, in detection order: most specific first.
 # The order of these imports is the detection order, so import sorting must not touch them.
 # isort: off
-from . import lightningdit, repae  # noqa: E402,F401  before repa / sit: their keys are a superset of SiT's
 from . import dmf, repa, sit  # noqa: E402,F401
 from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
+from . import lightningdit, repae  # noqa: E402,F401  keys no DiT-family detect() claims (dit_keys.NOT_DIT)
 # isort: on
