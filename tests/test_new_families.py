@@ -392,3 +392,94 @@ def test_ldm_vae_scale_bias_stats_and_inline_stats(tmp_path):
     with pytest.raises(FlowmapError, match="latent channels"):
         get_decoder(bad)
     assert math.isfinite(float(official.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------ aliases, offline
+def _cli(args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache, dict(os.environ)
+
+
+def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path, offline_hub):
+    import json
+
+    import numpy as np
+    from hubcache import add_repo, torch_bytes
+
+    cache, env = offline_hub
+    sd = lightning_sd(seed=7)
+    add_repo(
+        cache,
+        "hustvl/lightningdit-xl-imagenet256-800ep",
+        {"lightningdit-xl-imagenet256-800ep.pt": torch_bytes({"model": sd, "ema": sd})},
+    )
+    vae = ldm_vae_sd(seed=8, z=C)
+    stats = {"mean": torch.randn(1, C, 1, 1), "std": torch.rand(1, C, 1, 1) + 0.5}
+    add_repo(
+        cache,
+        "hustvl/vavae-imagenet256-f16d32-dinov2",
+        {
+            "vavae-imagenet256-f16d32-dinov2.pt": torch_bytes({"state_dict": vae}),
+            "latents_stats.pt": torch_bytes(stats),
+        },
+    )
+    out = tmp_path / "ldit"
+    r = _cli(["convert", "hustvl/LightningDiT", "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["arch"] == "lightningdit" and cfg["depth"] == 2 and cfg["latent"]["kind"] == "ldm-vae"
+    assert cfg["provenance"]["family"] == "lightningdit" and cfg["sampling"]["shift"] == pytest.approx(1 / 0.3)
+    r = _cli(
+        ["sample", str(out), "--nfe", "1", "-n", "2", "--classes", "1,2", "--npz", "--out", str(tmp_path / "s")], env
+    )
+    assert r.returncode == 0, r.stderr
+    arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    assert arr.shape == (2, 2 * SIDE, 2 * SIDE, 3) and arr.dtype == np.uint8  # the tiny VAE is f2
+    # the same latents through the reference decode: the images are the VAE's, with the stats undone
+    from flowmap_convert.api import load
+    from flowmap_convert.sampling import sample
+
+    imgs, lat, _, _ = sample(load(str(out)), nfe=1, classes=[1, 2], seed=0, return_latents=True)
+    ref = R.ldm_decode(vae, lat * stats["std"] + stats["mean"])
+    ref_u8 = ((ref.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(imgs.astype(int) - ref_u8.astype(int)).max() <= 1
+
+
+def test_repae_alias_picks_the_checkpoint_and_the_e2e_vae_offline(tmp_path, offline_hub):
+    from flowmap_convert.adapters import load_source
+    from hubcache import add_repo, torch_bytes
+
+    from flowmap_convert.sampling import sample
+
+    cache, _ = offline_hub
+    sd = repa_sit_sd(seed=9, channels=4)
+    add_repo(
+        cache,
+        "REPA-E/sit-repae-sdvae",
+        {"checkpoints/0400000.pt": torch_bytes({"ema": sd, "model": sd}), "args.json": b"{}"},
+    )
+    vae = ldm_vae_sd(seed=10, z=4)
+    add_repo(
+        cache,
+        "REPA-E/e2e-sdvae",
+        {"e2e-sdvae-400k.pt": torch_bytes(vae), "e2e-sdvae-400k-latents-stats.pt": torch_bytes({"x": torch.ones(1)})},
+    )
+    model, info = load_source("REPA-E/sit-repae-sdvae", num_heads=HEADS)
+    assert info["family"] == "repa-e" and info["file"] == "checkpoints/0400000.pt"
+    assert model.config.sampling["source_guidance"]["cfg_scale"] == 2.2
+    imgs, lat, labels, _ = sample(model, nfe=2, classes=[3], seed=1, return_latents=True)
+    mean = sd["bn.running_mean"].view(1, 4, 1, 1)
+    scale = sd["bn.running_var"].rsqrt().view(1, 4, 1, 1)
+    ref = R.ldm_decode(vae, lat / scale + mean)  # generate.py: denormalize_latents then vae.decode
+    ref_u8 = ((ref.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert imgs.shape == (1, 8, 8, 3) and abs(imgs.astype(int) - ref_u8.astype(int)).max() <= 1
