@@ -483,3 +483,34 @@ def test_repae_alias_picks_the_checkpoint_and_the_e2e_vae_offline(tmp_path, offl
     ref = R.ldm_decode(vae, lat / scale + mean)  # generate.py: denormalize_latents then vae.decode
     ref_u8 = ((ref.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     assert imgs.shape == (1, 8, 8, 3) and abs(imgs.astype(int) - ref_u8.astype(int)).max() <= 1
+
+
+def test_ldm_vae_without_level_attention_equals_diffusers_after_its_own_key_conversion(tmp_path):
+    """A third implementation: diffusers' AutoencoderKL, loaded through diffusers' LDM -> diffusers key mapping."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from flowmap_convert.ldm_vae import AutoencoderKL
+
+    sd = ldm_vae_sd(seed=12, attn_last=False)  # SD-VAE's f8d4 layout: attention only in the middle blocks
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+    }
+    theirs = diffusers.AutoencoderKL(**config).eval()
+    theirs.load_state_dict(convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if "loss" not in k}, config))
+    ours = AutoencoderKL.from_state_dict(sd, "the test VAE")
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(13))
+    img = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert (ours.decode(z) - theirs.decode(z).sample).abs().max().item() <= 1e-5
+        mean, logvar = ours.encode_moments(img)
+        post = theirs.encode(img).latent_dist
+        assert (mean - post.mean).abs().max().item() <= 1e-5
+        assert (logvar - post.logvar).abs().max().item() <= 1e-5
