@@ -222,7 +222,7 @@ def _load_source(source: str, **options):
     meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
     name, why = choose_family(ckpt.state_dict, meta, family)
     note(f"family {name} ({why}); weights: {ckpt.weights}{' (EMA)' if ckpt.weights == 'ema' else ''}")
-    build_opts = {**options, "args": ckpt.args, "what": str(path)}
+    build_opts = {**options, "args": ckpt.args, "what": str(path), "source_info": dict(res.info)}
     model = FAMILIES[name].build(ckpt.state_dict, build_opts)
     info = {**res.info, "weights": ckpt.weights, "family": name}
     if ckpt.steps is not None:
@@ -237,4 +237,5 @@ def _load_source(source: str, **options):
 from . import dmf, repa, sit  # noqa: E402,F401
 from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
 from . import mcg_ddt  # noqa: E402,F401  MCG-NJU's DDT (its own key set: Linear patch embedders, w1/w2/w3)
+from . import lightningdit, repae  # noqa: E402,F401  keys no DiT-family detect() claims (dit_keys.NOT_DIT)
 # isort: on

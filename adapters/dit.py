@@ -43,6 +43,10 @@ def is_original_dit(sd: dict) -> bool:
         return False
     if any(k.startswith(("projectors.", "logvar_linear.")) or ".q_norm." in k for k in sd):
         return False
+    from .dit_keys import NOT_DIT
+
+    if any(k in sd for k in NOT_DIT):  # LightningDiT / REPA-E keys (their own adapters)
+        return False
     c, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
     return sd["final_layer.linear.weight"].shape[0] == p * p * 2 * c
 

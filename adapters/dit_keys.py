@@ -26,6 +26,9 @@ REQUIRED = (
     "pos_embed",
 )
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+# Keys no DiT / SiT / REPA / DMF file has: LightningDiT's RoPE, SwiGLU and RMSNorm (adapters/lightningdit.py) and
+# REPA-E's latent BatchNorm (adapters/repae.py).
+NOT_DIT = ("feat_rope.freqs_cos", "blocks.0.mlp.w12.weight", "blocks.0.norm1.weight", "bn.running_mean")
 
 
 def has_dit_keys(sd: dict[str, torch.Tensor]) -> bool:
@@ -34,6 +37,8 @@ def has_dit_keys(sd: dict[str, torch.Tensor]) -> bool:
         return False  # RAE DiT^DH / MF-RAE (adapters/rae.py): same top-level names, different network
     if getattr(sd.get("x_embedder.proj.weight"), "dim", lambda: 4)() != 4:
         return False  # a Linear patch embedder (MCG-NJU's DDT and its plain DiT): same names, not a conv patchifier
+    if any(k in sd for k in NOT_DIT):
+        return False  # LightningDiT block options or REPA-E's latent BatchNorm: their own adapters read these
     return all(k in sd for k in REQUIRED) and any(BLOCK_RE.match(k) or k.startswith("decoder_blocks.") for k in sd)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import FlowmapError
 
-LATENT_KINDS = ("identity", "sd-vae", "rae")
+LATENT_KINDS = ("identity", "sd-vae", "rae", "ldm-vae")  # ldm-vae: VA-VAE / E2E-VAE (decoders.LDMVAEDecoder)
 QK_NORMS = ("none", "rms", "layernorm")
 MAX_BLOCKS = 1024  # no transformer flowmap reads comes near; a larger count is a damaged or hostile file
 # Plausible ranges of the size fields (a config.json outside them is damaged, not a bigger model).
@@ -80,7 +80,7 @@ SD_VAE_SCALE = 0.18215  # the SD-VAE latent scale every DiT-family code base har
 class LatentSpace:
     """Where the model's samples live and how to turn them into pixels."""
 
-    kind: str = "identity"  # identity | sd-vae | rae
+    kind: str = "identity"  # identity | sd-vae | rae | ldm-vae
     channels: int = 4  # latent channels C
     size: int = 32  # latent side length
     image_channels: int = 3  # channels of the decoded image

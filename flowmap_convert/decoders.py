@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -297,6 +299,106 @@ class RAEDecoder:
         return (z - self.mean) / self.std
 
 
+# ------------------------------------------------------------------------------------------------ LDM AutoencoderKL
+VAE_FILE_RE = re.compile(r"(?i)\.(?:safetensors|pt|pth|ckpt)$")
+NOT_VAE_RE = re.compile(r"(?i)(latents?[-_]stats|discriminator|optimizer)")
+
+
+def pick_vae_file(repo: str) -> str:
+    """The one VAE weights file of a repo / directory (stats and discriminator files skipped), printed."""
+    if Path(repo).is_dir():
+        files = sorted(str(p.relative_to(repo)) for p in Path(repo).rglob("*") if p.is_file())
+    else:
+        from .adapters.sources import hub_files
+
+        files, _ = hub_files(repo, None)
+    picked = sorted(f for f in files if VAE_FILE_RE.search(f) and not NOT_VAE_RE.search(f))
+    if len(picked) != 1:
+        raise FlowmapError(
+            f"{repo} holds {len(picked)} VAE weight files ({', '.join(picked[:4]) or 'none'}); set latent.extra.checkpoint in config.json to the one to use."
+        )
+    print(f"flowmap: VAE weights: {repo}/{picked[0]}", file=sys.stderr, flush=True)
+    return picked[0]
+
+
+def _as_channel_vector(t, channels: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    if t.numel() != channels or not bool(torch.isfinite(t).all()):
+        raise FlowmapError(
+            f"the latent {what} must be {channels} finite numbers, got {t.numel()}; use the statistics of the VAE the model was trained on."
+        )
+    return t
+
+
+class LDMVAEDecoder:
+    """LDM AutoencoderKL latents (VA-VAE, E2E-VAE) with per-channel normalisation z = (z_vae - mean) / std."""
+
+    def __init__(self, latent: LatentSpace, device="cpu"):
+        from .ldm_vae import AutoencoderKL
+
+        ex, c = latent.extra, latent.channels
+        if not latent.repo:
+            raise FlowmapError("this model names no VAE in its latent space; set latent.repo in config.json.")
+        self.latent, self.device = latent, torch.device(device)
+        name = ex.get("checkpoint") or pick_vae_file(latent.repo)
+        sd = load_weights_only(resolve_file(latent.repo, name), "VAE checkpoint")
+        for key in ("state_dict", "model", "ema"):  # Lightning files keep the weights one level down
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict) and "decoder.conv_in.weight" not in sd:
+                sd = sd[key]
+        if not isinstance(sd, dict):
+            raise FlowmapError(
+                f"the VAE file {name} holds no state dict; use the VAE checkpoint of the model's release."
+            )
+        self.vae = AutoencoderKL.from_state_dict(sd, f"the VAE {name}", with_encoder="encoder.conv_in.weight" in sd)
+        self.vae = self.vae.to(self.device)
+        got = self.vae.post_quant_conv.in_channels
+        if got != c:
+            raise FlowmapError(
+                f"the VAE {name} has {got} latent channels but the model samples {c}; use the model's VAE."
+            )
+        if "channel_mean" in ex and "channel_std" in ex:
+            mean, std = ex["channel_mean"], ex["channel_std"]
+        elif ex.get("stats"):
+            stats = load_weights_only(resolve_file(latent.repo, ex["stats"]), "latent statistics file")
+            if not isinstance(stats, dict):
+                raise FlowmapError(f"the latent statistics file {ex['stats']} holds no dict; use the release's file.")
+            if "mean" in stats and "std" in stats:  # LightningDiT latents_stats.pt
+                mean, std = stats["mean"], stats["std"]
+            elif "latents_scale" in stats and "latents_bias" in stats:  # REPA-E *-latents-stats.pt
+                mean, std = stats["latents_bias"], 1.0 / torch.as_tensor(stats["latents_scale"]).double()
+            else:
+                raise FlowmapError(
+                    f"the latent statistics file {ex['stats']} has neither mean/std nor latents_scale/bias."
+                )
+        else:
+            mean, std = torch.zeros(c), torch.ones(c)
+        self.mean = _as_channel_vector(mean, c, "mean").view(1, c, 1, 1).to(self.device)
+        self.std = _as_channel_vector(std, c, "std").view(1, c, 1, 1).to(self.device)
+        if not bool((self.std > 0).all()):
+            raise FlowmapError("the latent std must be positive; the statistics file is damaged.")
+
+    def check(self, z: torch.Tensor) -> None:
+        if z.dim() != 4 or z.shape[1] != self.latent.channels:
+            raise FlowmapError(
+                f"latents of shape {tuple(z.shape)} do not fit this VAE ({self.latent.channels} channels); use the decoder that matches the model."
+            )
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (the VAE's own range, unclamped)."""
+        self.check(z)
+        return self.vae.decode(z.float().to(self.device) * self.std + self.mean)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] -> normalised latents (a posterior sample, or its mean with sample=False)."""
+        mean, logvar = self.vae.encode_moments(images.float().to(self.device))
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+            mean = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+        return (mean - self.mean) / self.std
+
+
 def get_decoder(latent: LatentSpace, device="cpu"):
     """The decoder object for a latent space: `.decode(z) -> images in [-1, 1]`, `.encode(images) -> z`."""
     if latent.kind == "identity":
@@ -305,6 +407,8 @@ def get_decoder(latent: LatentSpace, device="cpu"):
         return SDVAEDecoder(latent, device)
     if latent.kind == "rae":
         return RAEDecoder(latent, device)
+    if latent.kind == "ldm-vae":
+        return LDMVAEDecoder(latent, device)
     raise FlowmapError(
-        f"no decoder for latent space {latent.kind!r} in this version; supported: identity, sd-vae, rae."
+        f"no decoder for latent space {latent.kind!r} in this version; supported: identity, sd-vae, rae, ldm-vae."
     )

@@ -78,9 +78,24 @@ def check_keys_and_shapes(sd: dict, expected: dict, what: str) -> None:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _is_bn_counter(key, value) -> bool:
+    """BatchNorm's `num_batches_tracked`: one int64 count, not a weight (REPA-E's latent `bn`, docs/checkpoints.md)."""
+    return (
+        isinstance(key, str)
+        and key.endswith("num_batches_tracked")
+        and isinstance(value, torch.Tensor)
+        and value.dtype == torch.int64
+        and value.numel() == 1
+    )
+
+
 def check_tensor_dtypes(sd: dict, what: str) -> None:
     """Weights must be real floating-point tensors: int / bool / complex ones are refused by name."""
-    bad = [(k, v) for k, v in sd.items() if not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES]
+    bad = [
+        (k, v)
+        for k, v in sd.items()
+        if (not isinstance(v, torch.Tensor) or v.dtype not in FLOAT_DTYPES) and not _is_bn_counter(k, v)
+    ]
     if bad:
         names = ", ".join(
             f"{k} ({str(getattr(v, 'dtype', type(v).__name__)).replace('torch.', '')})" for k, v in bad[:3]

@@ -25,11 +25,15 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
         return DiTDH(cfg)
     if cfg.arch == "mcg-ddt":
-        from .ddt import MCGDDT  # MCG-NJU's DDT (issue 23)
+        from .ddt import MCGDDT  # MCG-NJU's DDT
 
         return MCGDDT(cfg)
+    if cfg.arch == "lightningdit":
+        from .lightningdit import LightningDiT
+
+        return LightningDiT(cfg)
     raise FlowmapError(
-        f"unknown architecture {cfg.arch!r} in config.json; this flowmap knows 'dit', 'ddt' and 'mcg-ddt'."
+        f"unknown architecture {cfg.arch!r} in config.json; this flowmap knows 'dit', 'ddt', 'mcg-ddt' and 'lightningdit'."
     )
 
 

@@ -224,3 +224,151 @@ def ddt_forward(sd, x, t, y, heads_enc, heads_dec, r=None):
     shift, scale = _lin(F.silu(s), sd, "final_layer.adaLN_modulation.1").chunk(2, -1)
     out = _lin(rms(h, sd["final_layer.norm_final.weight"]) * (1 + scale) + shift, sd, "final_layer.linear")
     return out.transpose(1, 2).reshape(x.shape)  # patch 1: tokens back to (B, C, H, W)
+
+
+# ------------------------------------------------------------------------------------------------ LightningDiT
+def _ln(x, eps=1e-6):
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def lightning_block(h, c, sd, pre, heads, rope):
+    """LightningDiTBlock(x, c, feat_rope) with every option read from the keys present (RMSNorm, SwiGLU, QK-norm, wo_shift)."""
+    d = h.shape[-1]
+    mods = _lin(F.silu(c), sd, pre + "adaLN_modulation.1")[:, None, :]
+    if mods.shape[-1] == 4 * d:  # wo_shift: modulate(x, None, scale) = x * (1 + scale)
+        sc1, g1, sc2, g2 = mods.chunk(4, -1)
+        sh1 = sh2 = 0.0
+    else:
+        sh1, sc1, g1, sh2, sc2, g2 = mods.chunk(6, -1)
+    rmsnorm = pre + "norm1.weight" in sd
+    norm = (lambda x, n: rms(x, sd[pre + n + ".weight"])) if rmsnorm else (lambda x, n: _ln(x))  # noqa: E731
+    a = norm(h, "norm1") * (1 + sc1) + sh1
+    b, n, _ = a.shape
+    hd = d // heads
+    qkv = _lin(a, sd, pre + "attn.qkv").reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if pre + "attn.q_norm.weight" in sd:
+        if rmsnorm:
+            q, k = rms(q, sd[pre + "attn.q_norm.weight"]), rms(k, sd[pre + "attn.k_norm.weight"])
+        else:
+            q = F.layer_norm(q, (hd,), sd[pre + "attn.q_norm.weight"], sd[pre + "attn.q_norm.bias"])
+            k = F.layer_norm(k, (hd,), sd[pre + "attn.k_norm.weight"], sd[pre + "attn.k_norm.bias"])
+    if rope is not None:
+        cos, sin = rope
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
+    h = h + g1 * _lin(att.transpose(1, 2).reshape(b, n, d), sd, pre + "attn.proj")
+    m = norm(h, "norm2") * (1 + sc2) + sh2
+    if pre + "mlp.w12.weight" in sd:
+        x1, x2 = _lin(m, sd, pre + "mlp.w12").chunk(2, -1)
+        f = _lin(F.silu(x1) * x2, sd, pre + "mlp.w3")
+    else:
+        f = _lin(F.gelu(_lin(m, sd, pre + "mlp.fc1"), approximate="tanh"), sd, pre + "mlp.fc2")
+    return h + g2 * f
+
+
+def lightningdit_forward(sd, x, t, y, heads, r=None, depth=None):
+    """LightningDiT.forward(x, t, y) in SiT time (t = 1 data): data - noise. With r and depth: blocks[depth:] and the
+    final layer on c(r) (the decoupled split a converted flow map runs)."""
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    depth = n_blocks if depth is None else depth
+    emb = lambda tt: _lin(F.silu(_lin(sinusoid(tt, 128), sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")  # noqa: E731
+    ye = sd["y_embedder.embedding_table.weight"][y]
+    c_t = emb(t) + ye
+    c_r = c_t if r is None else emb(r) + ye
+    w = sd["x_embedder.proj.weight"]
+    p = w.shape[-1]
+    h = F.conv2d(x, w, sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2) + sd["pos_embed"]
+    rope = (sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"]) if "feat_rope.freqs_cos" in sd else None
+    for i in range(n_blocks):
+        h = lightning_block(h, c_t if i < depth else c_r, sd, f"blocks.{i}.", heads, rope)
+    shift, scale = _lin(F.silu(c_r), sd, "final_layer.adaLN_modulation.1")[:, None].chunk(2, -1)
+    normed = rms(h, sd["final_layer.norm_final.weight"]) if "final_layer.norm_final.weight" in sd else _ln(h)
+    out = _lin(normed * (1 + scale) + shift, sd, "final_layer.linear")
+    b, side, c = x.shape[0], x.shape[-1] // p, out.shape[-1] // (p * p)
+    out = out.reshape(b, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, side * p, side * p)
+    return out[:, : x.shape[1]]
+
+
+def lightningdit_euler(sd, noise, y, heads, points, shift):
+    """transport Sampler.sample_ode (torchdiffeq fixed-grid Euler): t = linspace(0, 1, points), t' = s t / (1 + (s-1) t)."""
+    t = torch.linspace(0, 1, points)
+    t = shift * t / (1 + (shift - 1) * t)
+    x = noise.clone()
+    for i in range(points - 1):
+        v = lightningdit_forward(sd, x, torch.full((x.shape[0],), float(t[i])), y, heads)
+        x = x + (t[i + 1] - t[i]) * v
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ REPA-E
+def repae_euler(velocity, noise, y, steps):
+    """REPA-E samplers.euler_sampler without CFG: fp64 state on linspace(1, 0, steps + 1), model in fp32."""
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    x = noise.double()
+    for i in range(steps):
+        tt = torch.full((x.shape[0],), float(ts[i]))
+        x = x + (ts[i + 1] - ts[i]) * velocity(x.float(), tt, y).double()
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ LDM AutoencoderKL
+def _gn(x, sd, name):
+    return F.group_norm(x, 32, sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
+
+
+def _conv(x, sd, name, stride=1, pad=None):
+    w = sd[name + ".weight"]
+    return F.conv2d(x, w, sd[name + ".bias"], stride=stride, padding=w.shape[-1] // 2 if pad is None else pad)
+
+
+def _res(x, sd, pre):
+    h = _conv(F.silu(_gn(x, sd, pre + "norm1")), sd, pre + "conv1")
+    h = _conv(F.silu(_gn(h, sd, pre + "norm2")), sd, pre + "conv2")
+    return (_conv(x, sd, pre + "nin_shortcut") if pre + "nin_shortcut.weight" in sd else x) + h
+
+
+def _pix_attn(x, sd, pre):
+    b, c, hh, ww = x.shape
+    h = _gn(x, sd, pre + "norm")
+    q = _conv(h, sd, pre + "q").reshape(b, c, hh * ww).permute(0, 2, 1)
+    k = _conv(h, sd, pre + "k").reshape(b, c, hh * ww)
+    v = _conv(h, sd, pre + "v").reshape(b, c, hh * ww)
+    w_ = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=2)
+    o = torch.bmm(v, w_.permute(0, 2, 1)).reshape(b, c, hh, ww)
+    return x + _conv(o, sd, pre + "proj_out")
+
+
+def ldm_decode(sd, z):
+    """LDM AutoencoderKL.decode(z): post_quant_conv, Decoder (mid, levels from the deepest, upsample nearest x2)."""
+    h = _conv(_conv(z, sd, "post_quant_conv"), sd, "decoder.conv_in")
+    h = _res(_pix_attn(_res(h, sd, "decoder.mid.block_1."), sd, "decoder.mid.attn_1."), sd, "decoder.mid.block_2.")
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
+    for lv in reversed(range(levels)):
+        j = 0
+        while f"decoder.up.{lv}.block.{j}.conv1.weight" in sd:
+            h = _res(h, sd, f"decoder.up.{lv}.block.{j}.")
+            if f"decoder.up.{lv}.attn.{j}.q.weight" in sd:
+                h = _pix_attn(h, sd, f"decoder.up.{lv}.attn.{j}.")
+            j += 1
+        if lv != 0:
+            h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.up.{lv}.upsample.conv")
+    return _conv(F.silu(_gn(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
+
+
+def ldm_encode_mean(sd, x):
+    """LDM AutoencoderKL.encode(x).mode(): Encoder then quant_conv, first half of the moments."""
+    h = _conv(x, sd, "encoder.conv_in")
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    for lv in range(levels):
+        j = 0
+        while f"encoder.down.{lv}.block.{j}.conv1.weight" in sd:
+            h = _res(h, sd, f"encoder.down.{lv}.block.{j}.")
+            if f"encoder.down.{lv}.attn.{j}.q.weight" in sd:
+                h = _pix_attn(h, sd, f"encoder.down.{lv}.attn.{j}.")
+            j += 1
+        if lv != levels - 1:
+            h = _conv(F.pad(h, (0, 1, 0, 1)), sd, f"encoder.down.{lv}.downsample.conv", stride=2, pad=0)
+    h = _res(_pix_attn(_res(h, sd, "encoder.mid.block_1."), sd, "encoder.mid.attn_1."), sd, "encoder.mid.block_2.")
+    h = _conv(F.silu(_gn(h, sd, "encoder.norm_out")), sd, "encoder.conv_out")
+    return _conv(h, sd, "quant_conv").chunk(2, dim=1)[0]

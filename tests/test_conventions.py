@@ -13,6 +13,7 @@ from conftest import randomize, tiny_config
 from flowmap_convert.adapters import FAMILIES
 from flowmap_convert.adapters.dit import DiTFamily
 from test_dit_family import random_dit_sd
+from test_new_families import lightning_sd, repa_sit_sd
 from test_rae_family import ddt_state_dict
 from torch.func import jvp
 
@@ -41,6 +42,8 @@ FAMILY_MODELS = {
     "repa-canonical": lambda: tiny(24, qk_norm="layernorm"),
     "dmf-canonical": lambda: tiny(25, qk_norm="rms", logvar=True),
     "rae-dit-dh": rae_model,
+    "lightningdit-reversed": lambda: FAMILIES["lightningdit"].build(lightning_sd(seed=28, qk=True), {}).with_depth(2),
+    "repa-e-canonical": lambda: FAMILIES["repa-e"].build(repa_sit_sd(seed=29), {"num_heads": 2}).with_depth(2),
 }
 
 
