@@ -410,13 +410,12 @@ def resolve_hub(repo: str, revision: str | None, filename: str | None, sha256: s
 
 def _layout_patterns(files: list[str]) -> list[str] | None:
     """Download patterns for a directory-shaped repo: a flowmap export, or a layout a family claims."""
-    from . import FAMILIES
+    from . import DETECTION_ORDER, FAMILIES
 
     if "config.json" in files and "model.safetensors" in files:
         return ["config.json", "model.safetensors", "README.md"]
-    for fam in FAMILIES.values():
-        claim = getattr(fam, "claims_layout", None)
-        patterns = claim(files) if claim else None
+    for name in DETECTION_ORDER:
+        patterns = FAMILIES[name].claims_layout(files) if name in FAMILIES else None
         if patterns:
             return list(patterns)
     return None
