@@ -225,22 +225,28 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
         assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
 
 
-def test_attention_option_is_passed_to_kernels_when_supported(monkeypatch):
-    from flowmap_convert import kernels
-    from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.finetuning.trainer import set_attention_backend
+def test_attention_option_holds_for_the_run_only(tmp_path, monkeypatch):
+    """--attention math: every attention call of the fine-tune runs with math as the default backend, and after it
+    (and after a dry run) the process default is what it was, not the run's choice."""
+    from flowmap_convert import dit, kernels
+    from flowmap_convert.finetuning import finetune
 
     seen = []
-    if hasattr(kernels, "set_default_backend"):
-        monkeypatch.setattr(kernels, "set_default_backend", seen.append)
-    else:
-        monkeypatch.setattr(kernels, "set_default_backend", seen.append, raising=False)
-    set_attention_backend("math")
-    assert seen == ["math"]
-    monkeypatch.delattr(kernels, "set_default_backend")
-    set_attention_backend("auto")  # the placeholder: auto needs no switch
-    with pytest.raises(FlowmapError, match="attention"):
-        set_attention_backend("triton")
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(kernels.get_default_backend())
+        return kernels.attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(dit, "attention", spy)
+    before = kernels.get_default_backend()
+    assert before != "math"
+    kw = dict(data=small_data(8), steps=2, batch_size=4, attention="math", progress=False, grid=False)
+    finetune(small_model(), out=tmp_path / "run", **kw)
+    assert seen and set(seen) == {"math"}
+    assert kernels.get_default_backend() == before
+    seen.clear()
+    finetune(small_model(), out=tmp_path / "dry", dry_run=True, dry_run_steps=1, **kw)
+    assert seen and set(seen) == {"math"} and kernels.get_default_backend() == before
 
 
 def test_missing_tracker_is_a_user_error(monkeypatch):
