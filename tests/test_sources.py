@@ -254,21 +254,22 @@ def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_p
     ],
 )
 def test_hub_exceptions_become_one_sentence_fixes(name, expected, monkeypatch):
-    from flowmap_convert.adapters.sources import _hub_error
     from huggingface_hub import errors as he
+
+    from flowmap_convert.downloads import hub_error
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cls = getattr(he, name)
     exc = cls.__new__(cls)  # the HTTP errors need a live response to construct; only the type matters here
     Exception.__init__(exc, "boom")
-    msg = str(_hub_error(exc, "acme/repo", "v9", "x.pt"))
+    msg = str(hub_error(exc, "acme/repo", "v9", "x.pt"))
     assert expected in msg and msg.endswith(".") and "\n" not in msg
 
 
 def test_connection_errors_read_as_network_problems():
-    from flowmap_convert.adapters.sources import _hub_error
+    from flowmap_convert.downloads import hub_error
 
-    assert "cannot reach the Hugging Face Hub" in str(_hub_error(ConnectionError("down"), "acme/repo", None, None))
+    assert "cannot reach the Hugging Face Hub" in str(hub_error(ConnectionError("down"), "acme/repo", None, None))
 
 
 def test_alias_family_must_match_the_weights(hub, monkeypatch):
