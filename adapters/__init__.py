@@ -17,13 +17,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .. import __file__ as _package_init  # adapters/ lives outside flowmap_convert/ on disk (package-dir mapping)
+from .. import _version  # a module on disk in flowmap_convert/ (adapters/ lives beside it: package-dir mapping)
 from ..errors import FlowmapError
 from .interface import Family, FamilyAdapter, LoadOptions, Meta, StateDict
 
 __all__ = ["DETECTION_ORDER", "FAMILIES", "Family", "FamilyAdapter", "LoadOptions", "load_source", "register"]
 
-BUILTIN_DIR = Path(_package_init).resolve().parent / "builtin"
+BUILTIN_DIR = Path(_version.__file__).resolve().parent / "builtin"
 # The order detection tries the families in: more specific first (dmf's log-variance head before repa, repa's
 # canonical head before sit / dit's learn_sigma one; MF-RAE's (t - r) embedder before RAE). A new family adds its
 # name here, where it belongs in that order.
