@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_config
+from finetune_cli import finetune_argv, write_run_inputs
 
 
 def small_model(**over):
@@ -143,32 +142,8 @@ def test_dry_run_writes_nothing_and_reports(tmp_path):
 
 
 def _cli(tmp_path, out, steps, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "flowmap_convert.cli",
-        "finetune",
-        str(tmp_path / "base"),
-        "--data",
-        str(tmp_path / "d.npz"),
-        "--depth",
-        "2",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "3",
-        "--out",
-        str(out),
-        "--lr",
-        "1e-3",
-        "--mg-scale",
-        "0.5",
-        "--log-every",
-        "1000",
-        *extra,
-    ]
+    flags = dict(checkpoint_every=3, lr="1e-3", mg_scale=0.5, log_every=1000)
+    return [*finetune_argv(tmp_path, out, depth=2, steps=steps, batch_size=4, **flags), *extra]
 
 
 def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
@@ -187,13 +162,10 @@ def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(a, b))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
-    from flowmap_convert.io import export
-
-    export(small_model(), tmp_path / "base")
-    x, y = small_data()
-    np.savez(tmp_path / "d.npz", latents=x.numpy(), labels=y.numpy())
+    write_run_inputs(tmp_path, small_model(), *small_data())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = 10
     ref = subprocess.run(_cli(tmp_path, tmp_path / "ref", steps), capture_output=True, text=True, env=env)

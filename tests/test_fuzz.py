@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from flowmap_convert import cli
 
+pytestmark = pytest.mark.e2e  # every test here drives the flowmap command line
+
 CASE_SECONDS = 20
 NUMBERS = ["0", "-1", "3", "nan", "inf", "-inf", "1e309", str(2**64), "abc", ""]
 
