@@ -22,7 +22,7 @@ from .interface import NO_OPTIONS, Family, LoadOptions, Meta, StateDict
 
 DIFFUSERS_PREFIX = "transformer_blocks."
 _DIFF_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-# Original DiT file names (download.py): indistinguishable from original SiT by keys, so named hints decide.
+# Original DiT release file names (docs/checkpoints.md): indistinguishable from original SiT by keys, so named hints decide.
 NAME_HINT = re.compile(r"(^|/)DiT-(XL|L|B|S)-\d+-\d+x\d+\.pt$", re.IGNORECASE)
 
 
@@ -49,7 +49,7 @@ def is_original_dit(sd: dict) -> bool:
 
 
 def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
-    """Rename diffusers DiT keys to the canonical DiT keys (the inverse of diffusers' convert_dit_to_diffusers.py).
+    """Rename diffusers DiT keys to the canonical DiT keys (the inverse of diffusers' DiT conversion; the key map is in docs/checkpoints.md).
 
     The timestep and class embedders are copied into every block in diffusers; block 0's copy is taken after
     checking that all copies are equal (the final layer uses block 0's, docs/checkpoints.md).

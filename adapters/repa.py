@@ -2,7 +2,7 @@
 
 Released files are plain state dicts, training files `{'model','ema','opt','args','steps'}` (docs/checkpoints.md).
 REPA's `projectors.*` (the representation-alignment MLPs) are not part of the velocity model and are dropped
-with a note; legacy `decoder_blocks.{i}` keys become `blocks.{i + encoder_depth}` (REPA utils.load_legacy_checkpoints).
+with a note; legacy `decoder_blocks.{i}` keys become `blocks.{i + encoder_depth}` (as REPA's own legacy loader renames them).
 """
 
 from __future__ import annotations

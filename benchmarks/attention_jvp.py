@@ -25,7 +25,7 @@ import time
 
 import torch
 
-# Gates (issue 15; see benchmarks/README-attention.md)
+# Gates (see benchmarks/README-attention.md)
 GATE_FUSED_VS_FLASH_FWD = 3.0  # fused forward + JVP time / SDPA-flash forward (6 vs 2 matmul units: the floor)
 GATE_TRAIN_VS_FLASH_TRAIN = 1.6  # jvp + backward / flash forward + backward (11 vs 7 units)
 GATE_MEMORY_VS_MATH = 15.0  # math-JVP extra memory / fused extra memory, N = 1024

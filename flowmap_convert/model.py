@@ -21,7 +21,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
         return DiT(cfg)
     if cfg.arch == "ddt":
-        from .ddt import DiTDH  # RAE DiT^DH (issue 3)
+        from .ddt import DiTDH  # RAE DiT^DH
 
         return DiTDH(cfg)
     raise FlowmapError(f"unknown architecture {cfg.arch!r} in config.json; this flowmap knows 'dit' and 'ddt'.")

@@ -276,7 +276,7 @@ def test_diffusers_dit_equals_diffusers_and_the_reference(diffusers_repo):
     x, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0, 9, 10])
     tau = torch.tensor([0.0, 311.0, 999.0])
     with torch.no_grad():
-        ours = model.net.forward_split(x, tau, tau, y, 3)
+        ours = model.net.decode(model.net.encode(x, tau, y, 3), tau, y, 3)
         theirs = tr(x, timestep=tau, class_labels=y).sample
         ref = dit_eps(sd, x, [tau] * 3, tau, y, heads=2, layout="diffusers")
     assert (ours - theirs).abs().max().item() < 1e-5

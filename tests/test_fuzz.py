@@ -1,4 +1,4 @@
-"""Property test (issue 13): random bad inputs to `flowmap convert` / `sample` never give a traceback, never touch
+"""Property test: random bad inputs to `flowmap convert` / `sample` never give a traceback, never touch
 a file flowmap did not write, and finish within a bound. Fixed seed; runs the console entry point in-process."""
 
 from __future__ import annotations
