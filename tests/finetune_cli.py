@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,16 @@ def write_run_inputs(tmp_path: Path, model, latents, labels) -> None:
 
     export(model, tmp_path / "base")
     np.savez(tmp_path / "d.npz", latents=np.asarray(latents), labels=np.asarray(labels))
+
+
+def run_ok(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command line with one thread per process; the test fails with its stderr tail unless it exits 0."""
+    r = subprocess.run(argv, capture_output=True, text=True, env=ONE_THREAD, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def finetune_argv(tmp_path: Path, out: Path, *, depth: int, steps: int, batch_size: int, procs: int = 1, **flags):

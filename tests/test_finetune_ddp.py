@@ -4,14 +4,12 @@ loss trace equals a one-process run over the same global batch (2 processes x 2 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_config
-from finetune_cli import finetune_argv, write_run_inputs
+from finetune_cli import finetune_argv, run_ok, write_run_inputs
 
 from flowmap_convert.model import FlowMap
 
@@ -48,14 +46,11 @@ def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch
     from flowmap_convert.outputs import is_model_dir
 
     write_inputs(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    r = subprocess.run(finetune_cmd(tmp_path, ddp, 2, 2), capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_ok(finetune_cmd(tmp_path, ddp, 2, 2))
     assert "(DistributedDataParallel, gloo)" in r.stderr  # the loss went through DDP's forward
     assert "replicas identical across 2 processes" in r.stderr
-    r1 = subprocess.run(finetune_cmd(tmp_path, one, 1, 4), capture_output=True, text=True, env=env, timeout=300)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    run_ok(finetune_cmd(tmp_path, one, 1, 4))
 
     a = [json.loads(x) for x in (ddp / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
@@ -88,16 +83,10 @@ def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch
 @pytest.mark.slow
 def test_two_process_run_resumed_from_a_checkpoint_reproduces_the_uninterrupted_trace(tmp_path):
     write_inputs(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref, run = tmp_path / "ref", tmp_path / "run"
-    r = subprocess.run(finetune_cmd(tmp_path, ref, 2, 2), capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(finetune_cmd(tmp_path, run, 2, 2, steps=2), capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(
-        [*finetune_cmd(tmp_path, run, 2, 2), "--resume"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_ok(finetune_cmd(tmp_path, ref, 2, 2))
+    run_ok(finetune_cmd(tmp_path, run, 2, 2, steps=2))  # stops after its step-2 checkpoint
+    r = run_ok([*finetune_cmd(tmp_path, run, 2, 2), "--resume"])
     assert "resumed from" in r.stderr and "replicas identical across 2 processes" in r.stderr
     a = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]

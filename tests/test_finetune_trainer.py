@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import randomize, tiny_config
-from finetune_cli import finetune_argv, write_run_inputs
+from finetune_cli import ONE_THREAD, finetune_argv, run_ok, write_run_inputs
 
 
 def small_model(**over):
@@ -166,12 +165,12 @@ def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
     write_run_inputs(tmp_path, small_model(), *small_data())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = 10
-    ref = subprocess.run(_cli(tmp_path, tmp_path / "ref", steps), capture_output=True, text=True, env=env)
-    assert ref.returncode == 0, ref.stderr
+    run_ok(_cli(tmp_path, tmp_path / "ref", steps))
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(tmp_path, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        _cli(tmp_path, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -188,8 +187,7 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
     ck = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     resumed_at = ck["step"]
     assert 0 < resumed_at < steps
-    res = subprocess.run(_cli(tmp_path, run, steps, ["--resume"]), capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr
+    run_ok(_cli(tmp_path, run, steps, ["--resume"]))
     a = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
     b = {m["step"]: m["loss"] for m in read_metrics(metrics)}
     assert sorted(b) == list(range(1, steps + 1))
