@@ -5,44 +5,52 @@ Pipeline (docs/architecture.md): resolve -> download/cache -> read state dict sa
 canonical convention (a base velocity model, or already a flow map for DMF / MF-RAE / exported sources) and
 `info` its provenance (source, revision, file, sha256, weights, family).
 
-Family modules register themselves in FAMILIES with `@register("name")` on a class providing
-  detect(sd) -> bool             from keys and shapes alone
-  build(sd, options) -> FlowMap  options: num_heads, depth, encoder_depth, args (training args dict), what, ...
-and optionally
-  hint(meta) -> bool             non-weight evidence (meta: args, name, family hint) that breaks detection ties
-  accepts(sd) -> bool            weights the family can read although detect() would not claim them on their own
-                                 (used only when an alias, a file name or training args name the family)
-  tie_winner: bool               when several families fit and no hint decides, the first fitting family wins
-                                 only if it sets this (else the user is asked for --family)
-  claims_dir(path) -> bool       a local directory layout this family reads itself (e.g. diffusers transformer/)
-  build_dir(path, options) -> (FlowMap, weights_used)
-  claims_layout(files) -> list[str] | None   Hub download patterns for such a layout, from the repo's file list
+A family is a class deriving from `interface.Family` and satisfying the `interface.FamilyAdapter` Protocol
+(`detect`, `build`, and the optional `hint`, `accepts`, `tie_winner`, `claims_dir`, `build_dir`, `claims_layout`
+with their defaults), registered with `@register("name")`; `DETECTION_ORDER` below lists every family once, in
+the order detection tries them. `build` takes the `interface.LoadOptions` of the call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-from .. import __file__ as _package_init  # adapters/ lives outside flowmap_convert/ on disk (package-dir mapping)
+from .. import _version  # a module on disk in flowmap_convert/ (adapters/ lives beside it: package-dir mapping)
 from ..errors import FlowmapError
+from .interface import Family, FamilyAdapter, LoadOptions, Meta, StateDict
 
-BUILTIN_DIR = Path(_package_init).resolve().parent / "builtin"
-FAMILIES: dict[str, object] = {}
-# Order matters for detection: more specific families first (e.g. dmf before repa before sit).
-DETECTION_ORDER: list[str] = []
+__all__ = ["DETECTION_ORDER", "FAMILIES", "Family", "FamilyAdapter", "LoadOptions", "load_source", "register"]
+
+BUILTIN_DIR = Path(_version.__file__).resolve().parent / "builtin"
+# The order detection tries the families in: more specific first (dmf's log-variance head before repa, repa's
+# canonical head before sit / dit's learn_sigma one; MF-RAE's (t - r) embedder before RAE). A new family adds its
+# name here, where it belongs in that order.
+DETECTION_ORDER: tuple[str, ...] = ("dmf", "repa", "sit", "dit", "mf-rae", "rae", "ddt", "lightningdit", "repa-e")
+FAMILIES: dict[str, FamilyAdapter] = {}
 
 
 def register(name: str):
-    """Class decorator adding a family adapter to the registry under `name`."""
+    """Class decorator adding a family adapter (an instance of the class) to the registry under `name`."""
 
     def deco(cls):
-        FAMILIES[name] = cls()
+        adapter = cls()
+        adapter.name = name
+        if not isinstance(adapter, FamilyAdapter):
+            missing = [m for m in ("detect", "build", *_OPTIONAL) if not hasattr(adapter, m)]
+            raise TypeError(f"family {name!r} ({cls.__name__}) lacks {', '.join(missing)}; derive it from Family.")
         if name not in DETECTION_ORDER:
-            DETECTION_ORDER.append(name)
+            raise TypeError(
+                f"family {name!r} is not in adapters.DETECTION_ORDER; add it where detection should try it."
+            )
+        FAMILIES[name] = adapter
         return cls
 
     return deco
+
+
+_OPTIONAL = ("hint", "accepts", "tie_winner", "claims_dir", "build_dir", "claims_layout")
 
 
 def note(message: str) -> None:
@@ -105,7 +113,7 @@ def check_weights(model, what: str, allow_nonfinite: bool | None) -> None:
         )
 
 
-def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str, str]:
+def choose_family(sd: StateDict, meta: Meta, family: str | None = None) -> tuple[str, str]:
     """(family name, why) from --family, else detection by weights with hints breaking ties."""
     if family:
         family = family.lower()
@@ -117,7 +125,7 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
     def fits(name: str) -> bool:
         """Detected, or at least readable by the family (`accepts`, looser than detect) when a hint names it."""
         fam = FAMILIES[name]
-        return name in candidates or bool(getattr(fam, "accepts", None) and fam.accepts(sd))
+        return name in candidates or fam.accepts(sd)
 
     alias = meta.get("family_hint")  # the alias table names the family of its files
     if alias:
@@ -136,12 +144,12 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
         raise FlowmapError(
             f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model."
         )
-    hinted = [n for n in DETECTION_ORDER if getattr(FAMILIES[n], "hint", None) and FAMILIES[n].hint(meta) and fits(n)]
+    hinted = [n for n in DETECTION_ORDER if FAMILIES[n].hint(meta) and fits(n)]
     if len(hinted) == 1:
         return hinted[0], "weights + file name / training args"
     if len(candidates) == 1:
         return candidates[0], "weights"
-    if getattr(FAMILIES[candidates[0]], "tie_winner", False):
+    if FAMILIES[candidates[0]].tie_winner:
         return candidates[0], f"weights; could also be {', '.join(candidates[1:])}"
     raise FlowmapError(
         f"the weights fit the {' and '.join(candidates)} families, which read them differently; pass --family {candidates[0]} (or another of them)."
@@ -151,28 +159,30 @@ def choose_family(sd: dict, meta: dict, family: str | None = None) -> tuple[str,
 def load_source(source: str, **options):
     """Resolve, read, detect and build any supported source; returns (FlowMap in canonical convention, provenance).
 
-    options["allow_nonfinite"]: False refuses NaN/Inf weights (convert), True or absent only warns.
-    "trust_pickle" in options marks a command that has the --trust-pickle flag (its hint is printed then only).
+    `options` are the fields of `LoadOptions` (an unknown name is a TypeError). allow_nonfinite: False refuses
+    NaN/Inf weights (convert), True or None only warns. trust_pickle given (True or False) marks a command that
+    has the --trust-pickle flag (its hint is printed then only).
     """
-    model, info = _load_source(source, **options)
-    check_weights(model, str(source), options.get("allow_nonfinite"))
+    opts = LoadOptions(**options)
+    model, info = _load_source(source, opts)
+    check_weights(model, str(source), opts.allow_nonfinite)
     return model, info
 
 
-def _load_source(source: str, **options):
+def _load_source(source: str, options: LoadOptions):
     from ..io import check_tensor_dtypes, sha256_file
     from ..model import read_model_dir
     from ..outputs import is_model_dir
     from .checkpoint import WEIGHT_SUFFIXES, read_checkpoint
     from .sources import check_sha256, resolve
 
-    family = options.get("family")
+    family = options.family
     res = resolve(
         str(source),
-        revision=options.get("revision"),
-        filename=options.get("filename"),
-        sha256=options.get("sha256"),
-        allow_http=options.get("allow_http"),
+        revision=options.revision,
+        filename=options.filename,
+        sha256=options.sha256,
+        allow_http=options.allow_http,
     )
     path = res.path
     if path.is_dir():
@@ -185,19 +195,17 @@ def _load_source(source: str, **options):
             info = dict(model.config.provenance)
             info.setdefault("source", str(source))
             digest = sha256_file(path / "model.safetensors")
-            check_sha256(path / "model.safetensors", options.get("sha256"), digest)
+            check_sha256(path / "model.safetensors", options.sha256, digest)
             info["sha256"] = digest
             if info.get("family") not in (None, "flowmap"):
                 info.setdefault("source_family", info["family"])
             info["family"] = "flowmap"
             info["loaded_from"] = str(source)
             return model, info
-        claims = [
-            n for n in DETECTION_ORDER if getattr(FAMILIES[n], "claims_dir", None) and FAMILIES[n].claims_dir(path)
-        ]
+        claims = [n for n in DETECTION_ORDER if FAMILIES[n].claims_dir(path)]
         if family and family in claims or (not family and claims):
             name = family or claims[0]
-            model, used = FAMILIES[name].build_dir(path, dict(options))
+            model, used = FAMILIES[name].build_dir(path, options)
             info = {**res.info, "weights": used, "family": name}
             model.config = model.config.replace(provenance=info)
             note(f"family {name} (directory layout); weights: {used}")
@@ -208,21 +216,21 @@ def _load_source(source: str, **options):
                 f"{source} is a directory with {len(files)} checkpoint files and no flowmap config.json; pass the checkpoint file itself."
             )
         path = files[0]
-        res.info.update(file=path.name, sha256=check_sha256(path, options.get("sha256")))
+        res.info.update(file=path.name, sha256=check_sha256(path, options.sha256))
         res.name = path.name
     ckpt = read_checkpoint(
         path,
-        weights=options.get("weights") or "auto",
-        trust_pickle=bool(options.get("trust_pickle")),
-        pickle_flag="trust_pickle" in options,
-        mapped=bool(options.get("mapped")),  # `flowmap convert`: weights stay mapped until exported
+        weights=options.weights or "auto",
+        trust_pickle=bool(options.trust_pickle),
+        pickle_flag=options.trust_pickle is not None,
+        mapped=options.mapped,  # `flowmap convert`: weights stay mapped until exported
     )
     check_key_indices(ckpt.state_dict, str(path))
     check_tensor_dtypes(ckpt.state_dict, str(path))
-    meta = {"args": ckpt.args, "name": res.name, "family_hint": res.family_hint}
+    meta: Meta = {"args": ckpt.args or {}, "name": res.name, "family_hint": res.family_hint}
     name, why = choose_family(ckpt.state_dict, meta, family)
     note(f"family {name} ({why}); weights: {ckpt.weights}{' (EMA)' if ckpt.weights == 'ema' else ''}")
-    build_opts = {**options, "args": ckpt.args, "what": str(path), "source_info": dict(res.info)}
+    build_opts = dataclasses.replace(options, args=dict(ckpt.args or {}), what=str(path), source_info=dict(res.info))
     model = FAMILIES[name].build(ckpt.state_dict, build_opts)
     info = {**res.info, "weights": ckpt.weights, "family": name}
     if ckpt.steps is not None:
@@ -231,11 +239,5 @@ def _load_source(source: str, **options):
     return model, info
 
 
-# Built-in families register on import, in detection order: most specific first.
-# The order of these imports is the detection order, so import sorting must not touch them.
-# isort: off
-from . import dmf, repa, sit  # noqa: E402,F401
-from . import dit, rae  # noqa: E402,F401  DiT (original + diffusers); RAE DiT^DH and MF-RAE
-from . import mcg_ddt  # noqa: E402,F401  MCG-NJU's DDT (its own key set: Linear patch embedders, w1/w2/w3)
-from . import lightningdit, repae  # noqa: E402,F401  keys no DiT-family detect() claims (dit_keys.NOT_DIT)
-# isort: on
+# The built-in families register on import (their order here is not the detection order: DETECTION_ORDER is).
+from . import dit, dmf, lightningdit, mcg_ddt, rae, repa, repae, sit  # noqa: E402,F401

@@ -18,10 +18,11 @@ import torch
 from ..config import SD_VAE_SCALE, LatentSpace, ModelConfig
 from ..errors import FlowmapError
 from . import register
+from .interface import NO_OPTIONS, Family, LoadOptions, Meta, StateDict
 
 DIFFUSERS_PREFIX = "transformer_blocks."
 _DIFF_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-# Original DiT file names (download.py): indistinguishable from original SiT by keys, so named hints decide.
+# Original DiT release file names (docs/checkpoints.md): indistinguishable from original SiT by keys, so named hints decide.
 NAME_HINT = re.compile(r"(^|/)DiT-(XL|L|B|S)-\d+-\d+x\d+\.pt$", re.IGNORECASE)
 
 
@@ -52,7 +53,7 @@ def is_original_dit(sd: dict) -> bool:
 
 
 def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
-    """Rename diffusers DiT keys to the canonical DiT keys (the inverse of diffusers' convert_dit_to_diffusers.py).
+    """Rename diffusers DiT keys to the canonical DiT keys (the inverse of diffusers' DiT conversion; the key map is in docs/checkpoints.md).
 
     The timestep and class embedders are copied into every block in diffusers; block 0's copy is taken after
     checking that all copies are equal (the final layer uses block 0's, docs/checkpoints.md).
@@ -123,16 +124,16 @@ def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def dit_config(sd: dict, options: dict, diffusers_config: dict | None = None) -> ModelConfig:
+def dit_config(sd: dict, options: LoadOptions, diffusers_config: dict | None = None) -> ModelConfig:
     """Architecture of a canonical-key DiT state dict: dit_keys.infer_dit_config (the one DiT inference), then
     the DiT specifics (DDPM epsilon convention, SD-VAE latents; diffusers: heads, classes and time shift from the
     transformer config)."""
     from .dit_keys import infer_dit_config
 
-    options, args, extra = dict(options or {}), {}, {}
+    args, extra = {}, {}
     if diffusers_config is not None:
-        if not options.get("num_heads") and diffusers_config.get("num_attention_heads"):
-            options["num_heads"] = diffusers_config["num_attention_heads"]
+        if not options.num_heads and diffusers_config.get("num_attention_heads"):
+            options = dataclasses.replace(options, num_heads=diffusers_config["num_attention_heads"])
         if diffusers_config.get("num_embeds_ada_norm"):
             args["num_classes"] = diffusers_config["num_embeds_ada_norm"]
         extra = {
@@ -175,32 +176,38 @@ def with_pos_embed(sd: dict, diffusers_config: dict | None) -> dict:
     return {**sd, "pos_embed": torch.from_numpy(table).float().unsqueeze(0)}
 
 
-def build_dit(sd: dict, options: dict, diffusers_config: dict | None = None):
-    """FlowMap over a canonical-key DiT state dict, loaded strictly (pos_embed rebuilt for diffusers weights)."""
+def build_dit(
+    sd: dict,
+    options: LoadOptions,
+    diffusers_config: dict | None = None,
+    latent_repo: tuple[str, str | None] | None = None,
+):
+    """FlowMap over a canonical-key DiT state dict, loaded strictly (pos_embed rebuilt for diffusers weights).
+
+    `latent_repo`: (repo, subfolder) of the VAE when it is not stabilityai/sd-vae-ft-ema (a pipeline's own vae/).
+    """
     from .dit_keys import build_and_load
 
     sd = with_pos_embed(dict(sd), diffusers_config)
     cfg = dit_config(sd, options, diffusers_config)
-    latent_repo = options.get("vae_repo")
     if latent_repo:
         sub = {"subfolder": latent_repo[1]} if latent_repo[1] else {}
         cfg = cfg.replace(latent=dataclasses.replace(cfg.latent, repo=latent_repo[0], extra=sub))
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return build_and_load(fields, sd, options.get("what", "the DiT checkpoint"))
+    return build_and_load(fields, sd, options.what or "the DiT checkpoint")
 
 
 @register("dit")
-class DiTFamily:
+class DiTFamily(Family):
     """Original DiT `.pt` state dicts and diffusers DiTTransformer2DModel weights / pipeline directories."""
 
-    name = "dit"
     tie_winner = False  # an original DiT file has exactly SiT's keys: the name, args or --family decide
 
-    def detect(self, sd: dict) -> bool:
+    def detect(self, sd: StateDict) -> bool:
         """Diffusers DiT keys, or a DiT-layout state dict with a learn_sigma head (shared with original SiT)."""
         return is_diffusers_dit(sd) or is_original_dit(sd)
 
-    def hint(self, meta: dict) -> bool:
+    def hint(self, meta: Meta) -> bool:
         """DiT release names (`DiT-XL-2-256x256.pt`), DiT training args (`model='DiT-XL/2'`) or diffusers weights."""
         args = meta.get("args") or {}
         if args:
@@ -208,13 +215,12 @@ class DiTFamily:
         name = str(meta.get("name", ""))
         return bool(NAME_HINT.search(name)) or name.startswith("diffusion_pytorch_model.")
 
-    def build(self, sd: dict, options: dict):
+    def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         """FlowMap (ddpm-eps convention) from either layout; diffusers weights need their transformer config."""
-        options = dict(options or {})
         if is_diffusers_dit(sd):
-            cfg = options.get("diffusers_config")
-            if cfg is None and options.get("what"):
-                near = Path(options["what"]).parent / "config.json"  # transformer/config.json beside the weights
+            cfg = None
+            if options.what:
+                near = Path(options.what).parent / "config.json"  # transformer/config.json beside the weights
                 cfg = json.loads(near.read_text()) if near.is_file() else None
             if cfg is None:
                 raise FlowmapError(
@@ -227,7 +233,7 @@ class DiTFamily:
             )
         return build_dit(sd, options)
 
-    def claims_dir(self, path) -> bool:
+    def claims_dir(self, path: Path) -> bool:
         """A diffusers pipeline directory (or its transformer/ folder) whose transformer is a DiT."""
         folder = find_diffusers_transformer(path)
         if folder is None:
@@ -238,11 +244,11 @@ class DiTFamily:
             return False
         return cfg.get("_class_name") in DIT_CLASSES or cfg.get("norm_type") == "ada_norm_zero"
 
-    def build_dir(self, path, options: dict):
+    def build_dir(self, path: Path, options: LoadOptions):
         """(FlowMap, weights file used) from a diffusers DiT directory."""
         folder = find_diffusers_transformer(path)
         used = next(n for n in WEIGHT_NAMES if (folder / n).is_file())
-        return load_diffusers_dir(path, **options), f"{folder.name}/{used}"
+        return load_diffusers_dir(path, options), f"{folder.name}/{used}"
 
     def claims_layout(self, files: list[str]) -> list[str] | None:
         """Hub download patterns for a diffusers DiT repo: model_index, transformer/ and vae/ (safetensors preferred)."""
@@ -313,7 +319,7 @@ def read_diffusers_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     return sd, cfg
 
 
-def load_diffusers_dir(path: str | Path, **options):
+def load_diffusers_dir(path: str | Path, options: LoadOptions = NO_OPTIONS):
     """FlowMap from a diffusers DiT pipeline directory; the latent decoder is the repo's own `vae/` when present."""
     sd, cfg = read_diffusers_dir(path)
     if not is_diffusers_dit(sd):
@@ -323,11 +329,9 @@ def load_diffusers_dir(path: str | Path, **options):
     root = Path(path)
     vae = None
     if (root / "vae" / "config.json").is_file():
-        vae = (options.get("vae_source") or hub_id_of(root) or str(root.resolve()), "vae")
-    opts = {**options, "diffusers_config": cfg, "what": str(find_diffusers_transformer(path))}
-    if vae:
-        opts["vae_repo"] = vae
-    model = DiTFamily().build(sd, opts)
+        vae = (options.vae_source or hub_id_of(root) or str(root.resolve()), "vae")
+    opts = dataclasses.replace(options, what=str(find_diffusers_transformer(path)))
+    model = build_dit(diffusers_to_canonical(sd), opts, cfg, latent_repo=vae)
     if vae:  # decoded image side from the VAE's own depth: 2^(len(block_out_channels) - 1) per latent pixel
         try:
             factor = 2 ** (

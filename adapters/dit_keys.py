@@ -17,6 +17,7 @@ from ..config import SD_VAE_SCALE, LatentSpace
 from ..dit import SIZES, heads_for_hidden
 from ..errors import FlowmapError
 from . import note
+from .interface import LoadOptions
 
 REQUIRED = (
     "x_embedder.proj.weight",
@@ -89,7 +90,7 @@ def heads_from_args(args: dict[str, Any]) -> int | None:
 
 
 def infer_dit_config(
-    sd: dict[str, torch.Tensor], options: dict[str, Any], args: dict[str, Any] | None = None
+    sd: dict[str, torch.Tensor], options: LoadOptions, args: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """ModelConfig fields of a DiT-style state dict (already renamed to `blocks.{i}` and stripped of extras).
 
@@ -142,7 +143,7 @@ def infer_dit_config(
         qk_norm = "layernorm"  # timm LayerNorm (REPA/DMF-SiT qk_norm=True)
     else:
         qk_norm = "none"
-    heads = options.get("num_heads")
+    heads = options.num_heads
     norm_width = None
     for key in ("blocks.0.attn.q_norm.scale", "blocks.0.attn.q_norm.weight"):
         if key in sd:

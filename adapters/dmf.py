@@ -18,6 +18,7 @@ from .dit_keys import (
     infer_dit_config,
     is_learn_sigma,
 )
+from .interface import NO_OPTIONS, Family, LoadOptions, Meta, StateDict
 
 RELEASED_DEPTH = {(1152, 28): 20}  # (hidden, blocks) -> dmf_depth of the released DMF-XL/2 models
 
@@ -32,26 +33,26 @@ def default_depth(hidden: int, blocks: int, args: dict) -> tuple[int, str]:
 
 
 @register("dmf")
-class DmfFamily:
+class DmfFamily(Family):
     """DMFT flow maps: blocks[:depth] see t, the rest and the head see r; a log-variance head."""
 
     tie_winner = True
 
-    def detect(self, sd) -> bool:
+    def detect(self, sd: StateDict) -> bool:
         """DiT keys plus DMF's `logvar_linear` head."""
         return has_dit_keys(sd) and "logvar_linear.weight" in sd
 
-    def accepts(self, sd) -> bool:
+    def accepts(self, sd: StateDict) -> bool:
         """A DMFT file saved without its log-variance head (e.g. from a generate-time model) when named as DMF."""
         return has_dit_keys(sd) and not is_learn_sigma(sd)
 
-    def hint(self, meta) -> bool:
+    def hint(self, meta: Meta) -> bool:
         """DMF training args or a file named like the DMF releases."""
         return "dmf_depth" in (meta.get("args") or {}) or meta.get("name", "").lower().startswith("dmf")
 
-    def build(self, sd, options):
+    def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         """Decoupled FlowMap at the requested (or default) depth."""
-        args = options.get("args") or {}
+        args = options.args
         check_linear_velocity(args, "DMF")
         sd = drop_projectors(sd)
         fields = infer_dit_config(sd, options, args)
@@ -60,7 +61,7 @@ class DmfFamily:
             raise FlowmapError(
                 "this DMF checkpoint has a learn_sigma head (--pretrained-sigma training), whose convention flowmap does not know; convert the base SiT instead."
             )
-        depth = options.get("depth")
+        depth = options.depth
         if depth is None:
             depth, why = default_depth(fields["hidden_size"], fields["num_blocks"], args)
             note(f"DMF depth {depth} ({why}); pass --depth to choose another split")
@@ -72,4 +73,4 @@ class DmfFamily:
             "depth": depth,
             "logvar": "logvar_linear.weight" in sd,
         }
-        return build_and_load(cfg, sd, options.get("what", "DMF checkpoint"))
+        return build_and_load(cfg, sd, options.what or "DMF checkpoint")

@@ -25,6 +25,7 @@ import math
 from ..config import LatentSpace
 from ..errors import FlowmapError
 from . import register
+from .interface import NO_OPTIONS, Family, LoadOptions
 
 VAVAE_REPO = "hustvl/vavae-imagenet256-f16d32-dinov2"
 VAVAE_FILE = "vavae-imagenet256-f16d32-dinov2.pt"
@@ -66,7 +67,7 @@ def has_base_keys(sd: dict) -> bool:
     return all(k in sd for k in BASE_KEYS) and "s_embedder.proj.weight" not in sd and "t_embedder.W" not in sd
 
 
-def lightning_config(sd: dict, options: dict) -> dict:
+def lightning_config(sd: dict, options: LoadOptions) -> dict:
     """ModelConfig fields from shapes and key presence."""
     from ..dit import heads_for_hidden
     from ..validate import int_in_range
@@ -83,7 +84,7 @@ def lightning_config(sd: dict, options: dict) -> dict:
     n = block_count(sd)
     feats = lightning_features(sd)
     rope, swiglu, rmsnorm, wo_shift = ("rope" in feats, "swiglu" in feats, "rmsnorm" in feats, "wo_shift" in feats)
-    heads = options.get("num_heads")
+    heads = options.num_heads
     if heads is None and "blocks.0.attn.q_norm.weight" in sd:
         heads = d // int(sd["blocks.0.attn.q_norm.weight"].shape[0])
     if heads is None and rope:
@@ -139,15 +140,15 @@ def vavae_latent(channels: int, size: int) -> LatentSpace:
     return LatentSpace(kind="identity", channels=channels, size=size, image_channels=channels, image_size=size)
 
 
-def release_of(options: dict) -> str:
+def release_of(options: LoadOptions) -> str:
     """Which release's guidance applies ('64ep' when the source names it, else '800ep')."""
-    info = options.get("source_info") or {}
-    text = " ".join(str(info.get(k, "")) for k in ("source", "repo", "file")) + " " + str(options.get("what", ""))
+    info = options.source_info or {}
+    text = " ".join(str(info.get(k, "")) for k in ("source", "repo", "file")) + " " + str(options.what or "")
     return "64ep" if "64ep" in text.lower() else "800ep"
 
 
 @register("lightningdit")
-class LightningDiTFamily:
+class LightningDiTFamily(Family):
     """hustvl/LightningDiT: SiT-time velocity model, LightningDiT blocks (arch 'lightningdit')."""
 
     name = "lightningdit"
@@ -171,7 +172,7 @@ class LightningDiTFamily:
         """Infer the architecture, attach VA-VAE latents and sampling defaults, load strictly."""
         from .dit_keys import build_and_load
 
-        options = options or {}
+        options = options or NO_OPTIONS
         if "bn.running_mean" in sd:
             raise FlowmapError(
                 "this file has a latent BatchNorm (`bn.*`), so it is a REPA-E SiT, not a LightningDiT; use --family repa-e."
@@ -184,4 +185,4 @@ class LightningDiTFamily:
             "source_guidance": dict(SOURCE_GUIDANCE[release_of(options)]),
             "source_sampler": "euler, 250 points on linspace(0, 1) in SiT time, timestep_shift 0.3",
         }
-        return build_and_load(fields, sd, options.get("what", "the LightningDiT checkpoint"))
+        return build_and_load(fields, sd, options.what or "the LightningDiT checkpoint")

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import FlowmapError
 from . import note, register
+from .interface import NO_OPTIONS, Family, LoadOptions
 
 SD_CHANNELS = 4  # DDT trains on SD-VAE ft-ema latents (configs/*.yaml `in_channels: 4`)
 RELEASED_ENCODER_BLOCKS = {28: 22}  # DDT-XL/2 22en6de, the released models
@@ -50,10 +51,10 @@ def is_mcg_ddt(sd: dict) -> bool:
     )
 
 
-def _names(options: dict) -> list[str]:
+def _names(options: LoadOptions) -> list[str]:
     """Where the weights came from, file name first: path parts up to a Hub cache's models--owner--name (at most 6)."""
     parts: list[str] = []
-    for part in reversed(re.split(r"[/\\]", str(options.get("what") or ""))):
+    for part in reversed(re.split(r"[/\\]", str(options.what or ""))):
         if not part or re.fullmatch(r"[0-9a-f]{40}", part):  # a snapshot commit's hex could read as a number
             continue
         parts.append(part)
@@ -62,10 +63,10 @@ def _names(options: dict) -> list[str]:
     return parts
 
 
-def encoder_blocks(n: int, options: dict) -> int:
+def encoder_blocks(n: int, options: LoadOptions) -> int:
     """N_e from `encoder_depth`, the training args, a `<N_e>en<N_d>de` name, or the released 22 of 28."""
-    args = options.get("args") or {}
-    given = options.get("encoder_depth") or args.get("num_encoder_blocks")
+    args = options.args or {}
+    given = options.encoder_depth or args.get("num_encoder_blocks")
     if given is not None:
         ne, why = int(given), "the given encoder depth"
     else:
@@ -91,10 +92,10 @@ def encoder_blocks(n: int, options: dict) -> int:
     return ne
 
 
-def latent_side(options: dict) -> int:
+def latent_side(options: LoadOptions) -> int:
     """Latent side: `input_size` option, else R256 / R512 in the file or repository name, else 32 (256 px)."""
-    if options.get("input_size") is not None:
-        return int(options["input_size"])
+    if options.input_size is not None:
+        return int(options.input_size)
     for part, pattern in ((part, pattern) for pattern in RES_RES for part in _names(options)):
         m = pattern.search(part)
         if m and int(m.group(1)) % 8 == 0:
@@ -109,13 +110,13 @@ def latent_side(options: dict) -> int:
     return 32
 
 
-def ddt_config(sd: dict, options: dict):
+def ddt_config(sd: dict, options: LoadOptions):
     """ModelConfig from shapes (width, heads from the QK-norm, SwiGLU hidden, classes) and the options above."""
     from ..config import ModelConfig
     from .dit_keys import block_count, latent_for
 
     d, cpp = sd["s_embedder.proj.weight"].shape
-    c = int(options.get("in_channels") or SD_CHANNELS)
+    c = int(options.in_channels or SD_CHANNELS)
     p = math.isqrt(max(cpp // c, 1))
     if c * p * p != cpp:
         raise FlowmapError(
@@ -125,7 +126,7 @@ def ddt_config(sd: dict, options: dict):
     ne = encoder_blocks(n, options)
     head_dim = sd["blocks.0.attn.q_norm.weight"].shape[0]
     heads = d // head_dim
-    if options.get("num_heads") and int(options["num_heads"]) != heads:
+    if options.num_heads and int(options.num_heads) != heads:
         raise FlowmapError(
             f"this DDT's QK-norm has head size {head_dim}, so it has {heads} heads, not {options['num_heads']}; drop `num_heads`."
         )
@@ -189,7 +190,7 @@ def canonical_keys(sd: dict, cfg) -> dict:
 
 
 @register("ddt")
-class DDTFamily:
+class DDTFamily(Family):
     """MCG-NJU/DDT `DDT` (condition encoder + velocity decoder): a velocity model in reversed time on arch 'mcg-ddt'."""
 
     name = "ddt"
@@ -202,7 +203,7 @@ class DDTFamily:
         args = meta.get("args") or {}
         return "num_encoder_blocks" in args or bool(EN_DE_RE.search(meta.get("name", "")))
 
-    def build(self, sd: dict, options: dict):
+    def build(self, sd: dict, options: LoadOptions):
         import dataclasses
 
         from .dit_keys import build_and_load
@@ -211,7 +212,7 @@ class DDTFamily:
             raise FlowmapError(
                 "the weights are not a DDT (MCG-NJU/DDT) state dict: it needs Linear x/s embedders, blocks.{i}.mlp.w1 and adaLN_modulation.0; check `family`."
             )
-        options = options or {}
+        options = options or NO_OPTIONS
         cfg = ddt_config(sd, options)
         fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        return build_and_load(fields, canonical_keys(sd, cfg), options.get("what", "the DDT checkpoint"))
+        return build_and_load(fields, canonical_keys(sd, cfg), options.what or "the DDT checkpoint")

@@ -20,6 +20,7 @@ import math
 from ..config import LatentSpace, ModelConfig
 from ..errors import FlowmapError
 from . import register
+from .interface import NO_OPTIONS, Family, LoadOptions, StateDict
 
 RAE_REPO = "nyu-visionx/RAE-collections"
 DINO_ENCODER = "facebook/dinov2-with-registers-base"
@@ -54,7 +55,7 @@ def is_ddt(sd: dict) -> bool:
     return "s_embedder.proj.weight" in sd and "x_embedder.proj.weight" in sd and "t_embedder.W" in sd
 
 
-def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
+def ddt_config(sd: dict, options: LoadOptions, meanflow: bool) -> ModelConfig:
     """Architecture from shapes: widths from the embedders, heads from the RoPE tables, flags from key presence."""
     from ..dit import heads_for_hidden
 
@@ -63,14 +64,14 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
     d_d = sd["x_embedder.proj.weight"].shape[0]
     if p != 1:
         raise FlowmapError(f"this DiT^DH has patch size {p}; flowmap supports RAE's released patch size 1.")
-    from .dit_keys import block_count  # indices contiguous from 0 and plausible, one pass (issue 13)
+    from .dit_keys import block_count  # indices contiguous from 0 and plausible, one pass
 
     blocks = list(range(block_count(sd)))
     width = lambda i: sd[f"blocks.{i}.adaLN_modulation.1.weight"].shape[1]  # noqa: E731
     if d_e != d_d:
         n_e = sum(1 for i in blocks if width(i) == d_e)
     else:
-        n_e = len(blocks) - int(options.get("decoder_blocks") or 2)
+        n_e = len(blocks) - int(options.decoder_blocks or 2)
     n_d = len(blocks) - n_e
     if n_e < 1 or n_d < 1:
         raise FlowmapError(
@@ -82,13 +83,9 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
         heads_e = d_e // sd["enc_feat_rope.freqs_cos"].shape[1]
         heads_d = d_d // sd["dec_feat_rope.freqs_cos"].shape[1]
     else:
-        side = (
-            int(round(math.sqrt(sd["pos_embed"].shape[1])))
-            if "pos_embed" in sd
-            else int(options.get("input_size") or 16)
-        )
+        side = int(round(math.sqrt(sd["pos_embed"].shape[1]))) if "pos_embed" in sd else int(options.input_size or 16)
         heads_e, heads_d = heads_for_hidden(d_e), 16
-    heads_e = int(options.get("num_heads") or heads_e)
+    heads_e = int(options.num_heads or heads_e)
     rmsnorm = f"blocks.{blocks[0]}.norm1.weight" in sd
     swiglu = f"blocks.{blocks[0]}.mlp.w12.weight" in sd
     wo_shift = sd[f"blocks.{blocks[0]}.adaLN_modulation.1.weight"].shape[0] == 4 * d_e
@@ -105,10 +102,10 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
         size=side,
         image_channels=3,
         image_size=side * 16,
-        repo=options.get("decoder_repo", RAE_REPO),
+        repo=options.decoder_repo or RAE_REPO,
         extra={
-            "decoder": options.get("decoder_file", dec_file),
-            "stats": options.get("stats_file", stat_file),
+            "decoder": options.decoder_file or dec_file,
+            "stats": options.stats_file or stat_file,
             "encoder": DINO_ENCODER,
             "encoder_input_size": enc_size,
             "eps": 1e-5,
@@ -147,45 +144,41 @@ def ddt_config(sd: dict, options: dict, meanflow: bool) -> ModelConfig:
     )
 
 
-def build_ddt(sd: dict, options: dict, meanflow: bool):
+def build_ddt(sd: dict, options: LoadOptions, meanflow: bool):
     """FlowMap over a DiT^DH state dict, loaded strictly (frozen W, pos_embed and RoPE buffers included)."""
     import dataclasses
 
     from .dit_keys import build_and_load
 
     sd = unwrap(sd)
-    cfg = ddt_config(sd, options or {}, meanflow)
+    cfg = ddt_config(sd, options, meanflow)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}  # built on meta, tensors assigned
     return build_and_load(
-        fields, sd, (options or {}).get("what", "the MF-RAE checkpoint" if meanflow else "the RAE DiT^DH checkpoint")
+        fields, sd, options.what or ("the MF-RAE checkpoint" if meanflow else "the RAE DiT^DH checkpoint")
     )
 
 
 @register("mf-rae")
-class MFRAEFamily:
+class MFRAEFamily(Family):
     """sony/mf-rae DiTwDDTHead_MF: DiT^DH plus r_embedder (t - r); loaded as a 'meanflow' flow map."""
 
-    name = "mf-rae"
-
-    def detect(self, sd: dict) -> bool:
+    def detect(self, sd: StateDict) -> bool:
         sd = unwrap(sd)
         return is_ddt(sd) and "r_embedder.W" in sd
 
-    def build(self, sd: dict, options: dict):
+    def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         return build_ddt(sd, options, meanflow=True)
 
 
 @register("rae")
-class RAEFamily:
+class RAEFamily(Family):
     """bytetriper/RAE DiTwDDTHead (stage 2): a canonical velocity model on arch 'ddt'."""
 
-    name = "rae"
-
-    def detect(self, sd: dict) -> bool:
+    def detect(self, sd: StateDict) -> bool:
         sd = unwrap(sd)
         return is_ddt(sd) and "r_embedder.W" not in sd
 
-    def build(self, sd: dict, options: dict):
+    def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         sd = unwrap(sd)
         if "r_embedder.W" in sd:
             raise FlowmapError("this DiT^DH has an r_embedder, so it is an MF-RAE checkpoint; use --family mf-rae.")

@@ -2,7 +2,7 @@
 
 Released files are plain state dicts, training files `{'model','ema','opt','args','steps'}` (docs/checkpoints.md).
 REPA's `projectors.*` (the representation-alignment MLPs) are not part of the velocity model and are dropped
-with a note; legacy `decoder_blocks.{i}` keys become `blocks.{i + encoder_depth}` (REPA utils.load_legacy_checkpoints).
+with a note; legacy `decoder_blocks.{i}` keys become `blocks.{i + encoder_depth}` (as REPA's own legacy loader renames them).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .dit_keys import (
     infer_dit_config,
     is_learn_sigma,
 )
+from .interface import NO_OPTIONS, Family, LoadOptions, Meta, StateDict
 
 LEGACY_RE = re.compile(r"^decoder_blocks\.(\d+)\.(.*)$")
 
@@ -47,16 +48,16 @@ def rename_legacy(sd: dict, encoder_depth: int | None) -> dict:
 
 
 @register("repa")
-class RepaFamily:
+class RepaFamily(Family):
     """REPA / DMF-SiT velocity models: canonical convention, no learn_sigma, optional timm-LayerNorm QK-norm."""
 
     tie_winner = True  # a plain canonical DiT-style file is read as REPA unless something says otherwise
 
-    def detect(self, sd) -> bool:
+    def detect(self, sd: StateDict) -> bool:
         """DiT keys, a C-channel head and no DMF log-variance head."""
         return has_dit_keys(sd) and "logvar_linear.weight" not in sd and not is_learn_sigma(sd)
 
-    def hint(self, meta) -> bool:
+    def hint(self, meta: Meta) -> bool:
         """REPA training args (encoder, projection loss) or a file named after REPA."""
         args = meta.get("args") or {}
         return (
@@ -64,16 +65,16 @@ class RepaFamily:
             or "repa" in meta.get("name", "").lower()
         )
 
-    def build(self, sd, options):
+    def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         """Drop projectors, undo legacy naming, infer the architecture and load strictly."""
-        args = options.get("args") or {}
+        args = options.args
         check_linear_velocity(args, "REPA")
         sd = drop_projectors(sd)
-        enc = options.get("encoder_depth") or args.get("encoder_depth")
+        enc = options.encoder_depth or args.get("encoder_depth")
         sd = rename_legacy(sd, int_in_range("encoder_depth", enc, 1, MAX_BLOCKS) if enc is not None else None)
         fields = infer_dit_config(sd, options, args)
         if fields["learn_sigma"]:
             raise FlowmapError(
                 "this checkpoint has a learn_sigma head (2C output channels), which REPA models do not have; use --family sit or --family dit."
             )
-        return build_and_load({**fields, "time_convention": "canonical"}, sd, options.get("what", "REPA checkpoint"))
+        return build_and_load({**fields, "time_convention": "canonical"}, sd, options.what or "REPA checkpoint")

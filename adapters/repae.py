@@ -23,6 +23,7 @@ from ..config import LatentSpace
 from ..errors import FlowmapError
 from . import note, register
 from .dit_keys import build_and_load, check_linear_velocity, drop_projectors, has_dit_keys, infer_dit_config
+from .interface import NO_OPTIONS, Family, LoadOptions
 
 BN_KEYS = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")
 # release -> (E2E-VAE repo, guidance from the README's tables)
@@ -36,10 +37,10 @@ F8D4 = {"ch_mult": [1, 2, 4, 4], "embed_dim": 4}
 F16D32 = {"ch_mult": [1, 1, 2, 2, 4], "embed_dim": 32}
 
 
-def release_of(options: dict, channels: int) -> str:
+def release_of(options: LoadOptions, channels: int) -> str:
     """The release named by the source (alias, repo or path), else the default for the latent width."""
-    info = options.get("source_info") or {}
-    text = " ".join(str(info.get(k, "")) for k in ("source", "repo", "file")) + " " + str(options.get("what", ""))
+    info = options.source_info or {}
+    text = " ".join(str(info.get(k, "")) for k in ("source", "repo", "file")) + " " + str(options.what or "")
     for name in RELEASES:
         if name in text.lower():
             return name
@@ -76,7 +77,7 @@ def e2e_latent(channels: int, size: int, repo: str, mean: list[float], std: list
 
 
 @register("repa-e")
-class RepaEFamily:
+class RepaEFamily(Family):
     """REPA-E SiT: REPA's velocity model (canonical time) whose `bn` statistics define the latent normalisation."""
 
     name = "repa-e"
@@ -94,8 +95,8 @@ class RepaEFamily:
 
     def build(self, sd, options):
         """Split off `bn.*` into the latent space, then read the rest as REPA's SiT (strict)."""
-        options = options or {}
-        args = options.get("args") or {}
+        options = options or NO_OPTIONS
+        args = options.args or {}
         check_linear_velocity(args, "REPA-E")
         missing = [k for k in BN_KEYS[:2] if k not in sd]
         if missing:
@@ -121,4 +122,4 @@ class RepaEFamily:
             latent=e2e_latent(c, side, repo, mean, std),
             sampling={"shift": 1.0, "cfg_scale": 1.0, "source_guidance": {"release": release, **guidance}},
         )
-        return build_and_load(fields, rest, options.get("what", "the REPA-E checkpoint"))
+        return build_and_load(fields, rest, options.what or "the REPA-E checkpoint")

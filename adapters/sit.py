@@ -18,21 +18,22 @@ import re
 
 from . import register
 from .dit_keys import build_and_load, check_linear_velocity, has_dit_keys, infer_dit_config
+from .interface import NO_OPTIONS, Family, LoadOptions, Meta, StateDict
 
 RELEASE_RE = re.compile(r"SiT-(S|B|L|XL)-\d+-\d+x\d+")  # released file names, e.g. SiT-XL-2-256x256.pt
 
 
 @register("sit")
-class SitFamily:
+class SitFamily(Family):
     """SiT velocity models in the reversed-time convention, with or without learn_sigma."""
 
     tie_winner = False  # a learn_sigma head is also DiT's: without a hint the user must say which
 
-    def detect(self, sd) -> bool:
+    def detect(self, sd: StateDict) -> bool:
         """Any DiT-style backbone without a DMF log-variance head (weights alone cannot tell SiT from REPA/DiT)."""
         return has_dit_keys(sd) and "logvar_linear.weight" not in sd
 
-    def hint(self, meta) -> bool:
+    def hint(self, meta: Meta) -> bool:
         """SiT training args (a path type but none of REPA's or DMF's options) or a SiT release file name."""
         args = meta.get("args") or {}
         name = meta.get("name", "")
@@ -46,8 +47,8 @@ class SitFamily:
             )
         return bool(RELEASE_RE.search(name))
 
-    def build(self, sd, options):
+    def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         """Infer the architecture and load strictly; forward translates time and sign."""
-        check_linear_velocity(options.get("args") or {}, "SiT")
-        fields = infer_dit_config(sd, options, options.get("args"))
-        return build_and_load({**fields, "time_convention": "reversed"}, sd, options.get("what", "SiT checkpoint"))
+        check_linear_velocity(options.args, "SiT")
+        fields = infer_dit_config(sd, options, options.args)
+        return build_and_load({**fields, "time_convention": "reversed"}, sd, options.what or "SiT checkpoint")

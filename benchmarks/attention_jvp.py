@@ -25,7 +25,7 @@ import time
 
 import torch
 
-# Gates (issue 15; see benchmarks/README-attention.md)
+# Gates (see benchmarks/README-attention.md)
 GATE_FUSED_VS_FLASH_FWD = 3.0  # fused forward + JVP time / SDPA-flash forward (6 vs 2 matmul units: the floor)
 GATE_TRAIN_VS_FLASH_TRAIN = 1.6  # jvp + backward / flash forward + backward (11 vs 7 units)
 GATE_MEMORY_VS_MATH = 15.0  # math-JVP extra memory / fused extra memory, N = 1024
@@ -179,15 +179,11 @@ def correctness(rec: Recorder) -> None:
         o.float().pow(2).mean().backward()
         g_auto = layer.qkv.weight.grad.clone()
         layer.zero_grad()
-        from flowmap_convert.kernels import get_default_backend, set_default_backend
+        from flowmap_convert.kernels import use_backend
 
-        before = get_default_backend()
-        set_default_backend("math")
-        try:
+        with use_backend("math"):
             o_ref, t_ref = torch.func.jvp(layer, (x,), (dx,))  # fp32 reference, no autocast
             o_ref.float().pow(2).mean().backward()
-        finally:
-            set_default_backend(before)
         errs = {
             "out": _rel_err(o, o_ref),
             "tangent": _rel_err(t, t_ref),
@@ -348,7 +344,7 @@ def timing(rec: Recorder, args) -> None:
 
 def dmf_step(rec: Recorder, args, device: str) -> None:
     """Seconds per optimizer step and peak memory of a DMF step (bf16 autocast on CUDA) for each attention backend."""
-    from flowmap_convert.kernels import backward_counts, get_default_backend, set_default_backend
+    from flowmap_convert.kernels import backward_counts, use_backend
 
     from flowmap_convert.config import ModelConfig
     from flowmap_convert.finetuning.common import Calls, Context
@@ -360,7 +356,6 @@ def dmf_step(rec: Recorder, args, device: str) -> None:
     cfg = ModelConfig(qk_norm="rms", **size)  # SiT-XL/2 shape (1152 wide, 28 blocks, 16 heads of 72, 256 tokens)
     depth = max(1, cfg.num_blocks * 2 // 3)
     cuda = device == "cuda"
-    before = get_default_backend()
     torch.manual_seed(0)
     model = FlowMap(cfg).with_depth(depth).to(device)  # built once (CPU init), every backend starts from it
     with torch.no_grad():  # random weights: adaLN-Zero gates at 0 would make attention's gradients all zero
@@ -370,45 +365,44 @@ def dmf_step(rec: Recorder, args, device: str) -> None:
     for backend in ("auto", "math", "sdpa", "triton"):
         row = {"backend": backend, "batch": args.dmf_batch, "model": "tiny" if args.tiny else "SiT-XL/2 rms q-k norm"}
         try:
-            set_default_backend(backend)
-            model.load_state_dict(init)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            ctx = Context(Calls(model), Recipe(), cfg.num_classes)
-            shape = (args.dmf_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-            autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
-            counts = backward_counts()
-            times = []
-            for i in range(1 + args.dmf_steps):
-                if cuda:
-                    torch.cuda.synchronize()
-                    if i == 1:
-                        torch.cuda.reset_peak_memory_stats()
-                t0 = time.time()
-                gen = torch.Generator().manual_seed(i)
-                x0 = torch.randn(shape, generator=gen).to(device)
-                y = torch.randint(0, cfg.num_classes, (args.dmf_batch,), generator=gen).to(device)
-                with autocast:
-                    loss, metrics = OBJECTIVE_FNS["dmf"](ctx, x0, y, gen)
-                loss.float().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
-                if i > 0:
-                    times.append(time.time() - t0)
-            after = backward_counts()
-            row.update(
-                seconds_per_step=statistics.median(times),
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                loss=loss.item(),
-                dudt_rms=metrics.get("dudt"),
-                fused_backwards={k: after[k] - counts[k] for k in after},
-                ok=math.isfinite(loss.item()),
-            )
+            with use_backend(backend):  # attention(..., backend=None) in the model uses it
+                model.load_state_dict(init)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                ctx = Context(Calls(model), Recipe(), cfg.num_classes)
+                shape = (args.dmf_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+                autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+                counts = backward_counts()
+                times = []
+                for i in range(1 + args.dmf_steps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                        if i == 1:
+                            torch.cuda.reset_peak_memory_stats()
+                    t0 = time.time()
+                    gen = torch.Generator().manual_seed(i)
+                    x0 = torch.randn(shape, generator=gen).to(device)
+                    y = torch.randint(0, cfg.num_classes, (args.dmf_batch,), generator=gen).to(device)
+                    with autocast:
+                        loss, metrics = OBJECTIVE_FNS["dmf"](ctx, x0, y, gen)
+                    loss.float().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if i > 0:
+                        times.append(time.time() - t0)
+                after = backward_counts()
+                row.update(
+                    seconds_per_step=statistics.median(times),
+                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                    loss=loss.item(),
+                    dudt_rms=metrics.get("dudt"),
+                    fused_backwards={k: after[k] - counts[k] for k in after},
+                    ok=math.isfinite(loss.item()),
+                )
         except Exception as e:
             row.update(ok=False, error=repr(e)[:400])
         finally:
-            set_default_backend(before)
             opt = ctx = None
             if cuda:
                 torch.cuda.empty_cache()

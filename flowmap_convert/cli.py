@@ -285,10 +285,10 @@ def sample(
 
 
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).
-from .cli_eval import eval_cmd  # noqa: E402  (issue 12: paper metrics)
-from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (issue 4: fine-tuner commands)
+from .cli_eval import eval_cmd  # noqa: E402  (the paper metrics)
+from .cli_finetune import encode_cmd, finetune_cmd  # noqa: E402  (the fine-tuner's commands)
 from .cli_push import push_cmd  # noqa: E402
-from .cli_search import search_depth_cmd  # noqa: E402  (issue 6: depth search)
+from .cli_search import search_depth_cmd  # noqa: E402  (the depth search)
 
 app.command(name="search-depth")(guarded(search_depth_cmd))
 app.command(name="eval")(guarded(eval_cmd))

@@ -1,4 +1,4 @@
-"""`flowmap search-depth`: probe every split depth at a few NFEs and name the best one (thin layer over search.py)."""
+"""`flowmap search-depth`: probe every split depth at a few NFEs and name the best one (thin layer over flowmap_convert.search)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def _check_latent(latent: Any, where: str | None) -> None:
 TIME_CONVENTIONS = (
     "canonical",  # t=1 noise, t=0 data, network returns v = eps - x0 (REPA, DMF, RAE, our own)
     "reversed",  # original SiT: t=1 data, network returns x0 - eps
-    "ddpm-eps",  # original / diffusers DiT: integer DDPM step, network returns epsilon (issue 3)
+    "ddpm-eps",  # original / diffusers DiT: integer DDPM step, network returns epsilon (docs/conventions.md)
 )
 CONDITIONINGS = (
     "velocity",  # a base flow model: every block and the head see t (r is ignored)
@@ -95,7 +95,7 @@ class LatentSpace:
 class ModelConfig:
     """Everything needed to rebuild a flow map without its source checkpoint."""
 
-    arch: str = "dit"  # backbone family in flowmap_convert.backbones
+    arch: str = "dit"  # the backbone module: "dit" (dit.py) or "ddt" (ddt.py), built by model.build_backbone
     input_size: int = 32  # latent side length
     in_channels: int = 4  # latent channels
     patch_size: int = 2

@@ -20,7 +20,7 @@ BETA_START, BETA_END = 1e-4, 0.02
 
 
 def linear_betas(num_steps: int = NUM_STEPS, start: float = BETA_START, end: float = BETA_END) -> torch.Tensor:
-    """DiT's linear beta schedule in float64: linspace(1e-4 * 1000/T, 0.02 * 1000/T, T) (gaussian_diffusion.py)."""
+    """DiT's linear beta schedule in float64: linspace(1e-4 * 1000/T, 0.02 * 1000/T, T) (docs/conventions.md)."""
     scale = 1000.0 / num_steps
     return torch.linspace(start * scale, end * scale, num_steps, dtype=torch.float64)
 

@@ -42,7 +42,7 @@ class SDVAEDecoder:
         sub = latent.extra.get("subfolder")  # diffusers pipelines keep the VAE in `vae/`
         kwargs = {"subfolder": sub} if sub else {}
         if not Path(repo).is_dir():  # a Hub id: the same cache and offline switch as every other download
-            from .adapters.sources import hub_cache_dir, is_offline
+            from .downloads import hub_cache_dir, is_offline
 
             kwargs.update(cache_dir=str(hub_cache_dir()), local_files_only=is_offline())
         try:
@@ -92,7 +92,7 @@ def resolve_file(repo: str, filename: str, revision: str | None = None) -> Path:
                 f"{local} does not exist; put the RAE file there or set the model's latent repo to a directory that has it."
             )
         return local
-    from .adapters.sources import hub_download
+    from .downloads import hub_download
 
     return hub_download(repo, filename, revision)  # cache + HF_HUB_OFFLINE read now; failures are FlowmapErrors
 

@@ -94,7 +94,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """The DiT/SiT/REPA/DMF network; `forward_split` gives blocks[:depth] one time and the rest another."""
+    """The DiT/SiT/REPA/DMF network: `encode` runs blocks[:depth] at one time, `decode` the rest and the head at
+    another (the decoupled forward of DMF Sec. 3.1, composed by FlowMap)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -150,10 +151,6 @@ class DiT(nn.Module):
         for blk in self.blocks[depth:]:
             h = blk(h, c)
         return self.unpatchify(self.final_layer(h, c))
-
-    def forward_split(self, x, t_src, r_src, y, depth: int) -> torch.Tensor:
-        """Decoupled forward (DMF Eq. 6): encoder on t, decoder and head on r."""
-        return self.decode(self.encode(x, t_src, y, depth), r_src, y, depth)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W), row-major tokens, channel fastest within a patch."""

@@ -90,7 +90,7 @@ def _hub_failure(exc: BaseException, repo_id: str, endpoint: str) -> FlowmapErro
     """A huggingface_hub / network exception as one sentence naming the fix."""
     from huggingface_hub import errors as he
 
-    from .adapters.sources import _is_network_error
+    from .downloads import is_network_error
 
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
@@ -105,7 +105,7 @@ def _hub_failure(exc: BaseException, repo_id: str, endpoint: str) -> FlowmapErro
         )
     if isinstance(exc, he.HfHubHTTPError):
         return FlowmapError(f"the Hub answered HTTP {status} for {repo_id} ({exc}); check the repo id and retry.")
-    if _is_network_error(exc) or isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+    if is_network_error(exc) or isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return FlowmapError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}); check the network and retry.")
     return FlowmapError(f"the upload to {repo_id} failed ({type(exc).__name__}: {exc}); retry, or check the repo id.")
 

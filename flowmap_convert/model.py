@@ -21,7 +21,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
         return DiT(cfg)
     if cfg.arch == "ddt":
-        from .ddt import DiTDH  # RAE DiT^DH (issue 3)
+        from .ddt import DiTDH  # RAE DiT^DH
 
         return DiTDH(cfg)
     if cfg.arch == "mcg-ddt":

@@ -13,8 +13,8 @@ from .attention import (
     math_backward,
     resolve_backend,
     sdpa_attention,
-    set_default_backend,
     triton_available,
+    use_backend,
 )
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "math_backward",
     "resolve_backend",
     "sdpa_attention",
-    "set_default_backend",
     "triton_available",
+    "use_backend",
 ]

@@ -29,6 +29,8 @@ lost; the gradient of the primal output is exact. Use ``math`` if you ever need 
 differentiate through the tangent itself.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -51,18 +53,27 @@ def _check_backend(name: str) -> str:
     return name
 
 
-_default_backend = _check_backend(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
+# The backend of ``attention(..., backend=None)``: the process default comes from FLOWMAP_ATTENTION (read once, at
+# import); ``use_backend`` changes it for one scope (a context variable: other threads and the code after the scope
+# keep theirs).
+_ENV_BACKEND: str = _check_backend(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
+_default_backend = contextvars.ContextVar("flowmap_attention_backend", default=_ENV_BACKEND)
 
 
-def set_default_backend(name: str) -> None:
-    """Set the backend used when ``attention`` is called with ``backend=None`` (the trainer's knob)."""
-    global _default_backend
-    _default_backend = _check_backend(name)
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the ``with`` block, ``attention`` called with ``backend=None`` uses ``name`` (the trainer's knob);
+    on leaving it the previous default is back, also when the block raised."""
+    token = _default_backend.set(_check_backend(name))
+    try:
+        yield name
+    finally:
+        _default_backend.reset(token)
 
 
 def get_default_backend() -> str:
-    """The backend ``attention`` uses when none is passed (initially env FLOWMAP_ATTENTION or 'auto')."""
-    return _default_backend
+    """The backend ``attention`` uses when none is passed (FLOWMAP_ATTENTION or 'auto', unless ``use_backend``)."""
+    return _default_backend.get()
 
 
 @functools.cache
@@ -94,7 +105,7 @@ def resolve_backend(
     tangent is present: with one the fused Triton kernel runs, without one plain SDPA.
     ``auto`` with a dtype the kernel does not take (float64) is ``math``.
     """
-    name = _check_backend(backend or _default_backend)
+    name = _check_backend(backend or _default_backend.get())
     device = torch.device(device)
     if name == "auto":
         kernel_ok = dtype is None or dtype in _KERNEL_DTYPES
@@ -108,7 +119,7 @@ def resolve_backend(
 
 def describe(backend: str | None = None, device: torch.device | str | None = None) -> str:
     """One line for --dry-run logs saying which implementation runs, with and without a tangent."""
-    name = _check_backend(backend or _default_backend)
+    name = _check_backend(backend or _default_backend.get())
     if device is None and name in ("math", "sdpa"):
         return f"attention[{name}]: {name}"
     if device is None and name == "triton":
@@ -328,7 +339,7 @@ def attention(
     backend: str | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Non-causal attention of (B, H, L, D) tensors; backend None uses the module default (see set_default_backend).
+    """Non-causal attention of (B, H, L, D) tensors; backend None uses the default (see ``use_backend``).
 
     Works under torch.func.jvp and torch.autograd.forward_ad on every backend but
     'sdpa'. With 'triton' (and 'auto' on CUDA) the tangent is stop-gradient; see the
@@ -341,7 +352,7 @@ def attention(
     q, k, v = _to_common_dtype(q, k, v)
     tangents = tuple(_tangent(x) for x in (q, k, v))
     has_tangent = any(t is not None for t in tangents)
-    name = _check_backend(backend or _default_backend)
+    name = _check_backend(backend or _default_backend.get())
     if name == "auto":
         name = resolve_backend(name, q.device, has_tangent=True, dtype=q.dtype)
     if name == "math":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from dit_reference import make_sd, ref_forward, ref_logvar, ref_sit_velocity
-from flowmap_convert.adapters import load_source
+from flowmap_convert.adapters import LoadOptions, load_source
 from safetensors.torch import save_file
 
 import flowmap_convert as fm
@@ -77,7 +77,7 @@ def test_repa_euler_step_matches_source_sampler():
     dt = 0.125
     from flowmap_convert.adapters import FAMILIES
 
-    model = FAMILIES["repa"].build(dict(sd), {"num_heads": 4}).with_depth(3)
+    model = FAMILIES["repa"].build(dict(sd), LoadOptions(num_heads=4)).with_depth(3)
     # REPA's Euler sampler: x_next = x_cur + (t_next - t_cur) v, from t down to t - dt.
     ref_next = x + ((t - dt) - t).view(-1, 1, 1, 1) * ref_forward(sd, x, t, y, heads=4)
     ours = x + ((t - dt) - t).view(-1, 1, 1, 1) * model(x, t, t, y)  # Euler: x_r = x_t + (r - t) u(x_t, t, t)
@@ -257,7 +257,7 @@ def test_non_linear_or_non_velocity_training_args_are_refused(tmp_path):
 def test_dmf_refuses_a_learn_sigma_head_and_detection_order_is_specific_first(tmp_path):
     from flowmap_convert.adapters import DETECTION_ORDER
 
-    assert DETECTION_ORDER[:3] == ["dmf", "repa", "sit"]
+    assert DETECTION_ORDER[:3] == ("dmf", "repa", "sit")
     path = save_pt(make_sd(learn_sigma=True, logvar=True, seed=16), tmp_path / "dmf_sigma.pt")
     with pytest.raises(FlowmapError, match="learn_sigma head"):
         load_source(path, num_heads=4)

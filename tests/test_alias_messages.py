@@ -42,6 +42,7 @@ def local_alias(monkeypatch, tmp_path, url: str) -> None:
     monkeypatch.setenv("FLOWMAP_ALLOW_HTTP", "1")
 
 
+@pytest.mark.e2e
 def test_offline_alias_names_the_file_the_url_and_the_local_fallback(empty_caches, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as e:

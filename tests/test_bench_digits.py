@@ -122,6 +122,7 @@ def test_ship_and_out_dir_refuse_what_the_bench_did_not_write(bench, tmp_path, c
     assert (theirs / "RESULTS.md").read_text() == "my own results" and not (tmp_path / "work").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_quick_profile_end_to_end(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -154,6 +155,7 @@ def test_quick_profile_end_to_end(bench, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == data["rows"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_from_its_checkpoint(bench, tmp_path):
     """A fine-tune job whose process died after a checkpoint continues from it and ends where a clean run ends."""

@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from flowmap_convert.cli import app
 
+pytestmark = pytest.mark.e2e  # every test here drives the flowmap command line
+
 
 def run_cli(*args, env=None):
     """The real console entry point in a fresh interpreter."""

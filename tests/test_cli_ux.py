@@ -17,6 +17,7 @@ def run(argv, capsys):
     return e.value.code, out.out, out.err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "argv, says, command",
     [
@@ -37,6 +38,7 @@ def test_usage_errors_are_one_line_with_the_fix(argv, says, command, capsys):
     assert not re.search(r"[╭│╰]|Usage:|Traceback", err)
 
 
+@pytest.mark.e2e
 def test_version(capsys):
     from flowmap_convert import __version__
 
@@ -44,11 +46,13 @@ def test_version(capsys):
     assert code == 0 and out.strip() == f"flowmap-convert {__version__}" and err == ""
 
 
+@pytest.mark.e2e
 def test_bare_flowmap_prints_help_listing_push(capsys):
     code, out, _ = run([], capsys)
     assert code == 2 and "push" in out and "convert" in out and "--version" in out
 
 
+@pytest.mark.e2e
 def test_help_shows_no_type_for_flags(capsys):
     code, out, _ = run(["sample", "--help"], capsys)
     assert code == 0
@@ -57,11 +61,13 @@ def test_help_shows_no_type_for_flags(capsys):
     assert "<int>" in rows["--nfe"] and "<int>" not in rows["--npz"] and "--help" in rows
 
 
+@pytest.mark.e2e
 def test_user_errors_still_exit_2_in_one_line(capsys, tmp_path):
     code, _, err = run(["convert", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no such file" in err
 
 
+@pytest.mark.e2e
 def test_builtin_digits_sit_says_what_it_is(capsys, tmp_path):
     code, out, _ = run(["convert", "builtin:digits-sit", "--out", str(tmp_path / "o")], capsys)
     assert code == 0
@@ -69,6 +75,7 @@ def test_builtin_digits_sit_says_what_it_is(capsys, tmp_path):
     assert "weights     -" not in out
 
 
+@pytest.mark.e2e
 def test_the_digits_classifier_is_not_a_model(capsys, tmp_path):
     code, _, err = run(["convert", "builtin:digits-classifier", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "evaluation classifier" in err and len(err.strip().splitlines()) == 1

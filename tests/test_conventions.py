@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize, tiny_config
-from flowmap_convert.adapters import FAMILIES
+from flowmap_convert.adapters import FAMILIES, LoadOptions
 from flowmap_convert.adapters.dit import DiTFamily
 from test_dit_family import random_dit_sd
 from test_new_families import lightning_sd, repa_sit_sd
@@ -24,7 +24,7 @@ from flowmap_convert.model import FlowMap
 
 def dit_eps_model():
     """DiT (DDPM epsilon, learn_sigma) from its original-layout checkpoint, split at depth 2 of 3."""
-    return DiTFamily().build(random_dit_sd(seed=21), {"num_heads": 4}).with_depth(2)
+    return DiTFamily().build(random_dit_sd(seed=21), LoadOptions(num_heads=4)).with_depth(2)
 
 
 def tiny(seed, **over):
@@ -33,7 +33,7 @@ def tiny(seed, **over):
 
 
 def rae_model():
-    return FAMILIES["rae"].build(ddt_state_dict(seed=22), {}).with_depth(2)
+    return FAMILIES["rae"].build(ddt_state_dict(seed=22)).with_depth(2)
 
 
 FAMILY_MODELS = {
@@ -100,7 +100,7 @@ def test_decoder_only_dit_jvp_sees_the_time_tangent_of_the_epsilon_algebra():
 
 
 def test_mf_rae_decoder_only_refuses_in_one_line():
-    model = FAMILIES["mf-rae"].build(ddt_state_dict(meanflow=True, seed=26), {})
+    model = FAMILIES["mf-rae"].build(ddt_state_dict(meanflow=True, seed=26))
     assert model.config.conditioning == "meanflow" and not Calls.can_split(model)
     with pytest.raises(FlowmapError) as err:
         Calls(model, decoder_only=True)
@@ -111,7 +111,7 @@ def test_mf_rae_decoder_only_refuses_in_one_line():
 
 
 def test_velocity_models_cannot_be_fine_tuned_decoder_only_until_split():
-    model = DiTFamily().build(random_dit_sd(seed=27), {"num_heads": 4})
+    model = DiTFamily().build(random_dit_sd(seed=27), LoadOptions(num_heads=4))
     assert model.config.conditioning == "velocity" and not Calls.can_split(model)
     assert Calls.can_split(model.with_depth(1))
 

@@ -129,6 +129,7 @@ def test_converted_builtin_r_equals_t_after_reload(depth, tmp_path):
         assert not torch.allclose(conv(x, t, t * 0.5, y), v, atol=1e-3)  # r != t really changes the decoder
 
 
+@pytest.mark.e2e
 def test_demo_commands_run(tmp_path):
     """What `make demo` runs: convert the builtin at depth 5, then sample 4 NFE (fewer samples here)."""
     import json

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, tiny_vae
-from flowmap_convert.adapters import FAMILIES
+from flowmap_convert.adapters import FAMILIES, LoadOptions
 from flowmap_convert.adapters.dit import (
     DiTFamily,
     diffusers_to_canonical,
@@ -162,7 +162,7 @@ def test_decoupled_ddpm_times_reach_the_right_blocks():
 # ------------------------------------------------------------------------------------------------ original layout
 def test_original_dit_matches_the_reference_forward_at_every_depth():
     sd = random_dit_sd()
-    model = DiTFamily().build(sd, {"num_heads": 4})
+    model = DiTFamily().build(sd, LoadOptions(num_heads=4))
     cfg = model.config
     assert cfg.time_convention == "ddpm-eps" and cfg.learn_sigma and cfg.input_size == 8 and cfg.num_classes == 10
     assert cfg.latent.kind == "sd-vae" and cfg.latent.scale == 0.18215
@@ -186,7 +186,7 @@ def test_original_dit_matches_the_reference_forward_at_every_depth():
 
 def test_original_dit_decoupled_forward_uses_t_then_r():
     sd = random_dit_sd(seed=4)
-    model = DiTFamily().build(sd, {"num_heads": 4}).with_depth(2)
+    model = DiTFamily().build(sd, LoadOptions(num_heads=4)).with_depth(2)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 4])
     t, r = torch.tensor([0.7, 0.5]), torch.tensor([0.2, 0.45])
     tt = torch.tensor([tau_of(v) for v in t.tolist()])
@@ -202,12 +202,12 @@ def test_original_dit_loading_is_strict_and_shape_checked():
     bad = dict(sd)
     bad.pop("blocks.1.mlp.fc2.bias")
     with pytest.raises(FlowmapError, match="missing: blocks.1.mlp.fc2.bias"):
-        DiTFamily().build(bad, {"num_heads": 4})
+        DiTFamily().build(bad, LoadOptions(num_heads=4))
     bad = dict(sd, **{"blocks.0.attn.proj.weight": torch.zeros(32, 31)})
     with pytest.raises(FlowmapError, match="shape mismatch"):
-        DiTFamily().build(bad, {"num_heads": 4})
+        DiTFamily().build(bad, LoadOptions(num_heads=4))
     with pytest.raises(FlowmapError, match="not divisible"):
-        DiTFamily().build(sd, {"num_heads": 5})
+        DiTFamily().build(sd, LoadOptions(num_heads=5))
 
 
 def test_detection_dit_vs_sit_needs_a_hint():
@@ -276,7 +276,7 @@ def test_diffusers_dit_equals_diffusers_and_the_reference(diffusers_repo):
     x, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0, 9, 10])
     tau = torch.tensor([0.0, 311.0, 999.0])
     with torch.no_grad():
-        ours = model.net.forward_split(x, tau, tau, y, 3)
+        ours = model.net.decode(model.net.encode(x, tau, y, 3), tau, y, 3)
         theirs = tr(x, timestep=tau, class_labels=y).sample
         ref = dit_eps(sd, x, [tau] * 3, tau, y, heads=2, layout="diffusers")
     assert (ours - theirs).abs().max().item() < 1e-5
@@ -318,7 +318,7 @@ def test_diffusers_bin_weights_and_claimed_hub_layout(diffusers_repo, tmp_path):
     torch.save(sd, tmp_path / "transformer" / "diffusion_pytorch_model.bin")  # main branch of facebook/DiT-XL-2-256
     fam = FAMILIES["dit"]
     assert fam.claims_dir(tmp_path) and fam.claims_dir(root)
-    model, used = fam.build_dir(tmp_path, {})
+    model, used = fam.build_dir(tmp_path, LoadOptions())
     assert used == "transformer/diffusion_pytorch_model.bin"
     ref = load_diffusers_dir(root)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
@@ -352,7 +352,7 @@ def test_r_equals_t_matches_the_source_fed_its_integer_ddpm_step(step, tol):
     """
     sd = random_dit_sd(seed=11)
     sd["t_embedder.mlp.0.weight"] = sd["t_embedder.mlp.0.weight"] * 30
-    model = DiTFamily().build(sd, {"num_heads": 4})
+    model = DiTFamily().build(sd, LoadOptions(num_heads=4))
     lam = default_schedule().log_snr[step]
     s = torch.sigmoid(-lam / 2).reshape(1).repeat(2)  # float64: log-SNR(s) = 2 log((1 - s)/s) = lambda_k
     n = torch.sqrt((1 - s) ** 2 + s**2).reshape(-1, 1, 1, 1)

@@ -76,6 +76,7 @@ def rgb(n, size, seed):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+@pytest.mark.e2e
 def test_eval_reproduces_digits_fd_of_evaluate_digits(tmp_path, monkeypatch):
     from flowmap_convert.digits import evaluate_digits
 
@@ -97,6 +98,7 @@ def test_eval_reproduces_digits_fd_of_evaluate_digits(tmp_path, monkeypatch):
     assert code == 0 and json.loads((out / "eval.json").read_text())["results"][0]["reused"] is True, err
 
 
+@pytest.mark.e2e
 def test_inception_path_end_to_end_on_local_weights(tmp_path, local_inception):
     from flowmap_convert.frechet import feature_stats, frechet_distance
     from flowmap_convert.metrics import inception_score, precision_recall
@@ -139,6 +141,7 @@ def test_inception_path_end_to_end_on_local_weights(tmp_path, local_inception):
     assert code == 0, err
 
 
+@pytest.mark.e2e
 def test_png_folder_and_stats_reference(tmp_path, local_inception):
     from flowmap_convert.metrics import save_reference
 
@@ -153,6 +156,7 @@ def test_png_folder_and_stats_reference(tmp_path, local_inception):
     assert row["num_samples"] == 12 and row["is"] > 0 and row["precision"] is None  # stats hold no manifold
 
 
+@pytest.mark.e2e
 def test_bad_inputs_one_line_exit_2(tmp_path, local_inception, monkeypatch):
     mixed = tmp_path / "mixed"
     mixed.mkdir()

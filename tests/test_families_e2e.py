@@ -39,6 +39,7 @@ def offline(tmp_path, monkeypatch):
     return cache, dict(os.environ)
 
 
+@pytest.mark.e2e
 def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
     cache, env = offline
     sd = ddt_state_dict(seed=11, side=SIDE16)
@@ -115,6 +116,7 @@ def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline):
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_diffusers_dit_repo_cli_offline(tmp_path, offline):
     cache, env = offline

@@ -32,6 +32,7 @@ def run(base, *extra):
     return r.output
 
 
+@pytest.mark.e2e
 def test_piped_run_prints_the_plan_threads_estimate_and_plain_progress_lines(base):
     out = run(base, "--steps", "4", "--log-every", "2", "--threads", "1")
     assert "CPU threads: 1 (--threads; --threads N to change)" in out
@@ -45,6 +46,7 @@ def test_piped_run_prints_the_plan_threads_estimate_and_plain_progress_lines(bas
     assert "\r" not in out and "━" not in out  # no bar drawn into a pipe
 
 
+@pytest.mark.e2e
 def test_default_thread_rule_on_a_small_machine_says_what_it_chose(base, monkeypatch):
     from flowmap_convert import runtime
 
@@ -70,6 +72,7 @@ def test_builtin_recipe_and_guidance_note():
     assert guidance_note("builtin:digits-sit", 0.0) is None and guidance_note("some/model", 0.6) is None
 
 
+@pytest.mark.e2e
 def test_builtin_dry_run_says_its_defaults_depth_origin_and_guidance_note():
     from flowmap_convert.cli import app
 

@@ -57,6 +57,7 @@ def test_bad_data_is_a_user_error_before_training(tmp_path, latents, labels, mat
         check_dataset(load_dataset(str(tmp_path / "d.npz")), tiny_config())
 
 
+@pytest.mark.e2e
 def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
     from flowmap_convert.io import export
     from flowmap_convert.model import FlowMap
@@ -92,6 +93,7 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "fp16" in r.stderr
 
 
+@pytest.mark.e2e
 def test_encode_image_folder_round_trip(tmp_path):
     from PIL import Image
 
@@ -138,6 +140,7 @@ def test_encode_image_folder_round_trip(tmp_path):
     assert torch.equal(direct.latents, ds.latents)
 
 
+@pytest.mark.e2e
 def test_cli_defaults_to_builtin_digits_dry_run(tmp_path):
     """`flowmap finetune --mg-scale 0.6` with no MODEL uses builtin:digits-sit + builtin:digits (dry run: nothing written)."""
     r = subprocess.run(

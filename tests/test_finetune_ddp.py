@@ -4,74 +4,53 @@ loss trace equals a one-process run over the same global batch (2 processes x 2 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_config
+from finetune_cli import finetune_argv, run_ok, write_run_inputs
+
+from flowmap_convert.model import FlowMap
+
+pytestmark = pytest.mark.e2e  # every test here drives the flowmap command line
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def finetune_cmd(tmp_path, out, procs, grad_accum, steps=3):
+    """A 3-step run over 2-sample micro-batches: `procs` processes x `grad_accum` micro-batches per step."""
+    return finetune_argv(
+        tmp_path,
+        out,
+        depth=1,
+        steps=steps,
+        batch_size=2,
+        procs=procs,
+        grad_accum=grad_accum,
+        lr="1e-3",
+        mg_scale=0.5,
+        checkpoint_every=2,
+        device="cpu",
+        log_every=1,
+    )
 
 
-def finetune_cmd(tmp_path, out, procs, grad_accum):
-    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port())]
-    return [
-        sys.executable,
-        *(launch if procs > 1 else []),
-        "-m",
-        "flowmap_convert.cli",
-        "finetune",
-        str(tmp_path / "base"),
-        "--data",
-        str(tmp_path / "d.npz"),
-        "--depth",
-        "1",
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        str(grad_accum),
-        "--lr",
-        "1e-3",
-        "--mg-scale",
-        "0.5",
-        "--checkpoint-every",
-        "2",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--log-every",
-        "1",
-    ]
+def write_inputs(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(16, 1, 16, 16, generator=g).numpy()
+    write_run_inputs(tmp_path, randomize(FlowMap(tiny_config(num_blocks=2))), latents, np.arange(16) % 10)
 
 
 def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch(tmp_path):
-    from flowmap_convert.io import export
-    from flowmap_convert.model import FlowMap, read_model_dir
+    from flowmap_convert.model import read_model_dir
     from flowmap_convert.outputs import is_model_dir
 
-    torch.manual_seed(0)
-    export(randomize(FlowMap(tiny_config(num_blocks=2))), tmp_path / "base")
-    g = torch.Generator().manual_seed(0)
-    np.savez(tmp_path / "d.npz", latents=torch.randn(16, 1, 16, 16, generator=g).numpy(), labels=np.arange(16) % 10)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    write_inputs(tmp_path)
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    r = subprocess.run(finetune_cmd(tmp_path, ddp, 2, 2), capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_ok(finetune_cmd(tmp_path, ddp, 2, 2))
     assert "(DistributedDataParallel, gloo)" in r.stderr  # the loss went through DDP's forward
     assert "replicas identical across 2 processes" in r.stderr
-    r1 = subprocess.run(finetune_cmd(tmp_path, one, 1, 4), capture_output=True, text=True, env=env, timeout=300)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    run_ok(finetune_cmd(tmp_path, one, 1, 4))
 
     a = [json.loads(x) for x in (ddp / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
@@ -104,25 +83,11 @@ def test_two_process_gloo_ddp_run_matches_one_process_with_the_same_global_batch
 
 @pytest.mark.slow
 def test_two_process_run_resumed_from_a_checkpoint_reproduces_the_uninterrupted_trace(tmp_path):
-    from flowmap_convert.io import export
-    from flowmap_convert.model import FlowMap
-
-    torch.manual_seed(0)
-    export(randomize(FlowMap(tiny_config(num_blocks=2))), tmp_path / "base")
-    g = torch.Generator().manual_seed(0)
-    np.savez(tmp_path / "d.npz", latents=torch.randn(16, 1, 16, 16, generator=g).numpy(), labels=np.arange(16) % 10)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    write_inputs(tmp_path)
     ref, run = tmp_path / "ref", tmp_path / "run"
-    r = subprocess.run(finetune_cmd(tmp_path, ref, 2, 2), capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    first = finetune_cmd(tmp_path, run, 2, 2)
-    first[first.index("--steps") + 1] = "2"
-    r = subprocess.run(first, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(
-        [*finetune_cmd(tmp_path, run, 2, 2), "--resume"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_ok(finetune_cmd(tmp_path, ref, 2, 2))
+    run_ok(finetune_cmd(tmp_path, run, 2, 2, steps=2))  # stops after its step-2 checkpoint
+    r = run_ok([*finetune_cmd(tmp_path, run, 2, 2), "--resume"])
     assert "resumed from" in r.stderr and "replicas identical across 2 processes" in r.stderr
     a = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]

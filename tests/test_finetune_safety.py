@@ -53,6 +53,7 @@ def refused_up_front(result) -> str:
     return line
 
 
+@pytest.mark.e2e
 def test_checkpoints_carry_a_checksum_and_the_last_two_are_kept(base):
     from flowmap_convert.finetuning import checkpoint
 
@@ -66,6 +67,7 @@ def test_checkpoints_carry_a_checksum_and_the_last_two_are_kept(base):
     assert not [p.name for p in ck.iterdir() if p.name not in ("latest.pt", "previous.pt")]
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_corrupted_checkpoint_naming_the_previous_good_one(base):
     r = cli(base, base / "run", "--steps", "4", "--checkpoint-every", "2")
     assert r.exit_code == 0, r.output
@@ -83,6 +85,7 @@ def test_resume_refuses_a_corrupted_checkpoint_naming_the_previous_good_one(base
     assert (base / "run" / "metrics.jsonl").read_text() == before  # nothing trained, nothing rewritten
 
 
+@pytest.mark.e2e
 def test_resume_with_no_good_checkpoint_says_so(base):
     r = cli(base, base / "run", "--steps", "2", "--checkpoint-every", "0")
     assert r.exit_code == 0, r.output
@@ -95,6 +98,7 @@ def test_resume_with_no_good_checkpoint_says_so(base):
     assert "latest.pt" in line and "no good checkpoint is kept" in line, line
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -130,6 +134,7 @@ def test_every_bad_number_is_one_line_before_the_run_directory_exists(base, args
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_out_that_is_a_file_is_refused(base):
     f = base / "taken"
     f.write_text("keep me")
@@ -138,6 +143,7 @@ def test_out_that_is_a_file_is_refused(base):
     assert "is a file" in refused_up_front(cli(base, f / "run", "--steps", "1"))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_out_in_a_read_only_directory_is_refused(base):
     ro = base / "ro"
@@ -150,6 +156,7 @@ def test_out_in_a_read_only_directory_is_refused(base):
         ro.chmod(0o755)
 
 
+@pytest.mark.e2e
 def test_out_not_writable_is_refused_by_the_run_dir_hook(base, monkeypatch):
     from flowmap_convert import finetuning
 
@@ -158,6 +165,7 @@ def test_out_not_writable_is_refused_by_the_run_dir_hook(base, monkeypatch):
     assert not (base / "run").exists()
 
 
+@pytest.mark.e2e
 def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_half_written_file(base, monkeypatch):
     from flowmap_convert.finetuning import checkpoint
 
@@ -178,6 +186,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_half_written_fi
     assert checkpoint.read(ck / "latest.pt")["step"] == 2  # the last good checkpoint, intact
 
 
+@pytest.mark.e2e
 def test_disk_full_outside_checkpoints_is_one_line(base, monkeypatch):
     from flowmap_convert.finetuning import trainer
 
@@ -210,6 +219,7 @@ def test_latest_checkpoint_exists_at_every_moment_of_a_save(tmp_path, monkeypatc
     assert torch.equal(checkpoint.read(tmp_path / "previous.pt")["w"], torch.ones(3))
 
 
+@pytest.mark.e2e
 def test_a_new_run_into_a_run_directory_is_refused_up_front(base):
     r = cli(base, base / "run", "--steps", "2")
     assert r.exit_code == 0, r.output
@@ -219,6 +229,7 @@ def test_a_new_run_into_a_run_directory_is_refused_up_front(base):
     assert (base / "run" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.e2e
 def test_finetune_never_writes_into_a_users_folder(base, tmp_path):
     """`finetune --out u` on a folder of the user's (README.md, config.json) refuses and changes nothing."""
     user = tmp_path / "u"

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_config
+from finetune_cli import ONE_THREAD, finetune_argv, run_ok, write_run_inputs
 
 
 def small_model(**over):
@@ -143,32 +141,8 @@ def test_dry_run_writes_nothing_and_reports(tmp_path):
 
 
 def _cli(tmp_path, out, steps, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "flowmap_convert.cli",
-        "finetune",
-        str(tmp_path / "base"),
-        "--data",
-        str(tmp_path / "d.npz"),
-        "--depth",
-        "2",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "3",
-        "--out",
-        str(out),
-        "--lr",
-        "1e-3",
-        "--mg-scale",
-        "0.5",
-        "--log-every",
-        "1000",
-        *extra,
-    ]
+    flags = dict(checkpoint_every=3, lr="1e-3", mg_scale=0.5, log_every=1000)
+    return [*finetune_argv(tmp_path, out, depth=2, steps=steps, batch_size=4, **flags), *extra]
 
 
 def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
@@ -187,19 +161,16 @@ def test_stop_and_resume_in_process_reproduces_the_loss_trace(tmp_path):
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 for x, y in zip(a, b))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
-    from flowmap_convert.io import export
-
-    export(small_model(), tmp_path / "base")
-    x, y = small_data()
-    np.savez(tmp_path / "d.npz", latents=x.numpy(), labels=y.numpy())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    write_run_inputs(tmp_path, small_model(), *small_data())
     steps = 10
-    ref = subprocess.run(_cli(tmp_path, tmp_path / "ref", steps), capture_output=True, text=True, env=env)
-    assert ref.returncode == 0, ref.stderr
+    run_ok(_cli(tmp_path, tmp_path / "ref", steps))
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(tmp_path, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        _cli(tmp_path, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -216,8 +187,7 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
     ck = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     resumed_at = ck["step"]
     assert 0 < resumed_at < steps
-    res = subprocess.run(_cli(tmp_path, run, steps, ["--resume"]), capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr
+    run_ok(_cli(tmp_path, run, steps, ["--resume"]))
     a = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
     b = {m["step"]: m["loss"] for m in read_metrics(metrics)}
     assert sorted(b) == list(range(1, steps + 1))
@@ -225,22 +195,28 @@ def test_sigkill_and_resume_reproduce_the_loss_trace(tmp_path):
         assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
 
 
-def test_attention_option_is_passed_to_kernels_when_supported(monkeypatch):
-    from flowmap_convert import kernels
-    from flowmap_convert.errors import FlowmapError
-    from flowmap_convert.finetuning.trainer import set_attention_backend
+def test_attention_option_holds_for_the_run_only(tmp_path, monkeypatch):
+    """--attention math: every attention call of the fine-tune runs with math as the default backend, and after it
+    (and after a dry run) the process default is what it was, not the run's choice."""
+    from flowmap_convert import dit, kernels
+    from flowmap_convert.finetuning import finetune
 
     seen = []
-    if hasattr(kernels, "set_default_backend"):
-        monkeypatch.setattr(kernels, "set_default_backend", seen.append)
-    else:
-        monkeypatch.setattr(kernels, "set_default_backend", seen.append, raising=False)
-    set_attention_backend("math")
-    assert seen == ["math"]
-    monkeypatch.delattr(kernels, "set_default_backend")
-    set_attention_backend("auto")  # the placeholder: auto needs no switch
-    with pytest.raises(FlowmapError, match="attention"):
-        set_attention_backend("triton")
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(kernels.get_default_backend())
+        return kernels.attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(dit, "attention", spy)
+    before = kernels.get_default_backend()
+    assert before != "math"
+    kw = dict(data=small_data(8), steps=2, batch_size=4, attention="math", progress=False, grid=False)
+    finetune(small_model(), out=tmp_path / "run", **kw)
+    assert seen and set(seen) == {"math"}
+    assert kernels.get_default_backend() == before
+    seen.clear()
+    finetune(small_model(), out=tmp_path / "dry", dry_run=True, dry_run_steps=1, **kw)
+    assert seen and set(seen) == {"math"} and kernels.get_default_backend() == before
 
 
 def test_missing_tracker_is_a_user_error(monkeypatch):

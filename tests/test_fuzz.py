@@ -1,4 +1,4 @@
-"""Property test (issue 13): random bad inputs to `flowmap convert` / `sample` never give a traceback, never touch
+"""Property test: random bad inputs to `flowmap convert` / `sample` never give a traceback, never touch
 a file flowmap did not write, and finish within a bound. Fixed seed; runs the console entry point in-process."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dit_reference import make_sd
 from safetensors.torch import save_file
 
 from flowmap_convert import cli
+
+pytestmark = pytest.mark.e2e  # every test here drives the flowmap command line
 
 CASE_SECONDS = 20
 NUMBERS = ["0", "-1", "3", "nan", "inf", "-inf", "1e309", str(2**64), "abc", ""]

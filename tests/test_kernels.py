@@ -25,8 +25,8 @@ from flowmap_convert.kernels import (
     get_default_backend,
     math_attention,
     resolve_backend,
-    set_default_backend,
     triton_available,
+    use_backend,
 )
 from torch.autograd import forward_ad as fwAD  # noqa: E402
 
@@ -372,19 +372,32 @@ def test_auto_on_cpu_is_math_and_differentiable():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_default_backend_setter_and_describe():
-    """set_default_backend changes what backend=None does; describe names the implementations."""
+def test_use_backend_is_scoped_and_describe_names_the_implementations():
+    """use_backend changes what backend=None does inside its block only (also when the block raises, and not in
+    another thread); describe names the implementations."""
+    import threading
+
     before = get_default_backend()
-    try:
-        set_default_backend("sdpa")
+    xs, _ = make_inputs(torch.float32, 7, 64)
+    with use_backend("sdpa"):
         assert get_default_backend() == "sdpa"
-        xs, _ = make_inputs(torch.float32, 7, 64)
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(get_default_backend()))
+        worker.start()
+        worker.join()
+        assert seen == [before]  # another thread keeps the process default
         with pytest.raises(RuntimeError):  # CPU SDPA has no forward-mode rule: proves sdpa ran
             torch.func.jvp(lambda a: attention(a, xs[1], xs[2]), (xs[0],), (xs[3],))
-        with pytest.raises(ValueError, match="choose one of auto, triton, sdpa, math"):
-            set_default_backend("fast")
-    finally:
-        set_default_backend(before)
+        with use_backend("math"):
+            assert get_default_backend() == "math"
+        assert get_default_backend() == "sdpa"
+    assert get_default_backend() == before
+    with pytest.raises(KeyError), use_backend("math"):
+        raise KeyError("x")
+    assert get_default_backend() == before
+    with pytest.raises(ValueError, match="choose one of auto, triton, sdpa, math"), use_backend("fast"):
+        pass
+    assert get_default_backend() == before
     if triton_available():
         assert describe("auto") == "attention[auto]: triton-jvp (CUDA, tangent) / sdpa (CUDA, no tangent) / math (CPU)"
     assert describe("auto", device="cpu") == "attention[auto]: math (CPU)"

@@ -15,9 +15,8 @@ import pytest  # noqa: E402
 from flowmap_convert.kernels import (  # noqa: E402
     attention,
     compute_dtype,
-    get_default_backend,
-    set_default_backend,
     triton_available,  # noqa: E402
+    use_backend,
 )
 
 
@@ -93,22 +92,17 @@ def test_dmf_step_on_a_qk_norm_model_under_autocast_with_triton_attention():
     from flowmap_convert.model import FlowMap
 
     def step(backend):
-        set_default_backend(backend)
         torch.manual_seed(0)
         cfg = tiny_config(num_blocks=2, patch_size=4, hidden_size=64, num_heads=2, qk_norm="rms")
         model = randomize(FlowMap(cfg), std=0.05).with_depth(1)
         ctx = Context(Calls(model), Recipe(), model.config.num_classes)
         x0 = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-        with torch.autocast("cpu", dtype=torch.float16):
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
             loss, metrics = OBJECTIVE_FNS["dmf"](ctx, x0, torch.tensor([1, 2]), torch.Generator().manual_seed(1))
         loss.float().backward()
         return loss.item(), metrics["dudt"], [p.grad for p in model.parameters() if p.grad is not None]
 
-    before = get_default_backend()
-    try:
-        got, want = step("triton"), step("math")
-    finally:
-        set_default_backend(before)
+    got, want = step("triton"), step("math")
     assert got[0] == pytest.approx(want[0], rel=1e-3) and got[1] == pytest.approx(want[1], rel=1e-2)
     assert len(got[2]) == len(want[2]) > 0
     for a, b in zip(got[2], want[2]):

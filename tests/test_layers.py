@@ -1,62 +1,74 @@
-"""Import rules that import-linter cannot check: adapters/ and kernels/ install through package-dir.
+"""The import-linter contract covers adapters/ and kernels/ (installed as flowmap_convert.adapters / .kernels through
+package-dir): devtools/importlinter_contracts.py adds them to grimp's graph before the layers are checked."""
 
-grimp (import-linter's graph builder) maps only top-level packages onto directories, so the two packages that live
-outside flowmap_convert/ on disk are checked here by reading their import statements.
-"""
+from __future__ import annotations
 
-import ast
+import sys
 from pathlib import Path
 
+import grimp
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-# What each outside package may import from flowmap_convert (module names relative to the package root).
-ALLOWED = {
-    # sources and families: read files, build backbones and FlowMaps; never the trainer, the search or the CLI
-    "adapters": {
-        "errors",
-        "config",
-        "io",
-        "outputs",
-        "model",
-        "dit",
-        "ddt",
-        "ddpm",
-        "layers",
-        "validate",
-        "progress",
-        "runtime",
-    },
-    # attention: nothing of the model (the model imports the kernels, not the other way round)
-    "kernels": {"errors"},
-}
+from devtools.importlinter_contracts import _parse_mapping, add_mapped_packages, imports_of  # noqa: E402
+
+MAPPED = {"flowmap_convert.adapters": ROOT / "adapters", "flowmap_convert.kernels": ROOT / "kernels"}
 
 
-def imported_modules(path: Path) -> set[str]:
-    """flowmap_convert modules one file imports through `from ..X import` (or `from .. import X`)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 2:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names if a.name != "__file__")
-        elif (
-            isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("flowmap_convert.")
-        ):
-            out.add(node.module.split(".")[1])
-    return out
+@pytest.fixture(scope="module")
+def graph():
+    g = grimp.build_graph("flowmap_convert", cache_dir=None)
+    assert "flowmap_convert.adapters" not in g.modules  # what the contract type exists for
+    add_mapped_packages(g, MAPPED, {"flowmap_convert": ROOT / "flowmap_convert"})
+    return g
 
 
-def test_outside_packages_import_only_lower_layers():
-    bad = []
-    for pkg, allowed in ALLOWED.items():
-        for f in sorted((ROOT / pkg).glob("*.py")):
-            for mod in sorted(imported_modules(f) - allowed - {pkg}):
-                bad.append(f"{pkg}/{f.name} imports flowmap_convert.{mod}")
-    assert not bad, "layering broken: " + "; ".join(bad)
+def test_the_graph_holds_the_mapped_packages_and_the_imports_both_ways(graph):
+    for package, directory in MAPPED.items():
+        for f in directory.glob("*.py"):
+            name = package if f.stem == "__init__" else f"{package}.{f.stem}"
+            assert name in graph.modules, name
+    edges = [
+        ("flowmap_convert.adapters.dit_keys", "flowmap_convert.dit"),  # mapped -> walked (`from ..dit import`)
+        ("flowmap_convert.adapters.sit", "flowmap_convert.adapters"),  # mapped -> mapped (`from . import register`)
+        ("flowmap_convert.adapters.sit", "flowmap_convert.adapters.dit_keys"),
+        ("flowmap_convert.dit", "flowmap_convert.kernels.attention"),  # walked -> mapped: a submodule by that name
+        ("flowmap_convert.api", "flowmap_convert.adapters"),  # inside a function
+        ("flowmap_convert.finetuning.setup", "flowmap_convert.kernels"),  # `from .. import kernels`
+    ]
+    for importer, imported in edges:
+        assert graph.direct_import_exists(importer=importer, imported=imported), (importer, imported)
+    assert not graph.direct_import_exists(importer="flowmap_convert.decoders", imported="flowmap_convert.adapters")
 
 
-def test_checker_sees_imports(tmp_path):
-    f = tmp_path / "x.py"
-    f.write_text("from ..cli import app\nfrom .. import sampling\nfrom flowmap_convert.search import plan\n")
-    assert imported_modules(f) == {"cli", "sampling", "search"}
+def test_relative_and_absolute_imports_resolve_like_grimp(tmp_path):
+    f = tmp_path / "mod.py"
+    f.write_text(
+        "import os\nfrom ..cli import app\nfrom .. import sampling\nfrom . import helper, thing\n"
+        "def g():\n    import pkg.search.plan\n    from pkg.io import export\n"
+    )
+    known = {"pkg", "pkg.cli", "pkg.sampling", "pkg.sub", "pkg.sub.helper", "pkg.search", "pkg.io"}
+    got = {(t, line) for t, line, _ in imports_of("pkg.sub.mod", f, known)}
+    assert got == {
+        ("pkg.cli", 2),
+        ("pkg.sampling", 3),
+        ("pkg.sub.helper", 4),
+        ("pkg.sub", 4),  # `thing` is not a module: the package
+        ("pkg.search", 6),  # the nearest module the graph knows
+        ("pkg.io", 7),
+    }
+
+
+def test_pyproject_contract_covers_adapters_and_kernels():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (contract,) = conf["tool"]["importlinter"]["contracts"]
+    assert contract["type"] == "layers_with_package_dirs"
+    layers = [m.strip() for layer in contract["layers"] for m in layer.split(":")]
+    assert "adapters" in layers and "kernels" in layers
+    assert layers.index("adapters") < layers.index("model") and layers.index("kernels") > layers.index("dit")
+    mapping = _parse_mapping(contract["package_dirs"])
+    package_dir = conf["tool"]["setuptools"]["package-dir"]
+    assert {k: str(v) for k, v in mapping.items()} == {k: v for k, v in package_dir.items() if k != "flowmap_convert"}

@@ -136,6 +136,7 @@ def test_push_to_a_branch_creates_it_and_keeps_a_users_own_card(hub, model_dir):
     assert "model.safetensors" in commit["summary"]
 
 
+@pytest.mark.e2e
 def test_push_cli_prints_where_and_how_to_sample(hub, model_dir, capsys):
     from flowmap_convert.cli import main
 
@@ -154,6 +155,7 @@ def test_push_refusal_by_the_hub_is_one_line_about_the_token(hub, model_dir):
     assert hub["commits"] == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "make_dir, repo, match",
     [

@@ -98,7 +98,7 @@ def test_rope_tables_match_the_released_shapes():
 def test_rae_equals_the_reference_forward_at_every_depth(qk_norm):
     sd = ddt_state_dict(qk_norm=qk_norm)
     assert FAMILIES["rae"].detect(sd) and not FAMILIES["mf-rae"].detect(sd)
-    model = FAMILIES["rae"].build(sd, {})
+    model = FAMILIES["rae"].build(sd)
     cfg = model.config
     assert (cfg.arch, cfg.num_blocks, cfg.num_heads, cfg.extra["decoder_heads"], cfg.in_channels, cfg.input_size) == (
         "ddt",
@@ -121,7 +121,7 @@ def test_rae_equals_the_reference_forward_at_every_depth(qk_norm):
 
 def test_rae_decoupled_head_sees_r():
     sd = ddt_state_dict(seed=3)
-    model = FAMILIES["rae"].build(sd, {})
+    model = FAMILIES["rae"].build(sd)
     x, t, y = inputs(seed=4)
     r = t * 0.3
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_rae_decoupled_head_sees_r():
 def test_mf_rae_is_a_meanflow_flow_map_matching_its_forward():
     sd = ddt_state_dict(meanflow=True, seed=5)
     assert FAMILIES["mf-rae"].detect(sd) and not FAMILIES["rae"].detect(sd)
-    model = FAMILIES["mf-rae"].build({"ema": sd, "model": {}}, {})  # training containers: 'ema' is used
+    model = FAMILIES["mf-rae"].build({"ema": sd, "model": {}})  # training containers: 'ema' is used
     assert (
         model.config.conditioning == "meanflow" and model.config.is_flow_map and model.config.sampling["shift"] == 1.0
     )
@@ -169,19 +169,19 @@ def test_rae_loading_is_strict():
     bad = dict(sd)
     bad.pop("t_embedder.W")  # the frozen Fourier table must come from the file
     with pytest.raises(FlowmapError, match="missing: t_embedder.W"):
-        FAMILIES["rae"].build(bad, {})
+        FAMILIES["rae"].build(bad)
     bad = dict(sd, **{"blocks.4.mlp.w3.bias": torch.zeros(DD + 1)})
     with pytest.raises(FlowmapError, match="shape mismatch"):
-        FAMILIES["rae"].build(bad, {})
+        FAMILIES["rae"].build(bad)
     with pytest.raises(FlowmapError, match="mf-rae"):
-        FAMILIES["rae"].build(ddt_state_dict(meanflow=True), {})
+        FAMILIES["rae"].build(ddt_state_dict(meanflow=True))
 
 
 def test_rae_export_round_trip(tmp_path):
     from flowmap_convert.io import export
     from flowmap_convert.model import read_model_dir
 
-    model = FAMILIES["rae"].build(ddt_state_dict(seed=7), {}).with_depth(2)
+    model = FAMILIES["rae"].build(ddt_state_dict(seed=7)).with_depth(2)
     export(model, tmp_path / "m")
     back = read_model_dir(tmp_path / "m")
     x, t, y = inputs(seed=8)

@@ -58,6 +58,7 @@ def model_dir(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------- 1. --out
+@pytest.mark.e2e
 def test_convert_into_a_user_project_keeps_its_files_and_force_replaces(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
@@ -71,6 +72,7 @@ def test_convert_into_a_user_project_keeps_its_files_and_force_replaces(tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".proj.")]  # no temp or aside dir left
 
 
+@pytest.mark.e2e
 def test_commands_without_force_do_not_suggest_it(tmp_path):
     """sample and encode have no --force: refusing a user's folder names only another --out."""
     proj = tmp_path / "proj"
@@ -82,6 +84,7 @@ def test_commands_without_force_do_not_suggest_it(tmp_path):
     assert snapshot(proj) == {"notes.txt": b"keep"}
 
 
+@pytest.mark.e2e
 def test_own_output_is_replaced_but_not_after_the_user_adds_a_file(tmp_path, model_dir):
     out = tmp_path / "out"
     assert invoke("convert", BUILTIN, "--out", out, "--depth", "2").exit_code == 0
@@ -98,6 +101,7 @@ def test_own_output_is_replaced_but_not_after_the_user_adds_a_file(tmp_path, mod
     one_line_error(invoke("convert", BUILTIN, "--out", samples), r"is a flowmap samples output, not a model output")
 
 
+@pytest.mark.e2e
 def test_a_model_exported_before_the_marker_is_still_replaceable(tmp_path, model_dir):
     legacy = tmp_path / "legacy"
     shutil.copytree(model_dir, legacy)
@@ -105,6 +109,7 @@ def test_a_model_exported_before_the_marker_is_still_replaceable(tmp_path, model
     assert invoke("convert", BUILTIN, "--out", legacy, "--depth", "2").exit_code == 0
 
 
+@pytest.mark.e2e
 def test_sample_and_convert_never_replace_the_source_they_read(tmp_path, model_dir):
     m = tmp_path / "m"
     shutil.copytree(model_dir, m)
@@ -120,6 +125,7 @@ def test_sample_and_convert_never_replace_the_source_they_read(tmp_path, model_d
     assert snapshot(m) == before and snapshot(train) == ckpt
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["model", "empty", "dangling"])
 def test_out_as_a_symlink_is_refused(tmp_path, model_dir, target):
     dest = {"model": model_dir, "empty": tmp_path / "empty", "dangling": tmp_path / "nowhere"}[target]
@@ -132,6 +138,7 @@ def test_out_as_a_symlink_is_refused(tmp_path, model_dir, target):
     assert link.is_symlink() and snapshot(model_dir) == before
 
 
+@pytest.mark.e2e
 def test_read_only_model_dir_is_refused(tmp_path, model_dir):
     ro = tmp_path / "ro"
     shutil.copytree(model_dir, ro)
@@ -143,6 +150,7 @@ def test_read_only_model_dir_is_refused(tmp_path, model_dir):
     assert (ro / "model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_sigkill_during_export_leaves_only_what_the_next_run_removes(tmp_path):
     out = tmp_path / "out"
     code = (
@@ -168,6 +176,7 @@ def test_sigkill_during_export_leaves_only_what_the_next_run_removes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
 
 
+@pytest.mark.e2e
 def test_disk_full_during_convert_is_one_line_and_leaves_nothing(tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # the weights file is larger
@@ -188,6 +197,7 @@ def test_disk_full_during_convert_is_one_line_and_leaves_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- 2. bounded work
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "key, message",
     [("blocks.800.attn.qkv.weight", r"not contiguous from 0"), ("blocks.1000000000.x", r"exceeds 1023")],
@@ -348,6 +358,7 @@ def _save(tmp_path, sd, name="m.safetensors"):
     return path
 
 
+@pytest.mark.e2e
 def test_nan_weights_are_refused_unless_allowed_and_huge_ones_warn(tmp_path):
     sd = make_sd(seed=3)
     sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
@@ -365,6 +376,7 @@ def test_nan_weights_are_refused_unless_allowed_and_huge_ones_warn(tmp_path):
     assert r.exit_code == 0 and "larger than" in r.stderr and "pos_embed" in r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
 def test_non_float_weights_are_refused_by_name(tmp_path, dtype):
     sd = make_sd(seed=4)
@@ -387,6 +399,7 @@ CONFIG_MUTATIONS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", sorted(CONFIG_MUTATIONS))
 def test_damaged_config_json_is_one_line(tmp_path, model_dir, case):
     mutate, message = CONFIG_MUTATIONS[case]
@@ -404,6 +417,7 @@ def test_damaged_config_json_is_one_line(tmp_path, model_dir, case):
     one_line_error(invoke("sample", m, "--out", tmp_path / "s"), message)
 
 
+@pytest.mark.e2e
 def test_bad_training_args_missing_keys_and_another_models_dict_are_one_line(tmp_path):
     sd = make_sd(seed=5)
     legacy = {k.replace("blocks.3.", "decoder_blocks.0."): v for k, v in sd.items()}
@@ -426,11 +440,13 @@ def test_bad_training_args_missing_keys_and_another_models_dict_are_one_line(tmp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["/etc", "../digits-sit", "digits-sit/../digits-sit", ""])
 def test_builtin_names_are_plain_names(tmp_path, name):
     one_line_error(invoke("convert", f"builtin:{name}", "--out", tmp_path / "o"), r"unknown builtin model")
 
 
+@pytest.mark.e2e
 def test_the_trust_pickle_hint_is_printed_only_where_the_flag_exists(tmp_path):
     import datetime
 
@@ -443,6 +459,7 @@ def test_the_trust_pickle_hint_is_printed_only_where_the_flag_exists(tmp_path):
     assert "rerun with --trust-pickle" not in r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "option, value, message",
     [

@@ -31,6 +31,7 @@ def run_cli(*args):
     return r.exit_code, r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -129,6 +130,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_gloo_processes_write_the_one_process_bytes(tiny_dir, tmp_path):
     common = ["sample", tiny_dir, "-n", "13", "--chunk-size", "3", "--batch-size", "2", "--npz", "--no-png"]
     common += ["--device", "cpu", "--seed", "7"]
@@ -160,6 +162,7 @@ def test_grid_has_one_column_per_class():
     assert grid_columns([1, 1, 2, 9], 4) == 2  # not a cycle: square-ish
 
 
+@pytest.mark.e2e
 def test_default_model_and_velocity_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code, err = run_cli("sample", "-n", "4", "--out", str(tmp_path / "d"), "--device", "cpu")

@@ -127,6 +127,7 @@ def tiny_dir(tiny_model, tmp_path):
     return str(export(tiny_model, tmp_path / "tiny"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -147,6 +148,7 @@ def test_cli_bad_input_exit_2_one_line(tiny_dir, tmp_path, args, message):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.e2e
 def test_cli_warns_when_fewer_samples_than_feature_dims(tiny_dir, tmp_path):
     out = tmp_path / "o"
     p = cli(
@@ -203,6 +205,7 @@ def test_write_best_records_the_search_for_default_depth(tiny_model, tmp_path):
     assert default_depth(best.config.replace(conditioning="velocity", depth=None)) == report["best_depth"]
 
 
+@pytest.mark.e2e
 def test_piped_search_prints_progress_lines(tiny_dir, tmp_path):
     p = cli(
         tiny_dir,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from dit_reference import make_sd, ref_forward
-from flowmap_convert.adapters import load_source
+from flowmap_convert.adapters import LoadOptions, load_source
 from flowmap_convert.adapters.sources import resolve
 
 from flowmap_convert.errors import FlowmapError
@@ -203,7 +203,7 @@ def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_p
 
     seen = {}
 
-    class FakeDiffusers:
+    class FakeDiffusers(adapters.Family):
         def detect(self, sd):
             return False
 
@@ -216,10 +216,10 @@ def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_p
         def build_dir(self, path, options):
             seen["path"] = path
             sd = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
-            return adapters.FAMILIES["repa"].build(sd, {"num_heads": 4}), "plain"
+            return adapters.FAMILIES["repa"].build(sd, LoadOptions(num_heads=4)), "plain"
 
     monkeypatch.setitem(adapters.FAMILIES, "fake-diffusers", FakeDiffusers())
-    monkeypatch.setattr(adapters, "DETECTION_ORDER", [*adapters.DETECTION_ORDER, "fake-diffusers"])
+    monkeypatch.setattr(adapters, "DETECTION_ORDER", (*adapters.DETECTION_ORDER, "fake-diffusers"))
     sd = make_sd(seed=40)
     local = tmp_path / "pipe"
     (local / "transformer").mkdir(parents=True)
@@ -254,21 +254,22 @@ def test_a_family_can_claim_a_directory_layout_locally_and_on_the_hub(hub, tmp_p
     ],
 )
 def test_hub_exceptions_become_one_sentence_fixes(name, expected, monkeypatch):
-    from flowmap_convert.adapters.sources import _hub_error
     from huggingface_hub import errors as he
+
+    from flowmap_convert.downloads import hub_error
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cls = getattr(he, name)
     exc = cls.__new__(cls)  # the HTTP errors need a live response to construct; only the type matters here
     Exception.__init__(exc, "boom")
-    msg = str(_hub_error(exc, "acme/repo", "v9", "x.pt"))
+    msg = str(hub_error(exc, "acme/repo", "v9", "x.pt"))
     assert expected in msg and msg.endswith(".") and "\n" not in msg
 
 
 def test_connection_errors_read_as_network_problems():
-    from flowmap_convert.adapters.sources import _hub_error
+    from flowmap_convert.downloads import hub_error
 
-    assert "cannot reach the Hugging Face Hub" in str(_hub_error(ConnectionError("down"), "acme/repo", None, None))
+    assert "cannot reach the Hugging Face Hub" in str(hub_error(ConnectionError("down"), "acme/repo", None, None))
 
 
 def test_alias_family_must_match_the_weights(hub, monkeypatch):

@@ -1,4 +1,4 @@
-"""Decoupled MeanFlow objective (arXiv 2510.24474, dmf:loss.py `DMFLoss`): FM at (t, t) plus MeanFlow at (t, r)."""
+"""Decoupled MeanFlow objective (arXiv 2510.24474, Eqs. 1 and 3, as the official `DMFLoss`): FM at (t, t) plus MeanFlow at (t, r)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import default_depth
 from ..errors import FlowmapError
 from .common import Calls
@@ -109,17 +112,16 @@ def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def set_attention_backend(backend: str) -> None:
-    """Pass --attention to flowmap_convert.kernels when it offers a default-backend switch."""
-    from .. import kernels
+def with_attention_backend(method):
+    """A Trainer method that runs with `recipe.attention` as the attention backend (`kernels.use_backend`): the
+    choice holds for the run's own forwards only, and whatever default the caller had is back when it returns."""
 
-    setter = getattr(kernels, "set_default_backend", None)
-    if setter is not None:
-        setter(backend)
-    elif backend not in ("auto",):
-        raise FlowmapError(
-            f"--attention {backend} needs flowmap_convert.kernels.set_default_backend, which this build lacks; use --attention auto."
-        )
+    @functools.wraps(method)
+    def scoped(self, *args, **kwargs):
+        with kernels.use_backend(self.recipe.attention):
+            return method(self, *args, **kwargs)
+
+    return scoped
 
 
 TRACKER_MODULES = {

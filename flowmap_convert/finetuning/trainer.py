@@ -37,7 +37,7 @@ from .ema import EMA
 from .export import export_run, training_record
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
 from .recipe import Recipe, latent_shift
-from .setup import check_trackers, count_params, peak_memory_bytes, prepare_model, set_attention_backend, set_trainable
+from .setup import check_trackers, count_params, peak_memory_bytes, prepare_model, set_trainable, with_attention_backend
 
 MAX_ROLLBACKS = 3
 ESTIMATE_AFTER = 3  # steps timed before the run prints its estimated time
@@ -75,7 +75,6 @@ class Trainer:
         self.console = console
         self.grid = grid  # sample grids in the exported directories (off in quick tests)
         self.progress = progress  # None: a bar on a terminal, plain lines when piped; True: bar; False: off
-        set_attention_backend(recipe.attention)
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
 
         model, self.depth_origin = prepare_model(model_or_source, recipe)
@@ -120,6 +119,7 @@ class Trainer:
             self.teacher_source = source
 
     # -------------------------------------------------------------- one optimizer step
+    @with_attention_backend
     def train_step(self) -> dict:
         """Accumulate grad_accum micro-batches (DDP reduces on the last), clip, and step unless something is non-finite."""
         rec = self.recipe
@@ -292,6 +292,7 @@ class Trainer:
         return Progress(self.recipe.steps, "fine-tune", "step", mode=mode, start=self.step)
 
     # -------------------------------------------------------------- main loop
+    @with_attention_backend
     def run(self, resume: bool = False):
         """Train recipe.steps optimizer steps (continuing a checkpoint when resume), then export; returns the EMA model."""
         try:
