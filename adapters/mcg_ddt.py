@@ -128,7 +128,7 @@ def ddt_config(sd: dict, options: LoadOptions):
     heads = d // head_dim
     if options.num_heads and int(options.num_heads) != heads:
         raise FlowmapError(
-            f"this DDT's QK-norm has head size {head_dim}, so it has {heads} heads, not {options['num_heads']}; drop `num_heads`."
+            f"this DDT's QK-norm has head size {head_dim}, so it has {heads} heads, not {options.num_heads}; drop `num_heads`."
         )
     hidden = sd["blocks.0.mlp.w1.weight"].shape[0]
     ratio = round(hidden * 1.5 / d * 4) / 4  # FeedForward hidden = int(2 * int(D * ratio) / 3)

@@ -34,13 +34,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..downloads import (
+    COMMIT_RE,
     TRUE,
-    he_errors,
-    hub_cache_dir,
     hub_download,
-    hub_error,
+    hub_files,
     hub_snapshot,
-    is_network_error,
     is_offline,
 )
 from ..errors import FlowmapError
@@ -51,7 +49,6 @@ from .checkpoint import WEIGHT_SUFFIXES
 
 ALIASES_FILE = Path(__file__).with_name("aliases.json")
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_MAX_DOWNLOAD_GB = 64.0
 
 
@@ -232,45 +229,6 @@ def _alias_unavailable(
 
 
 # --------------------------------------------------------------------------------------------- Hub
-def cached_snapshot(repo: str, revision: str | None) -> tuple[str, Path] | None:
-    """(commit, snapshot dir) of a repo revision in the local Hub cache, or None."""
-    root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
-    rev = revision or "main"
-    if COMMIT_RE.match(rev):
-        commit = rev
-    else:
-        ref = root / "refs" / rev
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    snap = root / "snapshots" / commit
-    return (commit, snap) if snap.is_dir() else None
-
-
-def hub_files(repo: str, revision: str | None) -> tuple[list[str], str | None]:
-    """Files of a Hub repo revision and its commit: from the Hub when online, else from the cached snapshot."""
-    if not is_offline():
-        from huggingface_hub import HfApi
-
-        try:
-            info = HfApi().model_info(repo, revision=revision)
-            return [s.rfilename for s in (info.siblings or [])], info.sha
-        except Exception as e:  # noqa: BLE001 - translated below, or fall back to the cache when unreachable
-            if not is_network_error(e) and not isinstance(e, OSError) or isinstance(e, he_errors().HfHubHTTPError):
-                raise hub_error(e, repo, revision, None) from None
-    snap = cached_snapshot(repo, revision)
-    if snap is None:
-        rev = f" at revision {revision!r}" if revision else ""
-        if is_offline():
-            raise FlowmapError(
-                f"{repo}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access."
-            )
-        raise FlowmapError(f"cannot list {repo}{rev}: the Hub is unreachable and nothing is cached; check the network.")
-    commit, path = snap
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    return files, commit
-
-
 def _commit_of(path: Path) -> str | None:
     """The commit hash in a huggingface_hub cache path (…/snapshots/<commit>/…)."""
     parts = Path(path).parts

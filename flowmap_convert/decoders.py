@@ -309,7 +309,7 @@ def pick_vae_file(repo: str) -> str:
     if Path(repo).is_dir():
         files = sorted(str(p.relative_to(repo)) for p in Path(repo).rglob("*") if p.is_file())
     else:
-        from .adapters.sources import hub_files
+        from .downloads import hub_files
 
         files, _ = hub_files(repo, None)
     picked = sorted(f for f in files if VAE_FILE_RE.search(f) and not NOT_VAE_RE.search(f))

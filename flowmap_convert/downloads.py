@@ -8,9 +8,12 @@ failures with it. huggingface_hub is imported inside the functions that use it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import FlowmapError
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")  # a full commit hash (a Hub revision that needs no ref lookup)
 
 TRUE = ("1", "on", "yes", "true")
 
@@ -120,3 +123,42 @@ def hub_snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
         )
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, repo, revision, None) from None
+
+
+def cached_snapshot(repo: str, revision: str | None) -> tuple[str, Path] | None:
+    """(commit, snapshot dir) of a repo revision in the local Hub cache, or None."""
+    root = hub_cache_dir() / f"models--{repo.replace('/', '--')}"
+    rev = revision or "main"
+    if COMMIT_RE.match(rev):
+        commit = rev
+    else:
+        ref = root / "refs" / rev
+        if not ref.is_file():
+            return None
+        commit = ref.read_text().strip()
+    snap = root / "snapshots" / commit
+    return (commit, snap) if snap.is_dir() else None
+
+
+def hub_files(repo: str, revision: str | None) -> tuple[list[str], str | None]:
+    """Files of a Hub repo revision and its commit: from the Hub when online, else from the cached snapshot."""
+    if not is_offline():
+        from huggingface_hub import HfApi
+
+        try:
+            info = HfApi().model_info(repo, revision=revision)
+            return [s.rfilename for s in (info.siblings or [])], info.sha
+        except Exception as e:  # noqa: BLE001 - translated below, or fall back to the cache when unreachable
+            if not is_network_error(e) and not isinstance(e, OSError) or isinstance(e, he_errors().HfHubHTTPError):
+                raise hub_error(e, repo, revision, None) from None
+    snap = cached_snapshot(repo, revision)
+    if snap is None:
+        rev = f" at revision {revision!r}" if revision else ""
+        if is_offline():
+            raise FlowmapError(
+                f"{repo}{rev} is not in the local Hub cache ({hub_cache_dir()}) and offline mode is on; unset HF_HUB_OFFLINE and run once with network access."
+            )
+        raise FlowmapError(f"cannot list {repo}{rev}: the Hub is unreachable and nothing is cached; check the network.")
+    commit, path = snap
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    return files, commit

@@ -42,8 +42,10 @@ FAMILY_MODELS = {
     "repa-canonical": lambda: tiny(24, qk_norm="layernorm"),
     "dmf-canonical": lambda: tiny(25, qk_norm="rms", logvar=True),
     "rae-dit-dh": rae_model,
-    "lightningdit-reversed": lambda: FAMILIES["lightningdit"].build(lightning_sd(seed=28, qk=True), {}).with_depth(2),
-    "repa-e-canonical": lambda: FAMILIES["repa-e"].build(repa_sit_sd(seed=29), {"num_heads": 2}).with_depth(2),
+    "lightningdit-reversed": lambda: (
+        FAMILIES["lightningdit"].build(lightning_sd(seed=28, qk=True), LoadOptions()).with_depth(2)
+    ),
+    "repa-e-canonical": lambda: FAMILIES["repa-e"].build(repa_sit_sd(seed=29), LoadOptions(num_heads=2)).with_depth(2),
 }
 
 

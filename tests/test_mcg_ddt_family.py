@@ -3,6 +3,7 @@ encoder / decoder boundary, detection, and Lightning checkpoints read through th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,13 +12,14 @@ import sys
 import pytest
 import torch
 from flowmap_convert.adapters import FAMILIES, choose_family, load_source
+from flowmap_convert.adapters.interface import LoadOptions
 from hubcache import add_repo, torch_bytes
 from mcg_ddt_reference import ddt_forward, euler_sample, random_ddt_sd
 
 from flowmap_convert.errors import FlowmapError
 
 HID, HEADS, NB, NE, C, P, K, SIDE = 32, 4, 5, 3, 4, 2, 10, 8
-OPTS = {"encoder_depth": NE, "input_size": SIDE}
+OPTS = LoadOptions(encoder_depth=NE, input_size=SIDE)
 
 
 def inputs(seed=1, b=3):
@@ -200,13 +202,13 @@ def test_lightning_weight_selection_and_its_errors():
 def test_nothing_guessed_silently_about_the_split(tmp_path):
     sd = random_ddt_sd(HID, HEADS, NB, C, P, K, seed=10)
     with pytest.raises(FlowmapError, match=r"5 blocks and nothing says .* pass `encoder_depth`"):
-        FAMILIES["ddt"].build(sd, {"input_size": SIDE})
+        FAMILIES["ddt"].build(sd, LoadOptions(input_size=SIDE))
     with pytest.raises(FlowmapError, match="named 22en6de but holds 5 blocks"):
-        FAMILIES["ddt"].build(sd, {"what": str(tmp_path / "DDT-XL-22en6de-R256" / "x.ckpt")})
+        FAMILIES["ddt"].build(sd, LoadOptions(what=str(tmp_path / "DDT-XL-22en6de-R256" / "x.ckpt")))
     with pytest.raises(FlowmapError, match="out of range for a DDT with 5 blocks"):
-        FAMILIES["ddt"].build(sd, {"encoder_depth": 5, "input_size": SIDE})
+        FAMILIES["ddt"].build(sd, LoadOptions(encoder_depth=5, input_size=SIDE))
     with pytest.raises(FlowmapError, match="4 heads, not 8"):
-        FAMILIES["ddt"].build(sd, {**OPTS, "num_heads": 8})
+        FAMILIES["ddt"].build(sd, dataclasses.replace(OPTS, num_heads=8))
 
 
 @pytest.mark.parametrize("depth", [NE - 1, NE, NE + 1])

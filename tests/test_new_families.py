@@ -16,6 +16,7 @@ import pytest
 import reference_models as R
 import torch
 from flowmap_convert.adapters import FAMILIES, choose_family
+from flowmap_convert.adapters.interface import LoadOptions
 
 from flowmap_convert.errors import FlowmapError
 
@@ -238,7 +239,7 @@ def test_lightningdit_velocity_equals_the_official_forward_at_every_depth(varian
     opts = VARIANTS[variant]
     sd = lightning_sd(**opts)
     assert choose_family(sd, {"name": "x.pt"})[0] == "lightningdit"  # its own keys: no other family claims them
-    model = FAMILIES["lightningdit"].build(sd, {})
+    model = FAMILIES["lightningdit"].build(sd, LoadOptions())
     cfg = model.config
     assert (cfg.arch, cfg.time_convention, cfg.num_heads, cfg.num_blocks, cfg.patch_size) == (
         "lightningdit",
@@ -296,12 +297,14 @@ def test_lightningdit_with_sit_keys_is_never_guessed():
     assert choose_family(sd, {"name": "last.pt"})[0] != "lightningdit"
     assert choose_family(sd, {"name": "lightningdit-b.pt"})[0] == "lightningdit"
     assert choose_family(sd, {"name": "x.pt", "family_hint": "lightningdit"})[0] == "lightningdit"
-    model = FAMILIES["lightningdit"].build(sd, {"num_heads": HEADS})  # no RoPE / QK-norm table: heads not stored
+    model = FAMILIES["lightningdit"].build(
+        sd, LoadOptions(num_heads=HEADS)
+    )  # no RoPE / QK-norm table: heads not stored
     x, t, y = inputs()
     with torch.no_grad():
         assert (model(x, t, t, y) + R.lightningdit_forward(sd, x, 1 - t, y, HEADS)).abs().max().item() <= 1e-5
     with pytest.raises(FlowmapError, match="repa-e"):
-        FAMILIES["lightningdit"].build({**sd, "bn.running_mean": torch.zeros(C)}, {})
+        FAMILIES["lightningdit"].build({**sd, "bn.running_mean": torch.zeros(C)}, LoadOptions())
 
 
 # ------------------------------------------------------------------------------------------------ REPA-E
@@ -337,7 +340,7 @@ def test_repae_bn_is_checked():
     sd = repa_sit_sd()
     sd["bn.running_var"] = -sd["bn.running_var"]
     with pytest.raises(FlowmapError, match="positive"):
-        FAMILIES["repa-e"].build(sd, {})
+        FAMILIES["repa-e"].build(sd, LoadOptions())
 
 
 # ------------------------------------------------------------------------------------------------ LDM VAE
