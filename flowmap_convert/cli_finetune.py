@@ -280,42 +280,21 @@ def encode_cmd(
 ):
     """Encode an image folder into the latent space of a model, for `flowmap finetune --data`.
 
+    Streams the folder shard by shard (ADM's centre crop; SD-VAE shards hold the posterior mean and std, sampled
+    afresh at every training step), resumes after a kill, and runs under torchrun with each process encoding its
+    share (the same bytes as one process).
+
     Examples:
 
       flowmap encode ./my-images --model repa-dmf20 --out my-latents
 
       flowmap encode ./digits-png --model builtin:digits-sit --out digits-data
+
+      torchrun --nproc_per_node 8 -m flowmap_convert.cli encode ./imagenet/train --model repa-dmf20 --device cuda --out in1k-latents
     """
-    import torch
-    from safetensors.torch import save_file
+    from .encode import encode_folder
 
-    from .api import load
-    from .finetuning.data import encode_images, list_image_folder, load_images
-    from .outputs import atomic_dir, check_output
-
-    if not images_dir.is_dir():
-        raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")
-    check_output(out, "encode", sources=(images_dir, model))  # safety: only our own encode output is replaced
-    if shard_size < 1 or batch_size < 1:
-        raise FlowmapError("--shard-size and --batch-size must be positive.")
-    latent = load(model).config.latent
-    files, labels, classes = list_image_folder(images_dir)
-    if not files:
-        raise FlowmapError(f"{images_dir} has no images in class sub-folders (e.g. {images_dir}/cat/001.png).")
-    with atomic_dir(out, "encode", sources=(images_dir, model)) as tmp:
-        for s, i0 in enumerate(range(0, len(files), shard_size)):
-            chunk = files[i0 : i0 + shard_size]
-            z = encode_images(load_images(chunk, latent.image_size, latent.image_channels), latent, device, batch_size)
-            save_file(
-                {"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)},
-                str(tmp / f"shard-{s:05d}.safetensors"),
-            )
-        meta = {
-            "format": "flowmap-latents/1",
-            "model": model,
-            "latent": latent.kind,
-            "classes": classes,
-            "num_samples": len(files),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    typer.echo(f"encoded {len(files)} images in {len(classes)} classes into {out}")
+    written = encode_folder(images_dir, model, out, shard_size=shard_size, batch_size=batch_size, device=device)
+    if written is not None:  # global rank 0 of a torchrun launch (the others return None)
+        meta = json.loads((written / "meta.json").read_text())
+        typer.echo(f"encoded {meta['num_samples']} images in {len(meta['classes'])} classes into {written}")
