@@ -172,6 +172,13 @@ def finetune_cmd(
             "--threads", help="CPU threads (default: OMP_NUM_THREADS, else 1 on up to 4 cores, else half, at most 8)."
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="DataLoader processes reading batches ahead (default: on CUDA the process's share of the cores less one, 1 to 8; on a CPU 0, or 1 for a REPA folder on more than 2 cores).",
+        ),
+    ] = None,
 ):
     """Fine-tune a flow map with Decoupled MeanFlow (FM + MeanFlow) or MF-RAE's MFD / MFT / CMT, and export its EMA weights.
 
@@ -235,6 +242,7 @@ def finetune_cmd(
         threads=threads,
         console=console,
         recipe=recipe,
+        workers=workers,
     )
     if dry_run:
         p = result["parameters"]

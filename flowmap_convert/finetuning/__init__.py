@@ -91,6 +91,7 @@ def finetune(
     console=None,
     recipe: Recipe | None = None,
     grid: bool = True,
+    workers: int | None = None,
     **options,
 ):
     """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
@@ -98,6 +99,7 @@ def finetune(
     Every Recipe field can be passed as a keyword (e.g. `derivative="fd"`, `loss="adaptive-weight"`, `depth=4`).
     steps / batch_size default to 200 x 32 for builtin:digits-sit and 1000 x 64 otherwise. Returns the EMA
     FlowMap, or with dry_run=True a report dict (parameters, peak memory, seconds per step) and nothing written.
+    `workers`: DataLoader processes reading batches ahead (default: finetuning.loader.default_workers).
     Every option is checked before anything is loaded or written.
     """
     from ..runtime import resolve_device, set_threads
@@ -112,6 +114,10 @@ def finetune(
     if threads is not None:
         int_in_range("--threads", threads, 1, 4096)
     int_in_range("dry_run_steps", dry_run_steps, 1, 10_000)
+    if workers is not None:
+        from .loader import MAX_WORKERS
+
+        int_in_range("`workers`", workers, 0, 8 * MAX_WORKERS)
     if not dry_run:
         check_run_dir(out, resume)
         if resume:  # a missing or corrupted checkpoint is refused before any model is loaded
@@ -141,6 +147,7 @@ def finetune(
         progress=progress,
         console=console,
         grid=grid,
+        workers=workers,
     )
     if trainer.main:
         for note in (defaults, guidance_note(model_or_source, recipe.mg_scale), thread_note, trainer.plan()):
