@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -244,6 +245,8 @@ def finetune_cmd(
         recipe=recipe,
         workers=workers,
     )
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under torchrun / accelerate launch the global rank 0 alone reports (not each node's local rank 0)
     if dry_run:
         p = result["parameters"]
         lines = [
