@@ -11,7 +11,7 @@ always start at the shard's first file), so any number of processes writes the s
 
 Latent spaces whose encoder is a distribution (SD-VAE) store the posterior as REPA's `vae-sd` files do: `moments`
 (N, 2C, H, W) = cat(mean, std), unscaled, with `scale` and `bias`; the fine-tuner draws z = (mean + std * eps) *
-scale + bias afresh at every step (docs/finetuning.md). Deterministic encoders (identity, RAE) store `latents`.
+scale + bias afresh at every step (finetuning.data.LatentDataset.get). Deterministic encoders (identity, RAE) store `latents`.
 """
 
 from __future__ import annotations

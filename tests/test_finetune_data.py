@@ -176,3 +176,53 @@ def test_global_shards_give_p_processes_the_micro_batches_of_one_process_with_p_
     assert sorted(epoch.tolist()) == list(range(10))  # each sample once per epoch
     assert torch.equal(EpochSampler(10, 2, seed=3).indices(7), s.indices(7))  # a pure function of the shard
     assert not torch.equal(torch.cat([s.indices(i) for i in range(5, 10)]), epoch)  # a new order next epoch
+
+
+def repa_folder(root, n, per_dir=1000):
+    """n empty moments files in REPA's layout (sub-folders of per_dir) and their dataset.json."""
+    labels = []
+    for i in range(n):
+        sub = f"{i // per_dir:05d}"
+        if i % per_dir == 0:
+            (root / sub).mkdir(parents=True)
+        open(root / sub / f"img-mean-std-{i:08d}.npy", "wb").close()
+        labels.append([f"{sub}/img-mean-std-{i:08d}.npy", i % 7])
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+
+
+def test_repa_folder_is_listed_once_in_sorted_order_with_its_labels(tmp_path):
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.finetuning.data import list_npy, read_moments_folder
+
+    root = tmp_path / "ds" / "vae-sd"
+    repa_folder(root, 2500, per_dir=600)
+    (root / "00001" / "notes.txt").write_text("not a moments file")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.npy").write_bytes(b"")
+    (root / "link").symlink_to(tmp_path / "elsewhere")  # like rglob: a linked directory is not entered
+    files = list_npy(root)
+    assert files == sorted(str(p.relative_to(root)) for p in root.rglob("*.npy")) and len(files) == 2500
+    ds = read_moments_folder(tmp_path / "ds")
+    assert len(ds) == 2500 and ds.labels[:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert ds.file(601) == root / "00001" / "img-mean-std-00000601.npy"
+    (root / "dataset.json").write_text(json.dumps({"labels": [["00000/img-mean-std-00000000.npy", 1]]}))
+    with pytest.raises(FlowmapError, match="2499 moments files have no label"):
+        read_moments_folder(tmp_path / "ds")
+    (root / "dataset.json").write_text(json.dumps({"labels": [[1, 2, 3]]}))
+    with pytest.raises(FlowmapError, match="dataset.json"):
+        read_moments_folder(tmp_path / "ds")
+
+
+@pytest.mark.slow
+def test_listing_200k_moments_files_takes_seconds(tmp_path):
+    """ImageNet's 1.28M files in REPA's layout, at 1/6 scale (benchmarks/results/moments_listing-cpu.json)."""
+    import time
+
+    from flowmap_convert.finetuning.data import read_moments_folder
+
+    repa_folder(tmp_path / "vae-sd", 200_000)
+    t = time.perf_counter()
+    ds = read_moments_folder(tmp_path)
+    took = time.perf_counter() - t
+    assert len(ds) == 200_000 and ds.file(199_999).name == "img-mean-std-00199999.npy"
+    assert took < 20, f"listing 200k files took {took:.1f} s"  # 3.6 s measured on 2 shared cores; rglob took 14 s

@@ -30,7 +30,7 @@ class LatentDataset:
         self.labels = torch.as_tensor(labels).long().reshape(-1) if labels is not None else None
         # moments .npy paths relative to root (lazy REPA layout), as one bytes array: DataLoader workers share it
         # without touching a million Python strings (whose reference counts would copy the pages into each worker)
-        self.files = np.asarray([str(f).encode() for f in files], dtype=np.bytes_) if files is not None else None
+        self.files = _bytes_array(files) if files is not None else None
         self.root = root
         self.posterior = posterior  # rows hold cat(mean, std) along channels: sample mean + std * eps
         self.scale = scale
@@ -69,6 +69,14 @@ class LatentDataset:
                 f"{self.name} has non-finite latents among rows {idx.tolist()[:8]}; re-encode the dataset."
             )
         return rows.float(), self.labels[idx]
+
+
+def _bytes_array(files) -> np.ndarray:
+    """Paths as one numpy bytes array (UTF-8)."""
+    try:
+        return np.array(files, dtype=np.bytes_)  # ASCII names (REPA's): converted in C
+    except UnicodeEncodeError:
+        return np.array([str(f).encode() for f in files], dtype=np.bytes_)
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -140,16 +148,26 @@ def read_moments_folder(path: Path) -> LatentDataset:
         raise FlowmapError(
             f"{meta} has no labels; the fine-tuner needs class labels (regenerate it with REPA's dataset_tool)."
         )
-    table = {str(f).replace("\\", "/"): int(c) for f, c in labels}
+    try:
+        table = dict(labels)  # [[file, label], ...]; one pass in C for ImageNet's 1.28M entries
+        if any("\\" in f for f in table):  # written on Windows
+            table = {f.replace("\\", "/"): c for f, c in table.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise FlowmapError(f'{meta} is not REPA\'s dataset.json ({{"labels": [[file, label], ...]}}).') from None
     files = list_npy(root)
-    missing = [f for f in files if f not in table]
-    if missing:
+    ys = list(map(table.get, files))
+    if None in ys:
+        missing = [f for f, y in zip(files, ys) if y is None]
         raise FlowmapError(
             f"{len(missing)} moments files have no label in {meta} (e.g. {missing[0]}); regenerate dataset.json."
         )
-    return LatentDataset(
-        files=files, root=root, labels=[table[f] for f in files], posterior=True, scale=SD_VAE_SCALE, name=str(path)
-    )
+    try:
+        ys = np.asarray(ys, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise FlowmapError(
+            f"{meta} has labels that are not integers; regenerate it with REPA's dataset_tool."
+        ) from None
+    return LatentDataset(files=files, root=root, labels=ys, posterior=True, scale=SD_VAE_SCALE, name=str(path))
 
 
 def list_npy(root: Path) -> list[str]:
