@@ -39,12 +39,31 @@ def direct(ds, sampler, seed, micro, world, rank, accum, rollbacks):
     return x0, y, torch.randn(3, generator=gen)
 
 
+def moments_shards(root, n=12):
+    """`flowmap encode`'s SD-VAE layout: safetensors shards of moments (mapped from disk when read)."""
+    from safetensors.torch import save_file
+
+    from flowmap_convert.finetuning.data import load_dataset
+
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(0, n, 5):
+        m = min(5, n - k)
+        moments = torch.cat([torch.randn(m, 1, 16, 16, generator=g), torch.full((m, 1, 16, 16), 0.3)], dim=1)
+        tensors = {"moments": moments, "labels": torch.arange(k, k + m) % 10, "scale": torch.tensor([0.5])}
+        save_file(tensors | {"bias": torch.tensor([0.1])}, str(root / f"shard-{k:05d}.safetensors"))
+    ds = load_dataset(str(root))
+    assert ds.mapped is not None and ds.posterior
+    return ds
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_stream_gives_each_micro_batch_the_loop_would_draw_across_jumps_and_rollbacks(tmp_path, workers):
+@pytest.mark.parametrize("layout", [moments_folder, moments_shards])
+def test_stream_gives_each_micro_batch_the_loop_would_draw_across_jumps_and_rollbacks(tmp_path, workers, layout):
     from flowmap_convert.finetuning.data import EpochSampler
     from flowmap_convert.finetuning.loader import BatchStream
 
-    ds = moments_folder(tmp_path)
+    ds = layout(tmp_path / "data")
     sampler = EpochSampler(len(ds), 4, seed=5)
     for world, rank, accum in [(1, 0, 1), (2, 1, 2)]:
         stream = BatchStream(ds, sampler, 5, world, rank, accum, workers=workers, pin=False)

@@ -25,8 +25,22 @@ MOMENT_CHECK_LIMIT = 512  # moments files read up front for validation (the rest
 class LatentDataset:
     """Latents (or moments to sample a posterior from) and integer labels."""
 
-    def __init__(self, latents=None, labels=None, files=None, root=None, posterior=False, scale=1.0, name="", bias=0.0):
-        self.latents = latents  # (N, C, H, W) float32 in memory, or None for a lazy moments folder
+    def __init__(
+        self,
+        latents=None,
+        labels=None,
+        files=None,
+        root=None,
+        posterior=False,
+        scale=1.0,
+        name="",
+        bias=0.0,
+        mapped=None,
+    ):
+        self.latents = latents  # (N, C, H, W) float32 in memory, or None for a lazy moments folder / mapped shards
+        # safetensors shards mapped from disk (one np.memmap of rows each): the page cache, not each process, holds them
+        self.mapped = mapped
+        self.starts = np.cumsum([0] + [len(m) for m in mapped]) if mapped is not None else None
         self.labels = torch.as_tensor(labels).long().reshape(-1) if labels is not None else None
         # moments .npy paths relative to root (lazy REPA layout), as one bytes array: DataLoader workers share it
         # without touching a million Python strings (whose reference counts would copy the pages into each worker)
@@ -49,6 +63,11 @@ class LatentDataset:
         """Stored rows (latents or moments) for the given indices."""
         if self.latents is not None:
             return self.latents[idx]
+        if self.mapped is not None:
+            i = np.asarray(idx, dtype=np.int64).reshape(-1)
+            part = np.searchsorted(self.starts, i, side="right") - 1
+            rows = [self.mapped[a][b] for a, b in zip(part.tolist(), (i - self.starts[part]).tolist())]
+            return torch.from_numpy(np.stack(rows)).float()
         return torch.stack([torch.from_numpy(np.load(self.file(i))).float() for i in idx])
 
     @property
@@ -80,14 +99,51 @@ def _bytes_array(files) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- readers
+SAFETENSORS_NUMPY = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+def _map_safetensors(path: Path) -> dict:
+    """The arrays of a safetensors file mapped from disk (np.memmap; nothing read yet), from its documented layout:
+    an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise ValueError("bad header length")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_NUMPY.get(info["dtype"])
+        if dtype is None:
+            raise TypeError(f"dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        shape = tuple(int(d) for d in info["shape"])
+        count = int(np.prod(shape)) if shape else 1
+        if end - begin != count * np.dtype(dtype).itemsize or 8 + n + end > size or begin < 0:
+            raise ValueError(f"{name}: offsets do not fit the file")
+        if count == 0 or not shape:  # empty or 0-d: read it (np.memmap cannot map 0 bytes)
+            with open(path, "rb") as f:
+                f.seek(8 + n + begin)
+                out[name] = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    return out
+
+
 def _read_shard(path: Path) -> dict:
     """One shard of our own format, safetensors or npz: `labels` (N,) and either `latents` (N, C, H, W) or, for a
-    VAE posterior (`flowmap encode` with SD-VAE), `moments` (N, 2C, H, W) = cat(mean, std) with `scale` and `bias`."""
+    VAE posterior (`flowmap encode` with SD-VAE), `moments` (N, 2C, H, W) = cat(mean, std) with `scale` and `bias`.
+    float32 safetensors rows stay on disk (mapped); everything else is read into memory."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            try:
+                d = _map_safetensors(path)
+            except TypeError:  # a dtype numpy cannot map (bf16): read it whole
+                from safetensors.torch import load_file
 
-            d = load_file(str(path))
+                d = load_file(str(path))
         else:
             with np.load(path, allow_pickle=False) as z:
                 d = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
@@ -100,18 +156,23 @@ def _read_shard(path: Path) -> dict:
         raise FlowmapError(
             f"{path} lacks `latents` (or `moments`) and `labels` arrays (has {sorted(d)}); write shards with `flowmap encode`."
         )
-    x, y = d[rows].float(), d["labels"].long().reshape(-1)
+    x = d[rows]
+    if isinstance(x, np.ndarray) and (x.dtype != np.float32 or not isinstance(x, np.memmap)):
+        x = torch.from_numpy(np.array(x))
+    x = x.float() if isinstance(x, torch.Tensor) else x  # a float32 memmap stays mapped
+    y = torch.as_tensor(np.array(d["labels"])).long().reshape(-1)
     if x.ndim != 4 or len(x) != len(y) or (rows == "moments" and x.shape[1] % 2):
         raise FlowmapError(
             f"{path}: {rows} must be (N, C, H, W) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}."
         )
-    scale = float(d["scale"].reshape(-1)[0]) if "scale" in d else 1.0
-    bias = float(d["bias"].reshape(-1)[0]) if "bias" in d else 0.0
+    scale = float(np.asarray(d["scale"]).reshape(-1)[0]) if "scale" in d else 1.0
+    bias = float(np.asarray(d["bias"]).reshape(-1)[0]) if "bias" in d else 0.0
     return {"rows": x, "labels": y, "posterior": rows == "moments", "scale": scale, "bias": bias}
 
 
 def read_shards(path: Path) -> LatentDataset:
-    """A shard file or a directory of shards (sorted by name), concatenated in memory."""
+    """A shard file or a directory of shards (sorted by name): float32 safetensors shards mapped from disk, others
+    concatenated in memory."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in SHARD_EXTS)
     parts = [_read_shard(f) for f in files]
     if not parts:
@@ -124,14 +185,12 @@ def read_shards(path: Path) -> LatentDataset:
             f"the shards in {path} disagree on their layout (latents or moments, scale, bias, shape); re-run `flowmap encode` into a fresh --out."
         )
     first = parts[0]
-    return LatentDataset(
-        torch.cat([p["rows"] for p in parts]),
-        torch.cat([p["labels"] for p in parts]),
-        posterior=first["posterior"],
-        scale=first["scale"],
-        bias=first["bias"],
-        name=str(path),
-    )
+    labels = torch.cat([p["labels"] for p in parts])
+    kw = {"posterior": first["posterior"], "scale": first["scale"], "bias": first["bias"], "name": str(path)}
+    if all(isinstance(p["rows"], np.memmap) for p in parts):  # ImageNet's 42 GB of moments stay on disk
+        return LatentDataset(labels=labels, mapped=[p["rows"] for p in parts], **kw)
+    rows = [torch.from_numpy(np.array(p["rows"])) if isinstance(p["rows"], np.ndarray) else p["rows"] for p in parts]
+    return LatentDataset(torch.cat(rows), labels, **kw)
 
 
 def read_moments_folder(path: Path) -> LatentDataset:
@@ -317,6 +376,10 @@ def check_dataset(ds: LatentDataset, cfg) -> None:
         if bool(bad.any()):
             rows = torch.nonzero(bad).reshape(-1)[:5].tolist()
             raise FlowmapError(f"dataset {ds.name} has NaN or infinite latents (rows {rows}); re-encode those samples.")
+    elif ds.mapped is not None:  # the rest are checked when drawn (LatentDataset.get)
+        head = ds._rows(torch.arange(min(len(ds), MOMENT_CHECK_LIMIT)))
+        if not torch.isfinite(head).all():
+            raise FlowmapError(f"dataset {ds.name} has NaN or infinite latents; re-encode it with `flowmap encode`.")
     else:
         for i in range(min(len(ds.files), MOMENT_CHECK_LIMIT)):
             if not np.isfinite(np.load(ds.file(i))).all():
