@@ -282,10 +282,13 @@ def encode_cmd(
         typer.Option(
             "--out",
             "-o",
-            help="Dataset directory to write (safetensors shards with `latents` and `labels`, plus meta.json).",
+            help="Dataset directory to write (safetensors shards: `labels` and `latents`, or for SD-VAE the posterior `moments` = mean, std; plus meta.json).",
         ),
     ] = Path("flowmap-dataset"),
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")] = 10000,
+    shard_size: Annotated[
+        int,
+        typer.Option("--shard-size", help="Samples per shard file (a killed run resumes at the first missing shard)."),
+    ] = 10000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder call.")] = 32,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
 ):
