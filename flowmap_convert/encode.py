@@ -144,7 +144,7 @@ def encode_folder(
     n, n_shards = len(files), math.ceil(len(files) / shard_size)
     run = {
         "format": FORMAT,
-        "images": str(images_dir.resolve()),
+        # the files by relative path and label, not the folder's absolute path (mounted elsewhere on another node)
         "model": str(model),
         "latent": dataclasses.asdict(latent),
         "shard_size": shard_size,
