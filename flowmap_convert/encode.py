@@ -63,6 +63,8 @@ def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
     if rank == 0:
         marker = part / RUN_FILE
         try:
+            if part.is_dir() and not any(part.iterdir()):  # killed between creating it and writing run.json
+                part.rmdir()
             if part.exists():
                 try:
                     old = json.loads(marker.read_text())
