@@ -92,11 +92,14 @@ def files_of(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
 
-def test_two_nodes_fine_tune_like_one_node_with_two_processes(base):
+def test_two_nodes_fine_tune_like_one_process_with_the_same_global_batch(base):
+    """Fast form: the reference is 1 process x 2 accumulated micro-batches, which tests/test_finetune_ddp.py and the
+    slow test below tie to 1 node x 2 processes."""
     from flowmap_convert.model import read_model_dir
 
     one, two = base / "one", base / "two"
-    (r,) = launch(finetune_args(base, one), nodes=1)
+    ref = [sys.executable, "-m", "flowmap_convert.cli", *finetune_args(base, one), "--grad-accum", "2"]
+    r = subprocess.run(ref, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = launch(finetune_args(base, two), nodes=2)
     assert all(p.returncode == 0 for p in runs), [p.stderr[-2000:] for p in runs]
@@ -107,27 +110,29 @@ def test_two_nodes_fine_tune_like_one_node_with_two_processes(base):
     b = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in b] == [1, 2, 3]  # one writer for the whole run, not one per node
     for x, y in zip(a, b, strict=True):
-        assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"], (x, y)
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5, (x, y)
     wa, wb = read_model_dir(one / "raw").state_dict(), read_model_dir(two / "raw").state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert files_of(one) == files_of(two)  # the checkpoint at step 2 and the exports, each once
     assert torch.load(two / "checkpoints" / "latest.pt", weights_only=True)["world"] == 2
 
 
 @pytest.mark.slow
-def test_two_nodes_resume_the_checkpoint_on_the_shared_disk(base):
-    one, two = base / "one", base / "two"
-    ref = [sys.executable, "-m", "flowmap_convert.cli", *finetune_args(base, one), "--grad-accum", "2"]
-    r = subprocess.run(ref, capture_output=True, text=True, env=ENV)  # 1 process x 2 = 2 processes x 1 (DDP test)
+def test_two_nodes_equal_one_node_with_two_processes_and_resume_its_checkpoint(base):
+    one, two, cut = base / "one", base / "two", base / "cut"
+    (r,) = launch(finetune_args(base, one), nodes=1)
     assert r.returncode == 0, r.stderr[-3000:]
-    first = launch(finetune_args(base, two, steps=2), nodes=2)  # stops at step 2 (its checkpoint on the shared disk)
+    runs = launch(finetune_args(base, two), nodes=2)
+    assert all(p.returncode == 0 for p in runs), [p.stderr[-2000:] for p in runs]
+    a, b = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]  # bit for bit
+    first = launch(finetune_args(base, cut, steps=2), nodes=2)  # stops at step 2 (its checkpoint on the shared disk)
     assert all(p.returncode == 0 for p in first), [p.stderr[-2000:] for p in first]
-    resumed = launch([*finetune_args(base, two), "--resume"], nodes=2)  # both nodes read that checkpoint
+    resumed = launch([*finetune_args(base, cut), "--resume"], nodes=2)  # both nodes read that checkpoint
     assert all(p.returncode == 0 for p in resumed), [p.stderr[-2000:] for p in resumed]
     assert "resumed from" in resumed[0].stderr and "resumed from" not in resumed[1].stderr
-    a = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-5 for x, y in zip(a, b)), (a, b)
+    c = [json.loads(x)["loss"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert len(c) == 3 and all(abs(x["loss"] - y) <= 1e-6 for x, y in zip(a, c)), (a, c)
 
 
 @pytest.mark.slow
