@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import FlowmapError
 from .finetuning.recipe import Recipe
 from .options import check, from_cli, option, register, with_options
 from .vocabulary import default_out
@@ -43,6 +43,13 @@ class FinetuneRun:
     log_with: str | None = option(None, "Accelerate tracker(s), e.g. tensorboard or wandb.")
     device: str | None = option(None, concept="device")
     threads: int | None = option(None, concept="threads", lo=1, hi=4096)
+    workers: int | None = option(
+        None,
+        "DataLoader processes reading batches ahead (default: on CUDA the process's share of the cores less one, "
+        "1 to 8; on a CPU 0, or 1 for a REPA folder on more than 2 cores).",
+        lo=0,
+        hi=64,
+    )
 
     def __post_init__(self):
         check(self)
@@ -117,9 +124,12 @@ def finetune_cmd(
         log_with=run.log_with,
         device=run.device,
         threads=run.threads,
+        workers=run.workers,
         console=console,
         **given,
     )
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under torchrun / accelerate launch the global rank 0 alone reports (not each node's local rank 0)
     if run.dry_run:
         p = result["parameters"]
         lines = [
@@ -155,51 +165,33 @@ def encode_cmd(
         typer.Option(
             "--out",
             "-o",
-            help="Dataset directory to write (safetensors shards with `latents` and `labels`, plus meta.json).",
+            help="Dataset directory to write (safetensors shards: `labels` and `latents`, or for SD-VAE the posterior `moments` = mean, std; plus meta.json).",
         ),
     ] = Path("flowmap-dataset"),
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")] = 10000,
+    shard_size: Annotated[
+        int,
+        typer.Option("--shard-size", help="Samples per shard file (a killed run resumes at the first missing shard)."),
+    ] = 10000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder call.")] = 32,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
 ):
     """Encode an image folder into the latent space of a model, for `flowmap finetune --data`.
+
+    Streams the folder shard by shard (ADM's centre crop; SD-VAE shards hold the posterior mean and std, sampled
+    afresh at every training step), resumes after a kill, and runs under torchrun with each process encoding its
+    share (the same bytes as one process).
 
     Examples:
 
       flowmap encode ./my-images --model repa-dmf20 --out my-latents
 
       flowmap encode ./digits-png --model builtin:digits-sit --out digits-data
+
+      torchrun --nproc_per_node 8 -m flowmap_convert.cli encode ./imagenet/train --model repa-dmf20 --device cuda --out in1k-latents
     """
-    import torch
-    from safetensors.torch import save_file
+    from .encode import encode_folder
 
-    from .api import load
-    from .finetuning.data import encode_images, list_image_folder, load_images
-    from .outputs import atomic_dir, check_output
-
-    if not images_dir.is_dir():
-        raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")
-    check_output(out, "encode", sources=(images_dir, model))  # safety: only our own encode output is replaced
-    if shard_size < 1 or batch_size < 1:
-        raise FlowmapError("--shard-size and --batch-size must be positive.")
-    latent = load(model).config.latent
-    files, labels, classes = list_image_folder(images_dir)
-    if not files:
-        raise FlowmapError(f"{images_dir} has no images in class sub-folders (e.g. {images_dir}/cat/001.png).")
-    with atomic_dir(out, "encode", sources=(images_dir, model)) as tmp:
-        for s, i0 in enumerate(range(0, len(files), shard_size)):
-            chunk = files[i0 : i0 + shard_size]
-            z = encode_images(load_images(chunk, latent.image_size, latent.image_channels), latent, device, batch_size)
-            save_file(
-                {"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)},
-                str(tmp / f"shard-{s:05d}.safetensors"),
-            )
-        meta = {
-            "format": "flowmap-latents/1",
-            "model": model,
-            "latent": latent.kind,
-            "classes": classes,
-            "num_samples": len(files),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    typer.echo(f"encoded {len(files)} images in {len(classes)} classes into {out}")
+    written = encode_folder(images_dir, model, out, shard_size=shard_size, batch_size=batch_size, device=device)
+    if written is not None:  # global rank 0 of a torchrun launch (the others return None)
+        meta = json.loads((written / "meta.json").read_text())
+        typer.echo(f"encoded {meta['num_samples']} images in {len(meta['classes'])} classes into {written}")

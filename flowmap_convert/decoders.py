@@ -77,6 +77,12 @@ class SDVAEDecoder:
         z = post.sample(generator) if sample else post.mean
         return z.float() * self.latent.scale + self.latent.bias
 
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior of images in [-1, 1] as cat(mean, std) along channels, unscaled (REPA's vae-sd files)."""
+        post = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return torch.cat([post.mean, post.std], dim=1).float()
+
 
 # ------------------------------------------------------------------------------------------------ RAE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 processor statistics (docs/checkpoints.md, RAE latents)

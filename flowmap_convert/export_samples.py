@@ -5,7 +5,8 @@ chunks (chunk k holds indices [k C, (k + 1) C)), writes each finished chunk to `
 chunks when re-run with the same settings, so an interrupted 50k run resumes where it stopped. Under torchrun /
 accelerate launch (WORLD_SIZE > 1) rank r draws the chunks k with k % WORLD_SIZE == r; after a barrier rank 0
 assembles them in index order, so the output is byte-identical to a one-process run. The ranks share the output
-filesystem (one node, or a shared disk).
+filesystem (one node, or a disk shared by all nodes); rank means the global rank, so with several nodes one
+process of the whole launch writes, and LOCAL_RANK only picks each process's GPU on its node.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def dist_context() -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("FLOWMAP_DIST_BACKEND") != "gloo" else "gloo"
+        if backend == "nccl":  # `cuda` means this process's GPU on its node (LOCAL_RANK), not GPU 0 for every rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 

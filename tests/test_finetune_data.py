@@ -134,10 +134,12 @@ def test_encode_image_folder_round_trip(tmp_path):
     ds = load_dataset(str(tmp_path / "lat"))
     check_dataset(ds, tiny_config())
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.allclose(ds.latents[4, 0, 0, 0], torch.tensor(81 / 127.5 - 1))  # identity encoder: pixels in [-1, 1]
+    assert ds.latents is None and len(ds.mapped) == 2  # the shards stay on disk, mapped
+    x, _ = ds.get(torch.arange(6), torch.Generator())
+    assert torch.allclose(x[4, 0, 0, 0], torch.tensor(81 / 127.5 - 1))  # identity encoder: pixels in [-1, 1]
     # the same folder used directly as --data is encoded on the fly to the same latents
     direct = load_dataset(str(tmp_path / "imgs"), FlowMap(tiny_config()).config.latent)
-    assert torch.equal(direct.latents, ds.latents)
+    assert torch.equal(direct.latents, x)
 
 
 @pytest.mark.e2e
@@ -179,3 +181,86 @@ def test_global_shards_give_p_processes_the_micro_batches_of_one_process_with_p_
     assert sorted(epoch.tolist()) == list(range(10))  # each sample once per epoch
     assert torch.equal(EpochSampler(10, 2, seed=3).indices(7), s.indices(7))  # a pure function of the shard
     assert not torch.equal(torch.cat([s.indices(i) for i in range(5, 10)]), epoch)  # a new order next epoch
+
+
+def repa_folder(root, n, per_dir=1000):
+    """n empty moments files in REPA's layout (sub-folders of per_dir) and their dataset.json."""
+    labels = []
+    for i in range(n):
+        sub = f"{i // per_dir:05d}"
+        if i % per_dir == 0:
+            (root / sub).mkdir(parents=True)
+        open(root / sub / f"img-mean-std-{i:08d}.npy", "wb").close()
+        labels.append([f"{sub}/img-mean-std-{i:08d}.npy", i % 7])
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+
+
+def test_repa_folder_is_listed_once_in_sorted_order_with_its_labels(tmp_path):
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.finetuning.data import list_npy, read_moments_folder
+
+    root = tmp_path / "ds" / "vae-sd"
+    repa_folder(root, 2500, per_dir=600)
+    (root / "00001" / "notes.txt").write_text("not a moments file")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.npy").write_bytes(b"")
+    (root / "link").symlink_to(tmp_path / "elsewhere")  # like rglob: a linked directory is not entered
+    files = list_npy(root)
+    assert files == sorted(str(p.relative_to(root)) for p in root.rglob("*.npy")) and len(files) == 2500
+    ds = read_moments_folder(tmp_path / "ds")
+    assert len(ds) == 2500 and ds.labels[:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert ds.file(601) == root / "00001" / "img-mean-std-00000601.npy"
+    (root / "dataset.json").write_text(json.dumps({"labels": [["00000/img-mean-std-00000000.npy", 1]]}))
+    with pytest.raises(FlowmapError, match="2499 moments files have no label"):
+        read_moments_folder(tmp_path / "ds")
+    (root / "dataset.json").write_text(json.dumps({"labels": [[1, 2, 3]]}))
+    with pytest.raises(FlowmapError, match="dataset.json"):
+        read_moments_folder(tmp_path / "ds")
+
+
+@pytest.mark.slow
+def test_listing_200k_moments_files_takes_seconds(tmp_path):
+    """ImageNet's 1.28M files in REPA's layout, at 1/6 scale (benchmarks/results/moments_listing-cpu.json)."""
+    import time
+
+    from flowmap_convert.finetuning.data import read_moments_folder
+
+    repa_folder(tmp_path / "vae-sd", 200_000)
+    t = time.perf_counter()
+    ds = read_moments_folder(tmp_path)
+    took = time.perf_counter() - t
+    assert len(ds) == 200_000 and ds.file(199_999).name == "img-mean-std-00199999.npy"
+    assert took < 20, f"listing 200k files took {took:.1f} s"  # 3.6 s measured on 2 shared cores; rglob took 14 s
+
+
+def test_safetensors_shards_are_mapped_and_read_like_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flowmap_convert.errors import FlowmapError
+    from flowmap_convert.finetuning.data import check_dataset, load_dataset
+
+    g = torch.Generator().manual_seed(0)
+    d = tmp_path / "lat"
+    d.mkdir()
+    for k, n in enumerate([5, 3, 4]):
+        save_file(
+            {"latents": torch.randn(n, 1, 16, 16, generator=g), "labels": torch.arange(n) + k},
+            str(d / f"shard-{k:05d}.safetensors"),
+        )
+    ds = load_dataset(str(d))
+    check_dataset(ds, tiny_config())
+    whole = [load_file(str(d / f"shard-{k:05d}.safetensors")) for k in range(3)]
+    ref = torch.cat([w["latents"] for w in whole])
+    assert ds.mapped is not None and len(ds) == 12
+    assert torch.equal(ds.labels, torch.cat([w["labels"] for w in whole]))
+    idx = torch.tensor([11, 0, 5, 4, 8, 7])  # across shard boundaries, in any order
+    assert torch.equal(ds.get(idx, torch.Generator())[0], ref[idx])
+
+    bad = torch.randn(2, 1, 16, 16)
+    bad[1, 0, 3, 3] = float("nan")
+    save_file({"latents": bad, "labels": torch.zeros(2, dtype=torch.long)}, str(d / "shard-00003.safetensors"))
+    with pytest.raises(FlowmapError, match="NaN"):
+        check_dataset(load_dataset(str(d)), tiny_config())
+    (d / "shard-00003.safetensors").write_bytes((d / "shard-00000.safetensors").read_bytes()[:300])  # truncated
+    with pytest.raises(FlowmapError, match="not a readable dataset shard"):
+        load_dataset(str(d))

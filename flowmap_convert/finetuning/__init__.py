@@ -48,6 +48,7 @@ def finetune(
     progress=None,
     console=None,
     grid: bool = True,
+    workers: int | None = None,
     **options,
 ):
     """Fine-tune a flow map (a FlowMap or any source `flowmap convert` reads) and export its EMA weights to `out`.
@@ -57,7 +58,8 @@ def finetune(
     staged recipe (mf-rae-*) runs its `stages` (default: the recipe's) one after another in `out`. The resolved
     recipe is recorded in `out`/recipe.json; `resume=True` continues exactly that run. Returns the EMA FlowMap, or
     with dry_run=True a report dict (parameters, peak memory, seconds per step) and nothing written. Every option is
-    checked before anything is loaded or written.
+    checked before anything is loaded or written. `workers`: DataLoader processes reading batches ahead
+    (default: finetuning.loader.default_workers).
     """
     import copy
 
@@ -88,6 +90,10 @@ def finetune(
     if threads is not None:
         int_in_range("`threads`", threads, 1, 4096)
     int_in_range("`dry_run_steps`", dry_run_steps, 1, 10_000)
+    if workers is not None:
+        from .loader import MAX_WORKERS
+
+        int_in_range("`workers`", workers, 0, 8 * MAX_WORKERS)
     out = Path(out)
     record = None
     if not dry_run:
@@ -198,6 +204,7 @@ def finetune(
             console=console,
             grid=grid,
             teacher=teacher,
+            workers=workers,
         )
         if trainer.main:
             notes = []

@@ -8,6 +8,7 @@ out-of-range labels, non-finite latents and empty datasets into FlowmapErrors be
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,35 @@ MOMENT_CHECK_LIMIT = 512  # moments files read up front for validation (the rest
 class LatentDataset:
     """Latents (or moments to sample a posterior from) and integer labels."""
 
-    def __init__(self, latents=None, labels=None, files=None, root=None, posterior=False, scale=1.0, name=""):
-        self.latents = latents  # (N, C, H, W) float32 in memory, or None for a lazy moments folder
+    def __init__(
+        self,
+        latents=None,
+        labels=None,
+        files=None,
+        root=None,
+        posterior=False,
+        scale=1.0,
+        name="",
+        bias=0.0,
+        mapped=None,
+    ):
+        self.latents = latents  # (N, C, H, W) float32 in memory, or None for a lazy moments folder / mapped shards
+        # safetensors shards mapped from disk (one np.memmap of rows each): the page cache, not each process, holds them
+        self.mapped = mapped
+        self.starts = np.cumsum([0] + [len(m) for m in mapped]) if mapped is not None else None
         self.labels = torch.as_tensor(labels).long().reshape(-1) if labels is not None else None
-        self.files = files  # moments .npy paths relative to root (lazy REPA layout)
+        # moments .npy paths relative to root (lazy REPA layout), as one bytes array: DataLoader workers share it
+        # without touching a million Python strings (whose reference counts would copy the pages into each worker)
+        self.files = _bytes_array(files) if files is not None else None
         self.root = root
         self.posterior = posterior  # rows hold cat(mean, std) along channels: sample mean + std * eps
         self.scale = scale
+        self.bias = bias  # z = (mean + std * eps) * scale + bias (REPA: scale 0.18215, bias 0)
         self.name = name
+
+    def file(self, i: int) -> Path:
+        """Path of the i-th moments file (lazy REPA layout)."""
+        return self.root / self.files[int(i)].decode()
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -41,7 +63,12 @@ class LatentDataset:
         """Stored rows (latents or moments) for the given indices."""
         if self.latents is not None:
             return self.latents[idx]
-        return torch.stack([torch.from_numpy(np.load(self.root / self.files[int(i)])).float() for i in idx])
+        if self.mapped is not None:
+            i = np.asarray(idx, dtype=np.int64).reshape(-1)
+            part = np.searchsorted(self.starts, i, side="right") - 1
+            rows = [self.mapped[a][b] for a, b in zip(part.tolist(), (i - self.starts[part]).tolist())]
+            return torch.from_numpy(np.stack(rows)).float()
+        return torch.stack([torch.from_numpy(np.load(self.file(i))).float() for i in idx])
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -54,7 +81,8 @@ class LatentDataset:
         rows = self._rows(idx)
         if self.posterior:
             mean, std = rows.chunk(2, dim=1)
-            rows = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scale  # REPA sample_posterior
+            eps = torch.randn(mean.shape, generator=gen)
+            rows = (mean + std * eps) * self.scale + self.bias  # REPA's sample_posterior
         if not torch.isfinite(rows).all():
             raise FlowmapError(
                 f"{self.name} has non-finite latents among rows {idx.tolist()[:8]}; re-encode the dataset."
@@ -62,14 +90,60 @@ class LatentDataset:
         return rows.float(), self.labels[idx]
 
 
+def _bytes_array(files) -> np.ndarray:
+    """Paths as one numpy bytes array (UTF-8)."""
+    try:
+        return np.array(files, dtype=np.bytes_)  # ASCII names (REPA's): converted in C
+    except UnicodeEncodeError:
+        return np.array([str(f).encode() for f in files], dtype=np.bytes_)
+
+
 # ---------------------------------------------------------------------------------------------------- readers
-def _read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """One shard of our own format: `latents` (N, C, H, W) and `labels` (N,) in safetensors or npz."""
+SAFETENSORS_NUMPY = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+
+
+def _map_safetensors(path: Path) -> dict:
+    """The arrays of a safetensors file mapped from disk (np.memmap; nothing read yet), from its documented layout:
+    an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise ValueError("bad header length")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_NUMPY.get(info["dtype"])
+        if dtype is None:
+            raise TypeError(f"dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        shape = tuple(int(d) for d in info["shape"])
+        count = int(np.prod(shape)) if shape else 1
+        if end - begin != count * np.dtype(dtype).itemsize or 8 + n + end > size or begin < 0:
+            raise ValueError(f"{name}: offsets do not fit the file")
+        if count == 0 or not shape:  # empty or 0-d: read it (np.memmap cannot map 0 bytes)
+            with open(path, "rb") as f:
+                f.seek(8 + n + begin)
+                out[name] = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    return out
+
+
+def _read_shard(path: Path) -> dict:
+    """One shard of our own format, safetensors or npz: `labels` (N,) and either `latents` (N, C, H, W) or, for a
+    VAE posterior (`flowmap encode` with SD-VAE), `moments` (N, 2C, H, W) = cat(mean, std) with `scale` and `bias`.
+    float32 safetensors rows stay on disk (mapped); everything else is read into memory."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            try:
+                d = _map_safetensors(path)
+            except TypeError:  # a dtype numpy cannot map (bf16): read it whole
+                from safetensors.torch import load_file
 
-            d = load_file(str(path))
+                d = load_file(str(path))
         else:
             with np.load(path, allow_pickle=False) as z:
                 d = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
@@ -77,27 +151,46 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise FlowmapError(
             f"{path} is not a readable dataset shard ({type(e).__name__}: {e}); re-run `flowmap encode`."
         ) from None
-    if "latents" not in d or "labels" not in d:
+    rows = "moments" if "moments" in d else "latents"
+    if rows not in d or "labels" not in d:
         raise FlowmapError(
-            f"{path} lacks `latents` and `labels` arrays (has {sorted(d)}); write shards with `flowmap encode`."
+            f"{path} lacks `latents` (or `moments`) and `labels` arrays (has {sorted(d)}); write shards with `flowmap encode`."
         )
-    return d["latents"].float(), d["labels"].long().reshape(-1)
+    x = d[rows]
+    if isinstance(x, np.ndarray) and (x.dtype != np.float32 or not isinstance(x, np.memmap)):
+        x = torch.from_numpy(np.array(x))
+    x = x.float() if isinstance(x, torch.Tensor) else x  # a float32 memmap stays mapped
+    y = torch.as_tensor(np.array(d["labels"])).long().reshape(-1)
+    if x.ndim != 4 or len(x) != len(y) or (rows == "moments" and x.shape[1] % 2):
+        raise FlowmapError(
+            f"{path}: {rows} must be (N, C, H, W) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}."
+        )
+    scale = float(np.asarray(d["scale"]).reshape(-1)[0]) if "scale" in d else 1.0
+    bias = float(np.asarray(d["bias"]).reshape(-1)[0]) if "bias" in d else 0.0
+    return {"rows": x, "labels": y, "posterior": rows == "moments", "scale": scale, "bias": bias}
 
 
 def read_shards(path: Path) -> LatentDataset:
-    """A shard file or a directory of shards (sorted by name), concatenated in memory."""
+    """A shard file or a directory of shards (sorted by name): float32 safetensors shards mapped from disk, others
+    concatenated in memory."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in SHARD_EXTS)
     parts = [_read_shard(f) for f in files]
     if not parts:
         raise FlowmapError(
             f"{path} holds no .safetensors or .npz shards; point --data at a dataset written by `flowmap encode`."
         )
-    for f, (x, y) in zip(files, parts):
-        if x.ndim != 4 or len(x) != len(y):
-            raise FlowmapError(
-                f"{f}: latents must be (N, C, H, W) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}."
-            )
-    return LatentDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), name=str(path))
+    kind = {(p["posterior"], p["scale"], p["bias"], tuple(p["rows"].shape[1:])) for p in parts}
+    if len(kind) > 1:
+        raise FlowmapError(
+            f"the shards in {path} disagree on their layout (latents or moments, scale, bias, shape); re-run `flowmap encode` into a fresh --out."
+        )
+    first = parts[0]
+    labels = torch.cat([p["labels"] for p in parts])
+    kw = {"posterior": first["posterior"], "scale": first["scale"], "bias": first["bias"], "name": str(path)}
+    if all(isinstance(p["rows"], np.memmap) for p in parts):  # ImageNet's 42 GB of moments stay on disk
+        return LatentDataset(labels=labels, mapped=[p["rows"] for p in parts], **kw)
+    rows = [torch.from_numpy(np.array(p["rows"])) if isinstance(p["rows"], np.ndarray) else p["rows"] for p in parts]
+    return LatentDataset(torch.cat(rows), labels, **kw)
 
 
 def read_moments_folder(path: Path) -> LatentDataset:
@@ -114,16 +207,46 @@ def read_moments_folder(path: Path) -> LatentDataset:
         raise FlowmapError(
             f"{meta} has no labels; the fine-tuner needs class labels (regenerate it with REPA's dataset_tool)."
         )
-    table = {str(f).replace("\\", "/"): int(c) for f, c in labels}
-    files = sorted(str(p.relative_to(root)).replace("\\", "/") for p in root.rglob("*.npy"))
-    missing = [f for f in files if f not in table]
-    if missing:
+    try:
+        table = dict(labels)  # [[file, label], ...]; one pass in C for ImageNet's 1.28M entries
+        if any("\\" in f for f in table):  # written on Windows
+            table = {f.replace("\\", "/"): c for f, c in table.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise FlowmapError(f'{meta} is not REPA\'s dataset.json ({{"labels": [[file, label], ...]}}).') from None
+    files = list_npy(root)
+    ys = list(map(table.get, files))
+    if None in ys:
+        missing = [f for f, y in zip(files, ys) if y is None]
         raise FlowmapError(
             f"{len(missing)} moments files have no label in {meta} (e.g. {missing[0]}); regenerate dataset.json."
         )
-    return LatentDataset(
-        files=files, root=root, labels=[table[f] for f in files], posterior=True, scale=SD_VAE_SCALE, name=str(path)
-    )
+    try:
+        ys = np.asarray(ys, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise FlowmapError(
+            f"{meta} has labels that are not integers; regenerate it with REPA's dataset_tool."
+        ) from None
+    return LatentDataset(files=files, root=root, labels=ys, posterior=True, scale=SD_VAE_SCALE, name=str(path))
+
+
+def list_npy(root: Path) -> list[str]:
+    """Every `*.npy` below `root` as sorted posix paths relative to it, listed once with os.scandir.
+
+    One pass of directory reads (no stat per file, no Path objects): ImageNet's 1.28M moments files are listed in
+    seconds (benchmarks/results/moments_listing.json), once per run, never per step.
+    """
+    out: list[str] = []
+    stack = [("", str(root))]
+    while stack:
+        prefix, directory = stack.pop()
+        with os.scandir(directory) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):  # as rglob: links to directories are not entered
+                    stack.append((prefix + e.name + "/", e.path))
+                elif e.name.endswith(".npy"):
+                    out.append(prefix + e.name)
+    out.sort()
+    return out
 
 
 def list_image_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -138,8 +261,24 @@ def list_image_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
+def adm_center_crop(img, size: int):
+    """ADM's centre crop (the preprocessing of ADM's ImageNet loader, which REPA's and DMF's dataset tools use).
+
+    While the short side is at least twice `size`, halve the image with a box filter; then resize it bicubically so
+    that the short side is `size` (the long side rounded), and cut the centred size x size square.
+    """
+    from PIL import Image
+
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
-    """Read, centre-crop, resize and scale images to (N, C, size, size) in [-1, 1]."""
+    """Read, centre-crop (ADM's crop, `adm_center_crop`) and scale images to (N, C, size, size) in [-1, 1]."""
     from PIL import Image
 
     out = []
@@ -149,11 +288,7 @@ def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
             img = img.convert("L" if channels == 1 else "RGB")
         except Exception as e:
             raise FlowmapError(f"cannot read image {f} ({e}); remove it or fix the file.") from None
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
-            (size, size), Image.BICUBIC
-        )
+        img = adm_center_crop(img, size)
         a = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
         out.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0)
     return torch.stack(out)
@@ -241,10 +376,14 @@ def check_dataset(ds: LatentDataset, cfg) -> None:
         if bool(bad.any()):
             rows = torch.nonzero(bad).reshape(-1)[:5].tolist()
             raise FlowmapError(f"dataset {ds.name} has NaN or infinite latents (rows {rows}); re-encode those samples.")
+    elif ds.mapped is not None:  # the rest are checked when drawn (LatentDataset.get)
+        head = ds._rows(torch.arange(min(len(ds), MOMENT_CHECK_LIMIT)))
+        if not torch.isfinite(head).all():
+            raise FlowmapError(f"dataset {ds.name} has NaN or infinite latents; re-encode it with `flowmap encode`.")
     else:
-        for f in ds.files[:MOMENT_CHECK_LIMIT]:
-            if not np.isfinite(np.load(ds.root / f)).all():
-                raise FlowmapError(f"{ds.root / f} holds NaN or infinite moments; re-run the VAE preprocessing for it.")
+        for i in range(min(len(ds.files), MOMENT_CHECK_LIMIT)):
+            if not np.isfinite(np.load(ds.file(i))).all():
+                raise FlowmapError(f"{ds.file(i)} holds NaN or infinite moments; re-run the VAE preprocessing for it.")
 
 
 def global_shard(micro: int, world: int, rank: int, grad_accum: int) -> int:

@@ -31,10 +31,11 @@ from ..progress import Progress, format_seconds
 from ..runtime import resolve_device
 from . import checkpoint
 from .common import Calls, Context
-from .data import EpochSampler, check_dataset, global_shard, load_dataset
+from .data import EpochSampler, check_dataset, load_dataset
 from .distributed import LossModule, check_replicas, make_accelerator, mean_over_ranks, sync_context, wrap
 from .ema import EMA
 from .export import export_run, training_record
+from .loader import BatchStream, default_workers
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
 from .recipe import Recipe, latent_shift
 from .setup import check_trackers, count_params, peak_memory_bytes, prepare_model, set_trainable, with_attention_backend
@@ -59,6 +60,7 @@ class Trainer:
         console=None,
         grid=True,
         teacher=None,
+        workers=None,
     ):
         check_trackers(log_with)
         if isinstance(log_with, str):
@@ -93,6 +95,18 @@ class Trainer:
         self.data = load_dataset(data, self.model.config.latent, self.device)
         check_dataset(self.data, self.model.config)
         self.sampler = EpochSampler(len(self.data), recipe.batch_size, recipe.seed)
+        # read ahead by DataLoader workers (pinned on CUDA); the data stay a pure function of the step (loader.py)
+        self.workers = default_workers(self.device, self.data) if workers is None else int(workers)
+        self.batches = BatchStream(
+            self.data,
+            self.sampler,
+            recipe.seed,
+            self.world,
+            self.rank,
+            recipe.grad_accum,
+            self.workers,
+            pin=self.device.type == "cuda",
+        )
         # decoder: the encoder runs once without gradient; decoder+time: the timestep embedder's gradient also flows
         # back through the frozen encoder blocks, so the model is called whole
         self.calls = Calls(self.model, decoder_only=recipe.train == "decoder")
@@ -128,11 +142,9 @@ class Trainer:
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for a in range(rec.grad_accum):
-            shard = global_shard(self.micro, self.world, self.rank, rec.grad_accum)
+            x0, y, gen = self.batches.get(self.micro, self.rollbacks)  # global shard of this micro-batch (loader.py)
             self.micro += 1
-            gen = checkpoint.step_generator(rec.seed, shard, self.rollbacks)
-            x0, y = self.data.get(self.sampler.indices(shard), gen)
-            x0, y = x0.to(self.device), y.to(self.device)
+            x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with sync_context(self.acc, self.wrapped, last_micro=a == rec.grad_accum - 1):
                 with autocast:
                     loss, metrics = self.wrapped(x0, y, gen)
@@ -355,6 +367,7 @@ class Trainer:
                         path = self.out / "samples" / f"step-{self.step:07d}.png"
                         write_sample_grid(ema_model(self.model, self.ema), path, self.device)
         finally:
+            self.batches.close()  # the data workers are done
             if mf is not None:
                 mf.close()
         self.save_checkpoint()
