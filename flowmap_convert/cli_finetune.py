@@ -192,6 +192,7 @@ def finetune_cmd(
     from rich.console import Console
 
     from .finetuning import Recipe, finetune
+    from .finetuning.memory import format_breakdown
 
     g_lo, g_hi = parse_floats(guidance_interval, 2, "--guidance-interval")
     recipe = Recipe(
@@ -240,7 +241,9 @@ def finetune_cmd(
         p = result["parameters"]
         lines = [
             f"parameters      {p['total']:,} ({p['trainable']:,} trainable, {p['frozen']:,} frozen)",
-            f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'})",
+            f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'}), "
+            f"{result['peak_memory_bytes'] / max(1, p['trainable']):.1f} bytes per trainable parameter:",
+            *format_breakdown(result["memory"], p, result["batch_size"], result["device"]),
             f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {result['batch_size']} x {result['processes']} process(es))",
             f"device          {result['device']}",
             "nothing written (dry run)",

@@ -15,7 +15,6 @@ Design notes
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -29,12 +28,13 @@ from ..errors import FlowmapError
 from ..outputs import mark_output
 from ..progress import Progress, format_seconds
 from ..runtime import resolve_device
-from . import checkpoint
+from . import checkpoint, memory
 from .common import Calls, Context
 from .data import EpochSampler, check_dataset, global_shard, load_dataset
 from .distributed import LossModule, check_replicas, make_accelerator, mean_over_ranks, sync_context, wrap
 from .ema import EMA
 from .export import export_run, training_record
+from .memory import frozen_teacher
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
 from .recipe import Recipe
 from .setup import check_trackers, count_params, peak_memory_bytes, prepare_model, set_attention_backend, set_trainable
@@ -75,12 +75,16 @@ class Trainer:
         set_attention_backend(recipe.attention)
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
 
+        self.baseline_bytes = memory.current_bytes(self.device)  # before the model: the dry run's "runtime" line
+        if isinstance(model_or_source, torch.nn.Module):  # already in memory: its weights are not runtime
+            held = [*model_or_source.parameters(), *model_or_source.buffers()]
+            self.baseline_bytes -= memory.tensor_bytes(t for t in held if t.device.type == self.device.type)
         model, self.depth_origin = prepare_model(model_or_source, recipe)
         self.model = model.to(self.device)
         self.trainable = set_trainable(self.model, recipe.train, recipe.loss)
         self.teacher = None
-        if recipe.objective in NEEDS_TEACHER:  # frozen copy of the source before any update (MF-RAE teacher)
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False).velocity
+        if recipe.objective in NEEDS_TEACHER:  # the source before any update (MF-RAE teacher)
+            self.teacher = frozen_teacher(self.model).velocity
         self.data = load_dataset(data, self.model.config.latent, self.device)
         check_dataset(self.data, self.model.config)
         self.sampler = EpochSampler(len(self.data), recipe.batch_size, recipe.seed)
@@ -93,7 +97,12 @@ class Trainer:
             self.acc, LossModule(self.model, self.objective, self.ctx)
         )  # DDP broadcasts rank 0's weights
         self.opt = torch.optim.AdamW(
-            self.trainable, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay, eps=1e-8
+            self.trainable,
+            lr=recipe.lr,
+            betas=tuple(recipe.betas),
+            weight_decay=recipe.weight_decay,
+            eps=1e-8,
+            fused=self.device.type == "cuda" or None,  # fused on CUDA: no full-size temporaries in the step
         )
         warm = max(0, recipe.warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -334,10 +343,11 @@ class Trainer:
                     if rec.checkpoint_every and self.step % rec.checkpoint_every == 0 and self.step < rec.steps:
                         self.save_checkpoint()
                     if rec.sample_every and self.step % rec.sample_every == 0 and self.main:
-                        from .export import ema_model, write_sample_grid
+                        from .export import write_sample_grid
 
                         path = self.out / "samples" / f"step-{self.step:07d}.png"
-                        write_sample_grid(ema_model(self.model, self.ema), path, self.device)
+                        with torch.no_grad():  # the EMA weights, no copy of them (ema.EMA.model_view)
+                            write_sample_grid(self.ema.model_view(self.model), path, self.device)
         finally:
             if mf is not None:
                 mf.close()
@@ -368,21 +378,31 @@ def _extra(m: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------- dry run
 def dry_run(trainer: Trainer, steps: int = 3) -> dict:
-    """Run a few steps without writing anything and restore the weights; report sizes, memory and seconds per step."""
-    saved = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    opt_state = copy.deepcopy(trainer.opt.state_dict())
+    """Run a few steps without writing anything; report sizes, memory (a breakdown) and seconds per step.
+
+    Nothing is copied to be restored: the EMA is not updated, so its shadow still holds the starting trainable
+    weights, and they are copied back at the end (a model passed in by the caller comes back as it was; frozen
+    tensors never changed). The optimizer's state is dropped.
+    """
     times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        m = trainer.train_step()
-        times.append(time.perf_counter() - t)
-    trainer.model.load_state_dict(saved)
-    trainer.opt.load_state_dict(opt_state)
+    update, trainer.ema.update = trainer.ema.update, lambda model: None
+    try:
+        for _ in range(steps):
+            t = time.perf_counter()
+            m = trainer.train_step()
+            times.append(time.perf_counter() - t)
+        peak = peak_memory_bytes(trainer.device)
+        parts = memory.breakdown(trainer, peak)
+    finally:
+        trainer.ema.update = update
+        trainer.ema.copy_to(trainer.model)
+        trainer.opt.state.clear()
     trainer.step = trainer.micro = 0
     per = times[1:] or times
     return {
         "parameters": count_params(trainer.model),
-        "peak_memory_bytes": peak_memory_bytes(trainer.device),
+        "peak_memory_bytes": peak,
+        "memory": parts,
         "seconds_per_step": sum(per) / len(per),
         "steps_timed": len(times),
         "last_loss": m["loss"],
