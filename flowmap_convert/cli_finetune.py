@@ -242,7 +242,8 @@ def finetune_cmd(
         lines = [
             f"parameters      {p['total']:,} ({p['trainable']:,} trainable, {p['frozen']:,} frozen)",
             f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'}), "
-            f"{result['peak_memory_bytes'] / max(1, p['trainable']):.1f} bytes per trainable parameter:",
+            f"{(result['peak_memory_bytes'] - result['memory']['baseline']) / max(1, p['trainable']):.1f} bytes per "
+            "trainable parameter besides the runtime:",
             *format_breakdown(result["memory"], p, result["batch_size"], result["device"]),
             f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {result['batch_size']} x {result['processes']} process(es))",
             f"device          {result['device']}",

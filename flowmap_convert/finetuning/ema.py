@@ -1,7 +1,7 @@
 """Exponential moving average of the trainable weights (what a fine-tuning run exports).
 
 The shadow holds the trainable tensors only: a frozen tensor's average is the tensor itself, so the model's own
-weights stand in for it (docs/finetuning.md, memory). The EMA model (`model_view`) is built from the shadow's tensors
+weights stand in for it (docs/memory.md). The EMA model (`model_view`) is built from the shadow's tensors
 and the model's frozen ones, so sample grids and the export need no second copy of the weights.
 """
 

@@ -2,8 +2,8 @@
 
 fp32 training with AdamW and an EMA needs 20 bytes per trainable parameter (weights 4, gradient 4, two moments 8,
 EMA 4) and 4 per frozen one (weights only: no gradient, optimizer state or EMA). The dry run prints these from the
-tensors the run holds, and the activations as the measured peak minus them and the process's baseline
-(docs/finetuning.md, memory).
+tensors the run holds, and the activations as the measured peak minus them and the process's runtime
+(docs/memory.md).
 """
 
 from __future__ import annotations
@@ -57,6 +57,26 @@ def optimizer_tensors(opt) -> list:
     return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
 
 
+def teacher_bytes(trainer) -> int:
+    """Bytes of the teacher's own tensors (those it does not share with the model)."""
+    if trainer.teacher is None:
+        return 0
+    model = trainer.model
+    own = {(t.device, t.untyped_storage().data_ptr()) for t in (*model.parameters(), *model.buffers())}
+    net = trainer.teacher.__self__  # the teacher is a bound FlowMap.velocity
+    return tensor_bytes(
+        t for t in (*net.parameters(), *net.buffers()) if (t.device, t.untyped_storage().data_ptr()) not in own
+    )
+
+
+def runtime_bytes(trainer) -> int:
+    """Memory in use once the run is built (libraries imported, optimizer created) minus the run's own tensors:
+    the interpreter, torch and anything loading left behind; the dry run's "runtime" line."""
+    model = trainer.model
+    held = tensor_bytes([*model.parameters(), *model.buffers()]) + trainer.ema.nbytes() + teacher_bytes(trainer)
+    return max(0, current_bytes(trainer.device) - held)
+
+
 def breakdown(trainer, peak: int) -> dict:
     """Bytes per part of the run (weights, gradients, optimizer, EMA, teacher, baseline, activations)."""
     model = trainer.model
@@ -64,13 +84,8 @@ def breakdown(trainer, peak: int) -> dict:
     grads = sum(p.numel() * p.element_size() for p in trainer.trainable)  # one fp32 gradient per trainable tensor
     optim = tensor_bytes(optimizer_tensors(trainer.opt))
     ema = trainer.ema.nbytes()
-    teacher = 0
-    if trainer.teacher is not None:
-        own = {(t.device, t.untyped_storage().data_ptr()) for t in (*model.parameters(), *model.buffers())}
-        net = trainer.teacher.__self__  # the teacher is a bound FlowMap.velocity
-        mine = [t for t in (*net.parameters(), *net.buffers()) if (t.device, t.untyped_storage().data_ptr()) not in own]
-        teacher = tensor_bytes(mine)
-    base = max(0, trainer.baseline_bytes)
+    teacher = teacher_bytes(trainer)
+    base = trainer.baseline_bytes
     states = weights + grads + optim + ema + teacher
     return {
         "weights": weights,
@@ -114,7 +129,7 @@ def format_breakdown(parts: dict, params: dict, batch: int, device: str) -> list
     ):
         note = "" if key in ("baseline", "activations") else f" ({parts[key] / trainable:.1f} B/trainable param)"
         if key == "baseline":
-            note = " (interpreter, torch, data before the model)"
+            note = " (interpreter, libraries, data; measured before the first step)"
         if key == "activations":
             note = f" (peak minus the rest, batch {batch})"
         lines.append(f"  {label:<14}{parts[key] / mib:>10,.0f} MiB{note}")

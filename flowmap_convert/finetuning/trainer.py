@@ -75,10 +75,6 @@ class Trainer:
         set_attention_backend(recipe.attention)
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
 
-        self.baseline_bytes = memory.current_bytes(self.device)  # before the model: the dry run's "runtime" line
-        if isinstance(model_or_source, torch.nn.Module):  # already in memory: its weights are not runtime
-            held = [*model_or_source.parameters(), *model_or_source.buffers()]
-            self.baseline_bytes -= memory.tensor_bytes(t for t in held if t.device.type == self.device.type)
         model, self.depth_origin = prepare_model(model_or_source, recipe)
         self.model = model.to(self.device)
         self.trainable = set_trainable(self.model, recipe.train, recipe.loss)
@@ -107,6 +103,7 @@ class Trainer:
         warm = max(0, recipe.warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.ema = EMA(self.model, recipe.ema_decay(), recipe.ema_warmup)
+        self.baseline_bytes = memory.runtime_bytes(self)  # what the process holds besides the run's tensors
         self.step = 0
         self.micro = 0  # this process's micro-batches so far, skipped ones included (data and noise move past them)
         self.skipped = 0
