@@ -135,7 +135,8 @@ def format_breakdown(parts: dict, params: dict, batch: int, device: str) -> list
         lines.append(f"  {label:<14}{parts[key] / mib:>10,.0f} MiB{note}")
     cuda = device.startswith("cuda")
     est = gpu_estimate(parts, batch, cuda)
-    where = "measured on CUDA" if cuda else "from this CPU run, bf16"
+    # the CPU runs math attention, which keeps N x N attention maps that the fused CUDA kernels never store
+    where = "measured on CUDA" if cuda else "from this CPU run, bf16; an upper bound: math attention on the CPU"
     lines.append(
         f"  GPU estimate  {est['bytes'] / mib:>10,.0f} MiB at batch {est['batch']} per GPU ({where}; "
         f"{est['activation_bytes_per_sample'] / mib:,.1f} MiB per sample)"
