@@ -209,6 +209,9 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine 2 threads ran 50x slower)"
     )
     ap.add_argument("--skip", default="", help="comma-separated stages to leave out: search-depth, dry-run")
+    ap.add_argument(
+        "--dry-run-only", action="store_true", help="inputs, convert and the dry run only (the memory breakdown)"
+    )
     a = ap.parse_args()
     work = a.work.resolve()
     if work.exists():
@@ -288,6 +291,9 @@ def main() -> None:
                 log,
             )
         )
+    if a.dry_run_only:
+        write_report(a, params, rows, checks, t0)
+        return
     ft = dict(
         model="xl-dmf",
         data="data",
@@ -335,6 +341,11 @@ def main() -> None:
     ck = torch.load(work / "ft/checkpoints/latest.pt", map_location="cpu", weights_only=True, mmap=True)
     checks["final_step"] = int(ck["step"])
     checks["exported"] = (work / "ft/model.safetensors").is_file() and (work / "ft/raw/model.safetensors").is_file()
+    write_report(a, params, rows, checks, t0)
+
+
+def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
+    """benchmarks/results/<out>.json and .md: per stage wall, peak RSS and bytes per parameter; the checks."""
     for r in rows:
         r["bytes_per_param"] = None if r["peak_rss"] is None else r["peak_rss"] / params
     model = (
@@ -345,7 +356,8 @@ def main() -> None:
     report = {
         "model": model,
         "parameters": params,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, "
+        f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM (shared), torch {torch.__version__}",
         "command": " ".join(["python benchmarks/rehearsal/rehearse_xl.py", *sys.argv[1:]]),
         "stages": rows,
         "checks": checks,
@@ -382,11 +394,14 @@ def main() -> None:
             *format_breakdown(dry["memory"], p, dry["batch_size"], dry["device"]),
             "```",
         ]
+    if "sample_shape" in checks:
+        lines += [
+            "",
+            "eval: torch-fidelity is not installed here and torchvision fails to import with this CPU torch, so the",
+            "Inception network could not be built; the 4 samples were scored with flowmap's `pixels` extractor (Frechet",
+            "distance to 4 uniform-noise images), which checks the eval plumbing on real-size images, not quality.",
+        ]
     lines += [
-        "",
-        "eval: torch-fidelity is not installed here and torchvision fails to import with this CPU torch, so the",
-        "Inception network could not be built; the 4 samples were scored with flowmap's `pixels` extractor (Frechet",
-        "distance to 4 uniform-noise images), which checks the eval plumbing on real-size images, not quality.",
         "",
         f"checks: {json.dumps({k: v for k, v in checks.items() if k != 'dry_run'})}",
     ]
