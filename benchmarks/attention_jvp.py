@@ -581,7 +581,7 @@ def table(directory: str, results: str) -> str:
                 return f"{_fmt(c.get('ms'))} ({_fmt(c.get('tflops'), '.0f')})" if c else "-"
 
             lines.append(
-                f"| {r.get('B')} | {r.get('H')} | {r['N']} | {r['D']} | {' | '.join(ms(k) for k in cols)} | "
+                f"| {r.get('B', '-')} | {r.get('H', '-')} | {r['N']} | {r['D']} | {' | '.join(ms(k) for k in cols)} | "
                 f"{_fmt(r['fused'].get('extra_mib'), '.1f')} | {_fmt(r['math_jvp'].get('extra_mib'), '.1f')} |"
             )
         lines += ["", "| gate | value | target | pass |", "|---|---|---|---|"]
