@@ -259,6 +259,9 @@ def main() -> None:
         rows.append(stage("finetune --dry-run (1 step)", [], work, env, log, api=ft_dry))
         text = (work / "rehearse.log").read_text()
         checks["dry_run"] = json.loads(text.rsplit("DRYRUN ", 1)[1].splitlines()[0])
+    if a.dry_run_only:
+        write_report(a, params, rows, checks, t0)
+        return
     if "search-depth" not in skip:
         rows.append(
             stage(
@@ -291,9 +294,6 @@ def main() -> None:
                 log,
             )
         )
-    if a.dry_run_only:
-        write_report(a, params, rows, checks, t0)
-        return
     ft = dict(
         model="xl-dmf",
         data="data",
