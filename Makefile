@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= test
 
-.PHONY: install demo lint test test-all clean bench-digits
+.PHONY: install demo lint test test-all clean bench-digits rehearse-xl
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -35,6 +35,14 @@ test-all: install
 
 bench-digits: install
 	$(BIN)/python benchmarks/digits/bench.py
+
+# The real job at real size on the CPU (not part of `make test`; ~14 GB of RAM for SiT-XL/2, see docs/memory.md):
+# random SiT-XL/2 weights in REPA's format -> convert, dry run, search-depth, finetune + SIGKILL + resume + export,
+# sample through the SD-VAE architecture, score; report in benchmarks/results/rehearse-xl.{json,md}.
+# REHEARSE_ARGS="--hidden 384" rehearses a smaller model where the memory is not there.
+REHEARSE_ARGS ?=
+rehearse-xl: install
+	$(BIN)/python benchmarks/rehearsal/rehearse_xl.py --work rehearse-xl-work $(REHEARSE_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

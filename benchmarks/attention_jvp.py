@@ -5,8 +5,9 @@ its timeout still leaves what it measured; <out> defaults to $OUT, else benchmar
 
     python benchmarks/attention_jvp.py env          # device, versions
     python benchmarks/attention_jvp.py correctness  # bf16 / fp16, L in 1,65,257,1024, D in 64,72,128, grads, autocast
-    python benchmarks/attention_jvp.py timing       # B=4, H=16, N in 1024,4096, D in 72,128: fused, SDPA, math, jvp+bwd
-    python benchmarks/attention_jvp.py dmf-step     # one DMF step of a SiT-XL/2-sized q-k-norm model, bf16, per backend
+    python benchmarks/attention_jvp.py timing       # the DMF shape (B 32, H 16, N 256, D 72), then B=4, H=16, N in
+                                                    # 1024,4096, D in 72,128: fused, SDPA flash, cuDNN, math, jvp+bwd
+    python benchmarks/attention_jvp.py dmf-step     # one DMF step of a SiT-XL/2-sized q-k-norm model, bf16, auto / math
     python benchmarks/attention_jvp.py table        # <out>/*.json -> benchmarks/results/attention-<device>.md
 
 benchmarks/gpu_check.sh runs them all, each under its own timeout. Every step but env and
@@ -230,8 +231,18 @@ def correctness(rec: Recorder) -> None:
 # ---------------------------------------------------------------- timing
 
 
-def measure(fn, warmup: int, repeats: int) -> dict:
-    """Median CUDA-event time (ms) and peak memory above what was allocated before the call (MiB)."""
+CALLS_PER_EVENT_PAIR = 20  # without triton.testing: time this many calls between two CUDA events
+
+
+def bench_ms(fn, warmup: int, repeats: int) -> float:
+    """Median milliseconds per call: triton.testing.do_bench (many calls per measurement, L2 flushed between them),
+    else CUDA events around CALLS_PER_EVENT_PAIR calls each, so that launch overhead does not dominate."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(fn, warmup=25, rep=max(50, 10 * repeats), return_mode="median"))
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -239,10 +250,20 @@ def measure(fn, warmup: int, repeats: int) -> dict:
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(CALLS_PER_EVENT_PAIR):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / CALLS_PER_EVENT_PAIR)
+    return statistics.median(times)
+
+
+def measure(fn, warmup: int, repeats: int, flops: float | None = None) -> dict:
+    """Median time (ms), TFLOP/s when `flops` is given, and peak memory above what was allocated before (MiB)."""
+    for _ in range(warmup):  # autotuning and compilation happen here, outside the timed calls
+        fn()
+    torch.cuda.synchronize()
+    ms = bench_ms(fn, warmup, repeats)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -250,12 +271,15 @@ def measure(fn, warmup: int, repeats: int) -> dict:
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     del out
-    return {"ms": statistics.median(times), "extra_mib": extra / 2**20}
+    row = {"ms": ms, "extra_mib": extra / 2**20}
+    if flops:
+        row["tflops"] = flops / (ms * 1e-3) / 1e12
+    return row
 
 
-def guarded(fn, warmup, repeats) -> dict:
+def guarded(fn, warmup, repeats, flops=None) -> dict:
     try:
-        return measure(fn, warmup, repeats)
+        return measure(fn, warmup, repeats, flops)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"error": "OOM"}
@@ -296,12 +320,29 @@ def timing_case(B, H, N, D, args) -> dict:
         with torch.no_grad():
             return torch.func.jvp(math_attention, (q, k, v), (tq, tk, tv))
 
+    def cudnn_fwd():
+        with torch.no_grad(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def cudnn_fwd_bwd():
+        a, b, c = (x.detach().requires_grad_() for x in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            o = torch.nn.functional.scaled_dot_product_attention(a, b, c)
+        o.backward(do)
+        return a.grad
+
+    # matmul units of 2 B H N^2 D flops each: forward 2 (QK^T, PV); forward + JVP 6; forward + backward 7
+    # (backward: dV, dP, dQ, dK and the recomputed S); jvp + backward 11 (the gates above, benchmarks/README-attention.md)
+    unit = 2.0 * B * H * N * N * D
     row = {"N": N, "D": D, "B": B, "H": H}
-    row["flash_fwd"] = guarded(flash_fwd, args.warmup, args.repeats)
-    row["fused"] = guarded(fused, args.warmup, args.repeats)
-    row["flash_fwd_bwd"] = guarded(flash_fwd_bwd, args.warmup, args.repeats)
-    row["jvp_bwd"] = guarded(jvp_bwd, args.warmup, args.repeats)
-    row["math_jvp"] = guarded(math_jvp, 1, 3) if N <= args.skip_math_above else {"error": "skipped"}
+    w, n = args.warmup, args.repeats
+    row["flash_fwd"] = guarded(flash_fwd, w, n, 2 * unit)
+    row["cudnn_fwd"] = guarded(cudnn_fwd, w, n, 2 * unit)
+    row["fused"] = guarded(fused, w, n, 6 * unit)
+    row["flash_fwd_bwd"] = guarded(flash_fwd_bwd, w, n, 7 * unit)
+    row["cudnn_fwd_bwd"] = guarded(cudnn_fwd_bwd, w, n, 7 * unit)
+    row["jvp_bwd"] = guarded(jvp_bwd, w, n, 11 * unit)
+    row["math_jvp"] = guarded(math_jvp, 1, 3, 6 * unit) if N <= args.skip_math_above else {"error": "skipped"}
     del q, k, v, tq, tk, tv, do
     torch.cuda.empty_cache()
     return row
@@ -330,13 +371,68 @@ def gates(rows) -> list:
     return out
 
 
+DMF_SHAPE = (32, 16, 256, 72)  # B, H, N, D of a DMF / SiT-XL/2 step at 256 px: batch 32, 16 heads of 72, 256 tokens
+
+
 def timing(rec: Recorder, args) -> None:
     os.environ.setdefault("FLOWMAP_TRITON_AUTOTUNE", "1")
+    B, H, N, D = DMF_SHAPE
+    rec.add(timing_case(B, H, N, D, args))
     for N in (int(x) for x in args.seq_lens.split(",")):
         for D in (int(x) for x in args.head_dims.split(",")):
             rec.add(timing_case(args.batch, args.heads, N, D, args))
     gate_rows = gates(rec.doc["rows"])
-    rec.finish(gates=gate_rows, all_pass=all(g["pass"] for g in gate_rows))
+    rec.finish(gates=gate_rows, all_pass=all(g["pass"] for g in gate_rows), autotune=autotune_record())
+
+
+def _plain(x):
+    """A JSON-friendly value (numbers and strings as they are, anything else as its repr)."""
+    return x if isinstance(x, (int, float, bool, str)) or x is None else repr(x)
+
+
+def autotune_record() -> dict:
+    """What the Triton autotuner chose (per head dim, dtype class and length bucket) and, per compiled kernel, its
+    registers, spills and constants (head dim, block sizes), so a later slot can start from these without re-tuning."""
+    out = {"winners": [], "compiled": []}
+    try:
+        from flowmap_convert.kernels import triton_jvp as tj
+    except Exception as e:
+        return {"error": repr(e)[:300]}
+    for key, tuner in list(tj._KERNELS.items()):
+        if not isinstance(key, tuple):
+            continue
+        for tune_key, cfg in dict(getattr(tuner, "cache", {}) or {}).items():
+            out["winners"].append(
+                {
+                    "head_dim": key[0],
+                    "fp32": key[1],
+                    "key": [_plain(x) for x in (tune_key if isinstance(tune_key, tuple) else (tune_key,))],
+                    "kwargs": {k: _plain(v) for k, v in dict(getattr(cfg, "kwargs", {})).items()},
+                    "num_warps": getattr(cfg, "num_warps", None),
+                    "num_stages": getattr(cfg, "num_stages", None),
+                }
+            )
+    jit = tj._KERNELS.get("compiled")
+    for entry in dict(getattr(jit, "device_caches", {}) or {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        for kern in list(dict(cache).values()):
+            try:
+                kern._init_handles()  # fills n_regs / n_spills
+            except Exception:
+                pass
+            md = getattr(kern, "metadata", None)
+            consts = getattr(getattr(kern, "src", None), "constants", {}) or {}
+            out["compiled"].append(
+                {
+                    "n_regs": getattr(kern, "n_regs", None),
+                    "n_spills": getattr(kern, "n_spills", None),
+                    "num_warps": getattr(md, "num_warps", None),
+                    "num_stages": getattr(md, "num_stages", None),
+                    "shared_bytes": getattr(md, "shared", None),
+                    "constants": {str(k): _plain(v) for k, v in dict(consts).items()},
+                }
+            )
+    return out
 
 
 # ---------------------------------------------------------------- one DMF step
@@ -362,7 +458,9 @@ def dmf_step(rec: Recorder, args, device: str) -> None:
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    for backend in ("auto", "math", "sdpa", "triton"):
+    # auto (the fused Triton JVP where it applies) against the math reference; SDPA has no forward-mode AD, and
+    # triton alone would repeat auto's row
+    for backend in ("auto", "math"):
         row = {"backend": backend, "batch": args.dmf_batch, "model": "tiny" if args.tiny else "SiT-XL/2 rms q-k norm"}
         try:
             with use_backend(backend):  # attention(..., backend=None) in the model uses it
@@ -461,23 +559,43 @@ def table(directory: str, results: str) -> str:
             lines.append("\n(correctness step did not finish: timed out)")
     t = load("timing")
     if t:
-        lines += ["", "## Timings (bf16, ms median; extra MiB above the inputs)", ""]
+        lines += ["", "## Timings (bf16, ms median by triton.testing.do_bench, TFLOP/s in brackets; extra MiB)", ""]
+        cols = ("flash_fwd", "cudnn_fwd", "fused", "flash_fwd_bwd", "cudnn_fwd_bwd", "jvp_bwd", "math_jvp")
         lines += [
-            "| N | D | flash fwd | fused fwd+JVP | flash fwd+bwd | jvp+bwd | math JVP | fused MiB | math MiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| B | H | N | D | flash fwd | cuDNN fwd | fused fwd+JVP | flash fwd+bwd | cuDNN fwd+bwd | jvp+bwd | math JVP "
+            "| fused MiB | math MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in t["rows"]:
 
             def ms(k, r=r):
-                return _fmt(r[k].get("ms")) if "error" not in r[k] else r[k]["error"][:20]
+                c = r.get(k, {})
+                if "error" in c:
+                    return c["error"][:20]
+                return f"{_fmt(c.get('ms'))} ({_fmt(c.get('tflops'), '.0f')})" if c else "-"
 
             lines.append(
-                f"| {r['N']} | {r['D']} | {ms('flash_fwd')} | {ms('fused')} | {ms('flash_fwd_bwd')} | {ms('jvp_bwd')} | "
-                f"{ms('math_jvp')} | {_fmt(r['fused'].get('extra_mib'), '.1f')} | {_fmt(r['math_jvp'].get('extra_mib'), '.1f')} |"
+                f"| {r.get('B', '-')} | {r.get('H', '-')} | {r['N']} | {r['D']} | {' | '.join(ms(k) for k in cols)} | "
+                f"{_fmt(r['fused'].get('extra_mib'), '.1f')} | {_fmt(r['math_jvp'].get('extra_mib'), '.1f')} |"
             )
         lines += ["", "| gate | value | target | pass |", "|---|---|---|---|"]
         for g in t.get("gates") or gates(t["rows"]):
             lines.append(f"| {g['gate']} | {g['value']:.3g} | {g['target']} | {'yes' if g['pass'] else 'NO'} |")
+        tune = t.get("autotune") or {}
+        if tune.get("winners") or tune.get("compiled"):
+            lines += ["", "## Triton autotune (winners per head dim and length bucket; compiled kernels)", ""]
+            for w in tune.get("winners", []):
+                lines.append(
+                    f"- D {w['head_dim']}{' fp32' if w['fp32'] else ''}, key {w['key']}: {w['kwargs']}, "
+                    f"{w['num_warps']} warps, {w['num_stages']} stages"
+                )
+            for c in tune.get("compiled", []):
+                k = c.get("constants", {})
+                lines.append(
+                    f"- compiled HEAD_DIM {k.get('HEAD_DIM', '?')} BLOCK_M {k.get('BLOCK_M', '?')} "
+                    f"BLOCK_N {k.get('BLOCK_N', '?')}: {c.get('n_regs')} registers, {c.get('n_spills')} spills, "
+                    f"{c.get('num_warps')} warps, {c.get('num_stages')} stages"
+                )
     d = load("dmf-step")
     if d:
         lines += [

@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# One GPU check of the attention kernels, < 8 minutes on one H100 / H200 (issue 15).
+# One GPU check of the attention kernels, < 8 minutes on one H100 / H200 (issues 15 and 24).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      # default OUT: benchmarks/results/gpu-check
+#
+# It runs from the checkout without installing anything: PYTHONPATH=benchmarks/checkout:. with
+# benchmarks/checkout/sitecustomize.py mapping flowmap_convert.adapters / .kernels onto adapters/ and kernels/
+# (the package-dir of pyproject.toml). If `import torch, triton, flowmap_convert.kernels` fails, the script stops
+# at once (exit 3) instead of letting every later step die on the same ImportError.
 #
 # Every step runs under its own `timeout` and writes into $OUT as it goes (each JSON is
 # rewritten after every case), so a step that hangs or runs long costs only its own budget:
 #
-#   setup        35 s  import torch / triton / flowmap_convert (editable install, no deps, if needed)
-#   env          15 s  device, versions                                     -> env.json
-#   correctness 100 s  bf16 / fp16, L 1/65/257/1024, D 64/72/128, MeanFlow
+#   setup        40 s  import torch / triton / flowmap_convert.kernels from the checkout; stop if it fails
+#   env          30 s  device, versions                                     -> env.json
+#   correctness  95 s  bf16 / fp16, L 1/65/257/1024, D 64/72/128, MeanFlow
 #                      grads, autocast q-k norm, B*H > 65535, fp32          -> correctness.json
-#   pytest-gpu   95 s  pytest -m gpu tests/test_kernels.py                  -> log.txt
-#   timing      110 s  B=4 H=16 N 1024/4096 D 72/128: fused, SDPA flash,
-#                      math JVP, jvp+backward, extra memory, gates          -> timing.json
-#   dmf-step     85 s  one DMF step, SiT-XL/2-sized q-k-norm model, bf16,
-#                      per attention backend (s / step, peak memory)        -> dmf-step.json
+#   pytest-gpu   90 s  pytest -m gpu tests/test_kernels.py                  -> log.txt
+#   timing      120 s  DMF shape B=32 H=16 N=256 D=72, then B=4 H=16 N 1024/4096 D 72/128: fused, SDPA flash,
+#                      cuDNN (the Hopper baseline), math JVP, jvp+backward; triton.testing.do_bench medians,
+#                      TFLOP/s, extra memory, gates; the autotune winner, registers and spills per head dim -> timing.json
+#   dmf-step     85 s  one DMF step, SiT-XL/2-sized q-k-norm model, bf16, auto and math (s / step, peak memory)
+#                                                                            -> dmf-step.json
 #   table        15 s  the JSONs as markdown                                -> attention-<device>.md
 #
-# Limits sum to 455 s. Step exit codes and durations: $OUT/steps.jsonl; all output: $OUT/log.txt
-# (7 files in all: a device run returns at most 8).
+# Limits sum to 475 s (under 8 minutes). Step exit codes and durations: $OUT/steps.jsonl; all output:
+# $OUT/log.txt (7 files in all: a device run returns at most 8). Without a GPU every GPU step exits 2 with one line.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-check}
@@ -43,15 +49,17 @@ step() {  # step NAME LIMIT_SECONDS CMD...
     return 0
 }
 
-SETUP='"$PY" -c "import torch, triton, flowmap_convert.kernels" 2>/dev/null \
-    || "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 2;
-    "$PY" -c "import torch, triton, flowmap_convert.kernels; print(torch.__version__, triton.__version__)"'
-
-step setup 35 bash -c "$SETUP"
-step env 15 "$PY" benchmarks/attention_jvp.py env --out "$OUT"
-step correctness 100 "$PY" benchmarks/attention_jvp.py correctness --out "$OUT"
-step pytest-gpu 95 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
-step timing 110 "$PY" benchmarks/attention_jvp.py timing --out "$OUT"
+export PYTHONPATH="$PWD/benchmarks/checkout:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+step setup 40 "$PY" -c "import torch, triton, flowmap_convert.kernels; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+if [ "$(tail -n 1 "$OUT/steps.jsonl" | grep -c '"rc": 0,')" != 1 ]; then
+    echo "setup failed: torch, triton or flowmap_convert.kernels does not import from this checkout (see $LOG); stopping." | tee -a "$LOG"
+    tail -n 5 "$LOG"
+    exit 3
+fi
+step env 30 "$PY" benchmarks/attention_jvp.py env --out "$OUT"
+step correctness 95 "$PY" benchmarks/attention_jvp.py correctness --out "$OUT"
+step pytest-gpu 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
+step timing 120 "$PY" benchmarks/attention_jvp.py timing --out "$OUT"
 step dmf-step 85 "$PY" benchmarks/attention_jvp.py dmf-step --out "$OUT"
 step table 15 "$PY" benchmarks/attention_jvp.py table --out "$OUT" --results "$OUT"
 echo "total $(($(date +%s) - T0)) s; results in $OUT" | tee -a "$LOG"

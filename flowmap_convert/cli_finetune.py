@@ -101,6 +101,7 @@ def finetune_cmd(
       torchrun --nproc_per_node 2 -m flowmap_convert.cli finetune digits-d4 --steps 100 --out ft-ddp
     """
     from .finetuning import finetune
+    from .finetuning.memory import format_breakdown
     from .finetuning.recipes import table
 
     FlagConsole = _flag_console()
@@ -134,7 +135,10 @@ def finetune_cmd(
         p = result["parameters"]
         lines = [
             f"parameters      {p['total']:,} ({p['trainable']:,} trainable, {p['frozen']:,} frozen)",
-            f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'})",
+            f"peak memory     {result['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA allocated' if result['device'].startswith('cuda') else 'process RSS'}), "
+            f"{(result['peak_memory_bytes'] - result['memory']['baseline']) / max(1, p['trainable']):.1f} bytes per "
+            "trainable parameter besides the runtime:",
+            *format_breakdown(result["memory"], p, result["batch_size"], result["device"]),
             f"seconds/step    {result['seconds_per_step']:.3f} (mean of {max(1, result['steps_timed'] - 1)} steps after the first, batch {result['batch_size']} x {result['processes']} process(es), stage {result['stage']})",
             f"device          {result['device']}",
             "nothing written (dry run)",

@@ -474,9 +474,15 @@ def test_benchmark_gates_and_table(tmp_path):
     assert path.endswith("attention-nvidia-h200.md")
     text = open(path).read()
     assert (
-        "| 1024 | 72 | 1.000 | 2.900 |" in text
+        "| 1024 | 72 | 1.000 (-) | - | 2.900 (-) |" in text  # no cuDNN row measured, no TFLOP/s given
         and "| jvp+bwd / flash fwd+bwd, N=1024 D=72 | 1.67 | <= 1.6 | NO |" in text
     )
+    dmf = dict(B=32, H=16, N=256, D=72, flash_fwd={"ms": 0.1, "tflops": 302.0}, cudnn_fwd={"ms": 0.09, "tflops": 336.0},
+               fused={"ms": 0.3, "tflops": 302.0, "extra_mib": 1.0}, math_jvp={"error": "skipped"})  # fmt: skip
+    t.add(dmf)
+    t.finish(gates=bench.gates(rows + [dmf]))
+    text = open(bench.table(str(tmp_path), str(tmp_path / "results"))).read()
+    assert "| 32 | 16 | 256 | 72 | 0.100 (302) | 0.090 (336) | 0.300 (302) |" in text
 
 
 # ---------------------------------------------------------------- CUDA

@@ -126,7 +126,8 @@ def save(state: dict, directory: Path) -> Path:
 def read(path: Path) -> dict:
     """Load and verify one checkpoint file; FlowmapError (one line) when it is missing, unreadable or corrupted."""
     try:
-        s = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors stay in the page cache until copied into the run (resume holds no second full copy)
+        s = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise
     except Exception as e:

@@ -1,8 +1,11 @@
-"""The end of a run: the EMA model, sample grids, and the exported model directories (EMA at --out, raw at --out/raw)."""
+"""The end of a run: the EMA model, sample grids, and the exported model directories (EMA at --out, raw at --out/raw).
+
+No second copy of the weights is made: the EMA model shares the EMA shadow's tensors (ema.EMA.model_view) and each
+directory is written from the tensors themselves (safetensors writes them from memory, without a serialised copy).
+"""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -10,13 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def ema_model(model, ema):
-    """A copy of the model carrying the EMA weights."""
-    m = copy.deepcopy(model).eval()
-    ema.copy_to(m)
-    return m
 
 
 def write_sample_grid(model, path: Path, device, nfe: int = 1) -> Path:
@@ -56,16 +52,24 @@ def training_record(recipe, step: int, skipped: int, ema_decay: float, world: in
 
 
 def export_run(model, ema, training: dict, out: Path, device, grid: bool, write: bool):
-    """EMA weights -> a flowmap model dir at `out`, raw weights at `out`/raw (written when `write`); the EMA model."""
-    ema_m = ema_model(model, ema)
-    raw = copy.deepcopy(model).eval()
+    """EMA weights -> a flowmap model dir at `out`, raw weights at `out`/raw (written when `write`); the EMA model.
+
+    The EMA model is ema.EMA.model_view: the shadow's tensors and the model's frozen ones, no second copy.
+    """
+    ema_m = ema.model_view(model)
     shift = float(training.get("recipe", {}).get("sample_shift", 1.0))  # the recipe's (DMF App. C: 1.5 at 512 px)
     sampling = {"sampler": "euler", "nfe": 1, "shift": shift, "cfg_scale": 1.0}  # guidance is trained in
-    for m, w in ((ema_m, "ema"), (raw, "raw")):
-        m.config = m.config.replace(training={**training, "weights": w}, sampling=sampling)
+    ema_m.config = ema_m.config.replace(training={**training, "weights": "ema"}, sampling=sampling)
     if write:
         export_into(ema_m, Path(out), device, grid)
-        export_into(raw, Path(out) / "raw", device, grid)
+        base, training_mode = model.config, model.training
+        model.config = base.replace(training={**training, "weights": "raw"}, sampling=sampling)
+        model.eval()
+        try:
+            export_into(model, Path(out) / "raw", device, grid)
+        finally:
+            model.config = base
+            model.train(training_mode)
     return ema_m
 
 

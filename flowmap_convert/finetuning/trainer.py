@@ -15,7 +15,6 @@ Design notes
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -29,13 +28,14 @@ from ..errors import FlowmapError
 from ..outputs import mark_output
 from ..progress import Progress, format_seconds
 from ..runtime import resolve_device
-from . import checkpoint
+from . import checkpoint, memory
 from .common import Calls, Context
 from .data import EpochSampler, check_dataset, load_dataset
 from .distributed import LossModule, check_replicas, make_accelerator, mean_over_ranks, sync_context, wrap
 from .ema import EMA
 from .export import export_run, training_record
 from .loader import BatchStream, default_workers
+from .memory import frozen_teacher
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
 from .recipe import Recipe, latent_shift
 from .setup import check_trackers, count_params, peak_memory_bytes, prepare_model, set_trainable, with_attention_backend
@@ -88,8 +88,11 @@ class Trainer:
         if recipe.objective in NEEDS_TEACHER:
             # MF-RAE's teacher is the pretrained flow model the run started from (finetune() passes it, or the model
             # `teacher` names), never the student's own u(x, t, t); without one, a frozen copy of the starting model
-            src = teacher if teacher is not None else copy.deepcopy(model)
-            self.teacher_model = src.float().to(self.device).eval().requires_grad_(False)
+            # that shares every tensor the run does not train (finetuning.memory.frozen_teacher)
+            if teacher is not None:
+                self.teacher_model = teacher.float().to(self.device).eval().requires_grad_(False)
+            else:
+                self.teacher_model = frozen_teacher(self.model)
         self.teacher = self.teacher_model.velocity if self.teacher_model is not None else None
         self.teacher_source = None  # what the teacher is, for config.training of the export
         self.data = load_dataset(data, self.model.config.latent, self.device)
@@ -116,11 +119,17 @@ class Trainer:
             self.acc, LossModule(self.model, self.objective, self.ctx)
         )  # DDP broadcasts rank 0's weights
         self.opt = torch.optim.AdamW(
-            self.trainable, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay, eps=1e-8
+            self.trainable,
+            lr=recipe.lr,
+            betas=tuple(recipe.betas),
+            weight_decay=recipe.weight_decay,
+            eps=1e-8,
+            fused=self.device.type == "cuda" or None,  # fused on CUDA: no full-size temporaries in the step
         )
         warm = max(0, recipe.warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.ema = EMA(self.model, recipe.ema_decay(), recipe.ema_warmup)
+        self.baseline_bytes = memory.runtime_bytes(self)  # what the process holds besides the run's tensors
         self.step = 0
         self.micro = 0  # this process's micro-batches so far, skipped ones included (data and noise move past them)
         self.skipped = 0
@@ -362,10 +371,11 @@ class Trainer:
                     if rec.checkpoint_every and self.step % rec.checkpoint_every == 0 and self.step < rec.steps:
                         self.save_checkpoint()
                     if rec.sample_every and self.step % rec.sample_every == 0 and self.main:
-                        from .export import ema_model, write_sample_grid
+                        from .export import write_sample_grid
 
                         path = self.out / "samples" / f"step-{self.step:07d}.png"
-                        write_sample_grid(ema_model(self.model, self.ema), path, self.device)
+                        with torch.no_grad():  # the EMA weights, no copy of them (ema.EMA.model_view)
+                            write_sample_grid(self.ema.model_view(self.model), path, self.device)
         finally:
             self.batches.close()  # the data workers are done
             if mf is not None:
@@ -399,21 +409,31 @@ def _extra(m: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------- dry run
 def dry_run(trainer: Trainer, steps: int = 3) -> dict:
-    """Run a few steps without writing anything and restore the weights; report sizes, memory and seconds per step."""
-    saved = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    opt_state = copy.deepcopy(trainer.opt.state_dict())
+    """Run a few steps without writing anything; report sizes, memory (a breakdown) and seconds per step.
+
+    Nothing is copied to be restored: the EMA is not updated, so its shadow still holds the starting trainable
+    weights, and they are copied back at the end (a model passed in by the caller comes back as it was; frozen
+    tensors never changed). The optimizer's state is dropped.
+    """
     times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        m = trainer.train_step()
-        times.append(time.perf_counter() - t)
-    trainer.model.load_state_dict(saved)
-    trainer.opt.load_state_dict(opt_state)
+    update, trainer.ema.update = trainer.ema.update, lambda model: None
+    try:
+        for _ in range(steps):
+            t = time.perf_counter()
+            m = trainer.train_step()
+            times.append(time.perf_counter() - t)
+        peak = peak_memory_bytes(trainer.device)
+        parts = memory.breakdown(trainer, peak)
+    finally:
+        trainer.ema.update = update
+        trainer.ema.copy_to(trainer.model)
+        trainer.opt.state.clear()
     trainer.step = trainer.micro = 0
     per = times[1:] or times
     return {
         "parameters": count_params(trainer.model),
-        "peak_memory_bytes": peak_memory_bytes(trainer.device),
+        "peak_memory_bytes": peak,
+        "memory": parts,
         "seconds_per_step": sum(per) / len(per),
         "steps_timed": len(times),
         "last_loss": m["loss"],

@@ -1,0 +1,70 @@
+"""Child process of test_memory_budget: one fine-tuning dry run on a mid-size model, its memory as JSON on stdout.
+
+Run alone so that its peak RSS (resource.getrusage) belongs to this run only.
+"""
+
+import json
+import resource
+import sys
+
+import torch
+
+from flowmap_convert.config import LatentSpace, ModelConfig
+from flowmap_convert.finetuning import finetune
+from flowmap_convert.finetuning.memory import current_bytes
+from flowmap_convert.model import FlowMap
+
+
+def warm_up() -> None:
+    """Import what the first optimizer step and jvp import (about 150 MB of RSS), so it counts before the model."""
+    import accelerate  # noqa: F401
+    from torch.func import jvp
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([p])
+    x = torch.ones(4, requires_grad=True)
+    jvp(lambda a: (a * p).sin(), (x,), (torch.ones(4),))[1].sum().backward()
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    opt.step()
+
+
+def main(train: str, objective: str) -> None:
+    torch.set_num_threads(1)
+    warm_up()
+    cfg = ModelConfig(
+        input_size=8,  # 4 x 8 x 8 latents, patch 2: 16 tokens, so the activations are small next to the states
+        in_channels=4,
+        patch_size=2,
+        hidden_size=512,
+        num_blocks=10,
+        num_heads=8,
+        mlp_ratio=4.0,
+        num_classes=10,
+        class_embed_rows=11,
+        latent=LatentSpace(kind="identity", channels=4, size=8, image_channels=4, image_size=8),
+    )
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+    before = current_bytes(torch.device("cpu"))
+    model = FlowMap(cfg).with_depth(6)
+    rep = finetune(
+        model,
+        data=data,
+        objective=objective,
+        train=train,
+        steps=10,
+        batch_size=2,
+        out="unused",
+        dry_run=True,
+        dry_run_steps=2,
+        mg_scale=0.0,
+        label_dropout=0.0,
+        progress=False,
+        grid=False,
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before_model": before, "peak": peak, "parameters": rep["parameters"], "memory": rep["memory"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
