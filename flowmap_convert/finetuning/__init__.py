@@ -171,8 +171,9 @@ def finetune(
             from ..api import load
 
             teacher = load(str(teacher_src))
-        else:  # the pretrained model the run started from, before any update
+        elif len(resolved) > 1:  # the pretrained model the run started from: later stages start from another model
             teacher = copy.deepcopy(model)
+        # else one stage: the Trainer keeps a frozen copy of its starting model sharing every untrained tensor
     thread_note = set_threads(threads, dev)
     if os.environ.get("RANK", "0") in ("", "0"):  # the plan, before anything is built or trained (rank 0 only)
         for note in (
@@ -208,7 +209,7 @@ def finetune(
         )
         if trainer.main:
             notes = []
-            if teacher is not None and trainer.teacher_model is not None:
+            if trainer.teacher_model is not None:
                 notes.append(f"teacher: {teacher_src or source_label(model_or_source)} (the pretrained flow model)")
             notes.append((f"stage {k + 1}/{n} ({res.stage}): " if n > 1 else "") + trainer.plan())
             for note in notes:
@@ -220,7 +221,7 @@ def finetune(
             return report
         if k == 0 and trainer.main:
             rr.write_record(out, now)
-        if teacher is not None:
+        if trainer.teacher_model is not None:
             trainer.set_teacher_provenance(teacher_src or source_label(model_or_source))
         result = trainer.run(resume=checkpoint_in(where))
         current = result
