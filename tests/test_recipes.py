@@ -124,11 +124,24 @@ def _cfg(arch="dit", blocks=28, hidden=1152, res=256, classes=1000, **kw):
         (_cfg(blocks=24, hidden=1024), "dmf-l2-256"),
         (_cfg(blocks=12, hidden=768), "dmf-b2-256"),
         (_cfg(blocks=12, hidden=768, classes=10), None),
+        (_cfg(arch="lightningdit", patch_size=1), "dmf-xl2-256"),  # LightningDiT-XL/1: the same size rule
+        (_cfg(arch="mcg-ddt", extra={"encoder_blocks": 22}), "dmf-xl2-256"),  # DDT-XL/2
     ],
 )
 def test_the_default_recipe_follows_from_the_model(cfg, name):
     assert default_recipe(cfg, "some/model")[0] == name
     assert default_recipe(cfg, "builtin:digits-sit")[0] == "digits"
+
+
+def test_ddt_keeps_its_own_split_under_the_xl_recipe_unless_depth_is_typed():
+    from flowmap_convert.finetuning.recipes import model_values
+
+    cfg = _cfg(arch="mcg-ddt", extra={"encoder_blocks": 22})
+    r = resolve(get("dmf-xl2-256"), {}, None, model_values(cfg))[0]
+    assert r.recipe.depth == 22 and r.origins["depth"].startswith("model")
+    assert get("dmf-xl2-256").values["depth"][0] == 20  # what a SiT-XL/2 gets
+    assert resolve(get("dmf-xl2-256"), {"depth": 18}, None, model_values(cfg))[0].recipe.depth == 18
+    assert model_values(_cfg()) == {}
 
 
 def test_options_override_one_field_and_batch_size_drops_the_global_batch():

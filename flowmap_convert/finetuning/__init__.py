@@ -137,7 +137,7 @@ def finetune(
         why = "recorded in the run"
     elif named is not None:
         why = "named by `recipe`"
-    resolved = rc.resolve(named, given, stages)
+    resolved = rc.resolve(named, given, stages, rc.model_values(model.config))
     teacher_src = resolved[0].recipe.teacher
     now = rr.make_record(model_or_source, data, named.name if named else None, resolved, teacher_src)
     if record is not None:

@@ -183,6 +183,18 @@ RECIPES: dict[str, Named] = {r.name: r for r in (DMF_B2, DMF_L2, DMF_XL2, DMF_XL
 
 
 # ---------------------------------------------------------------------------------------------------- choice
+ARCH_NAMES = {"dit": "DiT", "lightningdit": "LightningDiT", "mcg-ddt": "DDT"}
+
+
+def model_values(config) -> dict[str, tuple[Any, str]]:
+    """Fields the model itself fixes over any recipe (below the options typed): DDT's split is its own boundary."""
+    if config.arch == "mcg-ddt":
+        from ..config import default_depth
+
+        return {"depth": (default_depth(config), "the model: DDT's encoder / decoder boundary")}
+    return {}
+
+
 def default_recipe(config, source=None) -> tuple[str | None, str]:
     """(recipe name or None, why): the recipe a model gets when none is named, from family, size and resolution."""
     src = str(source) if isinstance(source, str) else str((config.provenance or {}).get("source", ""))
@@ -192,11 +204,13 @@ def default_recipe(config, source=None) -> tuple[str | None, str]:
     blocks, hidden = config.num_blocks, config.hidden_size
     if config.arch == "ddt" and res in (256, 512):
         return f"mf-rae-{res}", f"an RAE DiT^DH at {res} px"
-    if config.arch == "dit" and config.num_classes == 1000:
+    # DiT / SiT / REPA / REPA-E, LightningDiT and DDT: the same rule, DMF's recipe for the transformer's size
+    # (a LightningDiT-XL/1 or DDT-XL/2 is an XL transformer; DDT keeps its own split, model_values)
+    if config.arch in ("dit", "lightningdit", "mcg-ddt") and config.num_classes == 1000:
         size = {(12, 768): "b2", (24, 1024): "l2", (28, 1152): "xl2"}.get((blocks, hidden))
         name = f"dmf-{size}-{res}" if size else None
         if name in RECIPES:
-            return name, f"a {blocks}-block, {hidden}-wide DiT at {res} px"
+            return name, f"a {blocks}-block, {hidden}-wide {ARCH_NAMES[config.arch]} at {res} px"
     return None, "no named recipe fits this model (family, blocks, width, resolution)"
 
 
@@ -216,8 +230,14 @@ class Resolved:
     origins: dict[str, str] = field(default_factory=dict)
 
 
-def resolve(named: Named | None, given: dict[str, Any], stages: tuple[str, ...] | None = None) -> list[Resolved]:
-    """The Recipe of every stage: Recipe defaults < the recipe's values < the stage's values < the options given.
+def resolve(
+    named: Named | None,
+    given: dict[str, Any],
+    stages: tuple[str, ...] | None = None,
+    model: dict[str, tuple[Any, str]] | None = None,
+) -> list[Resolved]:
+    """The Recipe of every stage: Recipe defaults < the recipe's values < the stage's values < what the model fixes
+    (`model`, e.g. model_values) < the options given.
 
     `given` holds only the options the user typed; `batch_size` typed alone drops a recipe's `global_batch`.
     """
@@ -250,6 +270,7 @@ def resolve(named: Named | None, given: dict[str, Any], stages: tuple[str, ...] 
         layers = [(named.values if named else {}, f"recipe {named.name}" if named else "")]
         if st is not None:
             layers.append((st.values, f"recipe {named.name}, stage {st.name}"))
+        layers.append((model or {}, "model"))
         for vals, label in layers:
             for k, (v, src) in vals.items():
                 values[k], origins[k] = v, f"{label}: {src}"
