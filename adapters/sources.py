@@ -515,7 +515,7 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
         )
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        clean_stale(cache, target.name)
+        clean_stale(cache, target.name, by_name=True)  # the cache is flowmap's own: leftovers known by name
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=cache)
     except OSError as e:
         raise FlowmapError(

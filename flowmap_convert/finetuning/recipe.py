@@ -57,6 +57,7 @@ class Recipe:
     attention: str = "auto"  # attention backend for flowmap_convert.kernels
     seed: int = 0
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    checkpoint_minutes: float = 10.0  # also a checkpoint when this many minutes passed since the last (0: off)
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     log_every: int = 10  # steps between metric lines
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
@@ -94,6 +95,7 @@ class Recipe:
             int_in_range(opt(name), getattr(self, name), 1)
         for name in ("warmup", "checkpoint_every", "sample_every"):
             int_in_range(opt(name), getattr(self, name), 0)
+        finite_float("`checkpoint_minutes`", self.checkpoint_minutes, 0.0, 1e6)
         int_in_range("--cmt-states", self.cmt_states, 2, 100_000)
         seed("--seed", self.seed)
         if self.depth is not None:
