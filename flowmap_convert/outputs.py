@@ -252,6 +252,11 @@ def output_kind(directory: str | os.PathLike) -> str | None:
     return marker["kind"] if marker else None
 
 
+def read_marker(directory: str | os.PathLike) -> dict | None:
+    """A directory's marker as a dict (kind, files, hashes), or None when it has none or it is not readable."""
+    return _read_marker(Path(directory))
+
+
 def _read_marker(directory: Path) -> dict | None:
     path = directory / MARKER_NAME
     try:
