@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -316,13 +317,46 @@ def evaluate(
     on_start=None,
     **load_options,
 ) -> dict:
-    """Score samples (PNG folder / .npz) or a model at each NFE; writes eval.json and eval.png when `out` is set."""
-    from .export_samples import run_sampling
+    """Score samples (PNG folder / .npz) or a model at each NFE; writes eval.json and eval.png when `out` is set.
 
+    `out` is locked for the whole evaluation (flowmap_convert.outputs.output_lock) and marked as ours once every
+    input is checked, so an evaluation stopped by Ctrl-C or a full disk can be rerun into it.
+    """
     t_all = time.perf_counter()
     settings = settings or SampleSettings()
     ref = Reference(reference)
     out = check_workdir(out, "eval", "flowmap eval output", sources=(target,)) if out is not None else None
+    if out is None:
+        return _evaluate(
+            target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
+        )
+    from .export_samples import dist_context
+    from .outputs import mark_output, output_lock
+
+    def started():  # every input checked: marked before any work, so an evaluation stopped half-way is ours to rerun
+        if dist_context()[0] == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                from .outputs import write_error
+
+                raise write_error(out, e) from None
+            mark_output(out, "eval", files=[], update=True)
+        if user_start is not None:
+            user_start()
+
+    user_start, on_start = on_start, started
+    with output_lock(out) if dist_context()[0] == 0 else nullcontext():
+        return _evaluate(
+            target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
+        )
+
+
+def _evaluate(
+    target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
+):
+    from .export_samples import run_sampling
+
     results = []
     extractors: dict = {}
     path = Path(str(target))
@@ -395,7 +429,7 @@ def evaluate(
         from .outputs import atomic_file, mark_output
 
         out.mkdir(parents=True, exist_ok=True)
-        mark_output(out, "eval", files=[])
+        mark_output(out, "eval", files=[], update=True)
         if not is_samples:
             plot_eval(report, out / "eval.png")
             report["plot"] = str(out / "eval.png")
