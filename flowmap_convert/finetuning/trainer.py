@@ -57,6 +57,19 @@ def checkpoint_cadence(recipe) -> int:
     return every
 
 
+def check_exported_files(out) -> None:
+    """Refuse (one line, nothing changed) when a file the export would replace is not flowmap's unchanged output:
+    a README.md the user edited, a link, a file flowmap did not write (flowmap_convert.outputs.changed_files)."""
+    out = Path(out)
+    names = list(EXPORTED) + [f"raw/{n}" for n in EXPORTED] + list(GROWING)
+    theirs = changed_files(out, names) if out.is_dir() else []
+    if theirs:
+        raise FlowmapError(
+            f"{out} holds {', '.join(theirs[:3])}, which flowmap did not write or which changed since; "
+            "move it out of the run directory (flowmap never overwrites a file it did not write), then rerun."
+        )
+
+
 class StopSignals:
     """While training: SIGINT / SIGTERM only raise a flag, so the loop stops at the next step boundary with a
     checkpoint; a second signal interrupts at once (main thread only; elsewhere the handlers stay as they are)."""
@@ -313,15 +326,8 @@ class Trainer:
         return f
 
     def check_exported_files(self) -> None:
-        """Refuse (one line, nothing changed) when a file the export would replace is not flowmap's unchanged output:
-        a README.md the user edited, a link, a file flowmap did not write (flowmap_convert.outputs.changed_files)."""
-        names = list(EXPORTED) + [f"raw/{n}" for n in EXPORTED] + list(GROWING)
-        theirs = changed_files(self.out, names) if self.out.is_dir() else []
-        if theirs:
-            raise FlowmapError(
-                f"{self.out} holds {', '.join(theirs[:3])}, which flowmap did not write or which changed since; "
-                "move it out of the run directory (flowmap never overwrites a file it did not write), then rerun."
-            )
+        """See `check_exported_files` (module level)."""
+        check_exported_files(self.out)
 
     def _progress(self) -> Progress:
         """The step reporter: a bar on a terminal, plain lines (total, s/step, ETA, loss) when piped."""
