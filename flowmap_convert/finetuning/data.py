@@ -139,16 +139,24 @@ def list_image_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
-    """Read, centre-crop, resize and scale images to (N, C, size, size) in [-1, 1]."""
+    """Read, centre-crop, resize and scale images to (N, C, size, size) in [-1, 1].
+
+    Every file goes through flowmap_convert.images (palette, 16-bit, alpha, CMYK; damaged files and bombs are one
+    line), and the result's size is checked against the memory first (flowmap_convert.budget)."""
     from PIL import Image
 
+    from ..budget import check
+    from ..images import read_image
+
+    check(
+        4.0 * len(files) * channels * size * size,
+        f"{len(files):,} images of {size}x{size}x{channels} (latent.image_size {size})",
+        "use a model with a smaller image size, or fewer images at a time",
+    )
     out = []
     for f in files:
-        try:
-            img = Image.open(f)
-            img = img.convert("L" if channels == 1 else "RGB")
-        except Exception as e:
-            raise FlowmapError(f"cannot read image {f} ({e}); remove it or fix the file.") from None
+        a = read_image(f, channels)
+        img = Image.fromarray(a[..., 0] if channels == 1 else a)
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
