@@ -130,6 +130,10 @@ class Trainer:
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device.type == "cuda")
 
         model, self.depth_origin = prepare_model(model_or_source, recipe)
+        from ..budget import check_batch
+
+        # a lower bound (one activation per block), multiplied out before anything of the batch's size exists
+        check_batch(model.config, recipe.batch_size, "a fine-tuning batch", 1.0)
         self.model = model.to(self.device)
         self.trainable = set_trainable(self.model, recipe.train, recipe.loss)
         self.teacher = None
