@@ -449,7 +449,7 @@ def max_download_bytes() -> int:
     from ..validate import finite_float
 
     text = os.environ.get("FLOWMAP_MAX_DOWNLOAD_GB", "").strip()
-    gb = finite_float("FLOWMAP_MAX_DOWNLOAD_GB", text, 0, lo_open=True) if text else DEFAULT_MAX_DOWNLOAD_GB
+    gb = finite_float("FLOWMAP_MAX_DOWNLOAD_GB", text, 0, 1e9, lo_open=True) if text else DEFAULT_MAX_DOWNLOAD_GB
     return max(1, int(gb * 1e9))
 
 

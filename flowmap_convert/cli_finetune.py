@@ -287,7 +287,7 @@ def encode_cmd(
       flowmap encode ./digits-png --model builtin:digits-sit --out digits-data
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_bytes
 
     from .api import load
     from .finetuning.data import encode_images, list_image_folder, load_images
@@ -296,6 +296,9 @@ def encode_cmd(
     if not images_dir.is_dir():
         raise FlowmapError(f"{images_dir} is not a directory; pass a folder with one sub-folder of images per class.")
     check_output(out, "encode", sources=(images_dir, model))  # safety: only our own encode output is replaced
+    from .runtime import resolve_device
+
+    device = str(resolve_device(device))  # an unknown --device is one line before any work
     if shard_size < 1 or batch_size < 1:
         raise FlowmapError("--shard-size and --batch-size must be positive.")
     latent = load(model).config.latent
@@ -306,10 +309,8 @@ def encode_cmd(
         for s, i0 in enumerate(range(0, len(files), shard_size)):
             chunk = files[i0 : i0 + shard_size]
             z = encode_images(load_images(chunk, latent.image_size, latent.image_channels), latent, device, batch_size)
-            save_file(
-                {"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)},
-                str(tmp / f"shard-{s:05d}.safetensors"),
-            )
+            shard = {"latents": z.contiguous(), "labels": torch.tensor(labels[i0 : i0 + shard_size], dtype=torch.int64)}
+            (tmp / f"shard-{s:05d}.safetensors").write_bytes(save_bytes(shard))  # a full disk is an OSError: one line
         meta = {
             "format": "flowmap-latents/1",
             "model": model,

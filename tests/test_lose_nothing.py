@@ -375,3 +375,26 @@ def test_output_lock_is_released_when_the_holder_dies(tmp_path):
         proc.wait(timeout=30)
     with output_lock(out):
         pass
+
+
+def test_a_hostile_source_name_cannot_break_the_card():
+    """A backtick or HTML in a source file name stays inside one code span (the card push uploads is intact)."""
+    from conftest import tiny_config
+
+    from flowmap_convert.card import model_card
+
+    rng = random.Random(27)
+    pieces = ["`", "``", "<script>alert(1)</script>", "|", "\n", "a", "<img src=x>", "*", "]("]
+    for _ in range(20):
+        name = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        cfg = tiny_config().replace(provenance={"source": name, "file": name, "family": name, "description": name})
+        card = model_card(cfg)
+        title = card.splitlines()[5]
+        assert title.startswith("# Flow map from `")
+        body = title[len("# Flow map from ") :]
+        run = len(body) - len(body.lstrip("`"))
+        assert body.endswith("`" * run) and "`" * run not in body[run:-run], body  # the span closes only at the end
+        for line in card.splitlines():
+            if line.startswith("| family"):
+                assert "<script>" not in line and "<img" not in line, line
+        assert card.count("\n| source | ") == 1 and len([x for x in card.splitlines() if x.startswith("| file")]) == 1

@@ -10,6 +10,7 @@ leaves only complete files behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -112,7 +113,12 @@ def save(state: dict, directory: Path) -> Path:
                 )
         tmp, keep = temp_sibling(path), temp_sibling(directory / PREVIOUS)
         with open(tmp, "xb") as f:
-            torch.save({**state, "sha256": state_digest(state)}, f)
+            try:
+                torch.save({**state, "sha256": state_digest(state)}, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, size limit) this way
+                if "inline_container" not in str(e) and "write" not in str(e).lower():
+                    raise
+                raise OSError(errno.ENOSPC, "the write stopped: disk full, or a file-size or quota limit") from None
             f.flush()
             os.fsync(f.fileno())
         if path.exists():  # previous.pt <- latest.pt by a second link: latest.pt exists at every moment
