@@ -136,15 +136,17 @@ def _chunk_path(part: Path, k: int) -> Path:
 
 def model_identity(model, source=None) -> str:
     """The content hash a sampling run is keyed by: the sha256 of the local weights file `source` names (read once
-    per process, cached by path, size and mtime), else a sha256 over the loaded weights."""
+    per process, cached by path, size and mtime), else of the loaded weights; combined with the loaded config
+    (a re-conversion at another depth keeps the weights file but changes the model)."""
     import hashlib
 
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
     if source is not None and ":" not in str(source).split("/")[0]:
         p = Path(str(source))
         weights = p / "model.safetensors" if p.is_dir() else p
         if weights.is_file():
-            return content_hash(weights)
-    h = hashlib.sha256()
+            return hashlib.sha256(content_hash(weights).encode() + config).hexdigest()
+    h = hashlib.sha256(config)
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -195,7 +197,7 @@ def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
             if diff is not None:
                 key, was, now = diff
                 head = (
-                    f"of another model (weights sha256 {_show(key, was)}, this one {_show(key, now)})"
+                    f"of another model (model sha256 {_show(key, was)}, this one {_show(key, now)})"
                     if key == "model_sha256"
                     else f"with {key} {_show(key, was)} (this one: {_show(key, now)})"
                 )

@@ -139,7 +139,7 @@ def test_a_resume_continues_only_the_same_model(tiny_model, tmp_path):
     other = copy.deepcopy(tiny_model)  # the same architecture, one weight changed
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1.0
-    with pytest.raises(FlowmapError, match=r"of another model \(weights sha256 [0-9a-f]{12}\.\.\., this one"):
+    with pytest.raises(FlowmapError, match=r"of another model \(model sha256 [0-9a-f]{12}\.\.\., this one"):
         run_sampling(other, s, 10, out, chunk_size=5, progress=False, meta={"model": "m"})
     chunk = partial_dir(out) / "chunk-000000.npz"  # a damaged chunk (a disk error, a kill mid-copy) is drawn again
     chunk.write_bytes(chunk.read_bytes()[:100])
@@ -223,3 +223,16 @@ def test_default_model_and_velocity_warning(tmp_path, monkeypatch):
     assert meta["model"].startswith("builtin:digits-")
     code, err = run_cli("sample", "builtin:digits-sit", "-n", "2", "--nfe", "2", "--out", str(tmp_path / "v"))
     assert code == 0 and "base velocity model" in err and "flowmap finetune" in err, err
+
+
+def test_a_reconverted_model_with_the_same_weights_file_is_another_run(tmp_path, tiny_model):
+    """A re-conversion at another depth keeps model.safetensors byte-identical but changes the model."""
+    from flowmap_convert.export_samples import model_identity
+    from flowmap_convert.io import export
+
+    a = export(tiny_model.with_depth(1), tmp_path / "m")
+    first = model_identity(tiny_model.with_depth(1), a)
+    b = export(tiny_model.with_depth(2), tmp_path / "m2")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert model_identity(tiny_model.with_depth(2), b) != first
+    assert model_identity(tiny_model.with_depth(1), a) == first  # cached, and stable

@@ -68,12 +68,21 @@ def first_line(stderr: str) -> str:
     return line.replace("|", "\\|")[:220]
 
 
+ONLY: list[str] = []  # --only: rerun the cases whose name holds one of these, replacing their rows
+
+
+def wanted(name: str) -> bool:
+    return not ONLY or any(o in name for o in ONLY)
+
+
 def record(item, name, before, code, stderr, canaries_ok, secs, extra=""):
     ROWS.append((item, name, before, code, first_line(stderr) + (f" {extra}" if extra else ""), canaries_ok, secs))
     print(f"[{item}] {name}: exit {code} ({secs:.1f}s) canaries {'ok' if canaries_ok else 'CHANGED'}", flush=True)
 
 
 def case(item, name, before, args, setup=None, env=None, limit_fsize=None, check=None):
+    if not wanted(name):
+        return
     work = Path(tempfile.mkdtemp(prefix="ln-"))
     user = work / "user"
     user.mkdir()
@@ -107,7 +116,9 @@ def npz_declaring(path: Path, shape, dtype="<f8", name="arr_0"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lose_nothing_cases.md"))
+    ap.add_argument("--only", action="append", default=[], help="rerun the cases whose name holds this text")
     a = ap.parse_args()
+    ONLY.extend(a.only)
     t_all = time.perf_counter()
 
     # 1. push leaks -----------------------------------------------------------------------------------------
@@ -290,6 +301,8 @@ def main():
 
     # concurrency -------------------------------------------------------------------------------------------
     def two_writers(item, name, argv):
+        if not wanted(name):
+            return
         work = Path(tempfile.mkdtemp(prefix="ln-"))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         first = subprocess.Popen(
@@ -317,41 +330,43 @@ def main():
     two_writers(
         5, "two finetune into one new --out at once", ["finetune", "--steps", "20", "--batch-size", "4", "--out", "R"]
     )
-    two_writers(5, "two sample into one --out at once", ["sample", "builtin:digits-sit", "-n", "400", "--out", "S"])
+    two_writers(5, "two sample into one --out at once", ["sample", "builtin:digits-sit", "-n", "3000", "--out", "S"])
 
     # 6. Ctrl-C ---------------------------------------------------------------------------------------------
-    work = Path(tempfile.mkdtemp(prefix="ln-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "flowmap_convert.cli", "finetune", "--out", "R"]
-    p = subprocess.Popen(argv, cwd=work, env=env, stderr=subprocess.PIPE, text=True)
-    for _ in range(1200):
-        m = work / "R" / "metrics.jsonl"
-        if m.is_file() and len(m.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
-    t = time.perf_counter()
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=300)[1]
-    record(
-        6,
-        "finetune (default 200 steps, --checkpoint-every 500) + Ctrl-C after 3 steps",
-        "nothing saved, 'interrupted', --resume: no checkpoint",
-        p.returncode,
-        err,
-        True,
-        time.perf_counter() - t,
-    )
-    code, out, err2, secs = flowmap(["finetune", "--out", "R", "--resume", "--steps", "6"], work)
-    record(
-        6,
-        "... then finetune --resume --steps 6",
-        "no checkpoint to resume from",
-        code,
-        err2 if code else "resumed: " + next((ln for ln in err2.splitlines() if ln.startswith("resumed")), ""),
-        True,
-        secs,
-    )
-    shutil.rmtree(work, ignore_errors=True)
+    if wanted("finetune (default 200 steps"):
+        work = Path(tempfile.mkdtemp(prefix="ln-"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, "-m", "flowmap_convert.cli", "finetune", "--out", "R"]
+        p = subprocess.Popen(argv, cwd=work, env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(1200):
+            m = work / "R" / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        t = time.perf_counter()
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=300)[1]
+        record(
+            6,
+            "finetune (default 200 steps, --checkpoint-every 500) + Ctrl-C after 3 steps",
+            "nothing saved, 'interrupted', --resume: no checkpoint",
+            p.returncode,
+            err,
+            True,
+            time.perf_counter() - t,
+        )
+        code, out, err2, secs = flowmap(["finetune", "--out", "R", "--resume", "--steps", "6"], work)
+        record(
+            6,
+            "... then finetune --resume --steps 6",
+            "no checkpoint to resume from",
+            code,
+            err2 if code else "resumed: " + next((ln for ln in err2.splitlines() if ln.startswith("resumed")), ""),
+            True,
+            secs,
+        )
+        shutil.rmtree(work, ignore_errors=True)
 
     # 7. memory bombs ---------------------------------------------------------------------------------------
     def big_config(work, user):
@@ -416,36 +431,37 @@ def main():
     )
 
     # 8. silently wrong numbers -----------------------------------------------------------------------------
-    work = Path(tempfile.mkdtemp(prefix="ln-"))
-    flowmap(["sample", "builtin:digits-dmf", "-n", "200", "--nfe", "1", "--out", "S"], work)
-    grey, pal = work / "grey", work / "pal"
-    grey.mkdir()
-    pal.mkdir()
-    for f in sorted((work / "S").glob("0*.png")):
-        im = Image.open(f)
-        im.save(grey / f.name)
-        im.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(pal / f.name)
-    shutil.copy(work / "S" / "samples.json", grey / "samples.json")
-    shutil.copy(work / "S" / "samples.json", pal / "samples.json")
-    fds = {}
-    for d in (grey, pal):
-        code, out, err, secs = flowmap(["eval", d.name, "--out", f"E-{d.name}"], work)
-        fds[d.name] = (
-            json.loads((work / f"E-{d.name}" / "eval.json").read_text())["results"][0]["digits_fd"]
-            if code == 0
-            else None
-        )
-        record(
-            8,
-            f"eval 200 digits samples as {'palette' if d == pal else 'greyscale'} PNGs",
-            "palette: FD 475.9 vs 39.7 greyscale" if d == pal else "(reference row)",
-            code,
-            err,
-            True,
-            secs,
-            f"(digits FD {fds[d.name]:.4f})" if fds[d.name] is not None else "",
-        )
-    shutil.rmtree(work, ignore_errors=True)
+    if wanted("eval 200 digits"):
+        work = Path(tempfile.mkdtemp(prefix="ln-"))
+        flowmap(["sample", "builtin:digits-dmf", "-n", "200", "--nfe", "1", "--out", "S"], work)
+        grey, pal = work / "grey", work / "pal"
+        grey.mkdir()
+        pal.mkdir()
+        for f in sorted((work / "S").glob("0*.png")):
+            im = Image.open(f)
+            im.save(grey / f.name)
+            im.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(pal / f.name)
+        shutil.copy(work / "S" / "samples.json", grey / "samples.json")
+        shutil.copy(work / "S" / "samples.json", pal / "samples.json")
+        fds = {}
+        for d in (grey, pal):
+            code, out, err, secs = flowmap(["eval", d.name, "--out", f"E-{d.name}"], work)
+            fds[d.name] = (
+                json.loads((work / f"E-{d.name}" / "eval.json").read_text())["results"][0]["digits_fd"]
+                if code == 0
+                else None
+            )
+            record(
+                8,
+                f"eval 200 digits samples as {'palette' if d == pal else 'greyscale'} PNGs",
+                "palette: FD 475.9 vs 39.7 greyscale" if d == pal else "(reference row)",
+                code,
+                err,
+                True,
+                secs,
+                f"(digits FD {fds[d.name]:.4f})" if fds[d.name] is not None else "",
+            )
+        shutil.rmtree(work, ignore_errors=True)
 
     def ref(name, **arrays):
         def setup(work, user):
@@ -599,45 +615,44 @@ def main():
     )
 
     # 10. messages ------------------------------------------------------------------------------------------
-    work = Path(tempfile.mkdtemp(prefix="ln-"))
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flowmap_convert.cli",
-            "eval",
-            "builtin:digits-dmf",
-            "-n",
-            "3000",
-            "--chunk-size",
-            "100",
-            "--out",
-            "E",
-        ],
-        cwd=work,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for _ in range(1200):
-        if list(work.glob("E/.samples-nfe1.partial/chunk-*.npz")):
-            break
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    p.communicate(timeout=300)
-    code, out, err, secs = flowmap(
-        ["eval", "builtin:digits-dmf", "-n", "3000", "--chunk-size", "100", "--out", "E"], work
-    )
-    record(
-        10,
-        "eval stopped by SIGINT, then rerun",
-        "'holds files flowmap did not write'",
-        code,
-        err if code else "resumed and scored: " + out.strip().splitlines()[-1],
-        True,
-        secs,
-    )
-    shutil.rmtree(work, ignore_errors=True)
+    if wanted("eval stopped by SIGINT"):
+        work = Path(tempfile.mkdtemp(prefix="ln-"))
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flowmap_convert.cli",
+                "eval",
+                "builtin:digits-dmf",
+                "-n",
+                "3000",
+                "--chunk-size",
+                "100",
+                "--out",
+                "E",
+            ],
+            cwd=work,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(1200):
+            if list(work.glob("E/.samples-nfe1.partial/chunk-*.npz")):
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=300)
+        code, out, err, secs = flowmap(["eval", "builtin:digits-dmf", "-n", "3000", "--out", "E"], work)
+        record(
+            10,
+            "eval stopped by SIGINT, then rerun",
+            "'holds files flowmap did not write'",
+            code,
+            err if code else "resumed and scored: " + out.strip().splitlines()[-1],
+            True,
+            secs,
+        )
+        shutil.rmtree(work, ignore_errors=True)
     case(
         10,
         "sample --out .",
@@ -672,6 +687,13 @@ def main():
     )
 
     total = time.perf_counter() - t_all
+    old_rows = []
+    if ONLY and Path(a.out).is_file():  # keep the other cases' rows from the last full run
+        names = {r[1] for r in ROWS}
+        for line in Path(a.out).read_text().splitlines():
+            cells = line.split(" | ")
+            if line.startswith("| ") and not line.startswith("| item") and len(cells) > 2 and cells[1] not in names:
+                old_rows.append(line)
     lines = [
         "# Issue 20 cases: before and after",
         "",
@@ -683,8 +705,11 @@ def main():
         "| item | case | before | exit | first line (after) | user files identical | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
-    for item, name, before, code, line, ok, secs in ROWS:
-        lines.append(f"| {item} | {name} | {before} | {code} | {line} | {'yes' if ok else 'NO'} | {secs:.1f} |")
+    new_rows = [
+        f"| {item} | {name} | {before} | {code} | {line} | {'yes' if ok else 'NO'} | {secs:.1f} |"
+        for item, name, before, code, line, ok, secs in ROWS
+    ]
+    lines += sorted(old_rows + new_rows, key=lambda r: int(r.split(" | ")[0].strip("| ")))
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out} ({len(ROWS)} cases, {total:.0f} s)")
 

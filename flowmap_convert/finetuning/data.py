@@ -148,8 +148,8 @@ def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
     from ..budget import check
     from ..images import read_image
 
-    check(
-        4.0 * len(files) * channels * size * size,
+    check(  # the float32 result, plus one image being resized (PIL) and its float copy
+        4.0 * len(files) * channels * size * size + 9.0 * channels * size * size,
         f"{len(files):,} images of {size}x{size}x{channels} (latent.image_size {size})",
         "use a model with a smaller image size, or fewer images at a time",
     )
