@@ -308,7 +308,7 @@ def max_download_bytes() -> int:
     from ..validate import finite_float
 
     text = os.environ.get("FLOWMAP_MAX_DOWNLOAD_GB", "").strip()
-    gb = finite_float("FLOWMAP_MAX_DOWNLOAD_GB", text, 0, lo_open=True) if text else DEFAULT_MAX_DOWNLOAD_GB
+    gb = finite_float("FLOWMAP_MAX_DOWNLOAD_GB", text, 0, 1e9, lo_open=True) if text else DEFAULT_MAX_DOWNLOAD_GB
     return max(1, int(gb * 1e9))
 
 
@@ -374,7 +374,7 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
         )
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        clean_stale(cache, target.name)
+        clean_stale(cache, target.name, by_name=True)  # the cache is flowmap's own: leftovers known by name
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=cache)
     except OSError as e:
         raise FlowmapError(

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 from .config import ModelConfig
 
 
+def code_span(value) -> str:
+    """`value` as one Markdown code span that shows it literally: a fence longer than any backtick run inside, no
+    line breaks, `|` escaped for table cells (a source name like ``a`b<script>`` cannot end the span or inject HTML)."""
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    fence = "`" * (1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def plain(value) -> str:
+    """`value` as Markdown text: HTML escaped, Markdown punctuation backslash-escaped, one line."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return re.sub(r"([\\`*_\[\]|#!])", r"\\\1", text)
+
+
 def describe_family(prov: dict) -> str:
     """The family line of a model's provenance, saying what an exported (`flowmap`) model is."""
-    family = prov.get("family") or "?"
+    family = plain(prov.get("family") or "?")
     if prov.get("description"):
-        return f"{family} ({prov['description']})"
+        return f"{family} ({plain(prov['description'])})"
     if family == "flowmap" and prov.get("source_family"):
-        return f"flowmap (exported by flowmap from a {prov['source_family']} checkpoint)"
+        return f"flowmap (exported by flowmap from a {plain(prov['source_family'])} checkpoint)"
     if family == "flowmap":
         return "flowmap (a model exported by flowmap)"
     return family
@@ -39,7 +57,7 @@ def model_card(
         "tags: [flow-map, meanflow, decoupled-meanflow]",
         "---",
         "",
-        f"# Flow map from `{prov.get('source', 'unknown source')}`",
+        f"# Flow map from {code_span(prov.get('source', 'unknown source'))}",
         "",
     ]
     if cfg.conditioning == "decoupled" and cfg.depth == cfg.num_blocks:
@@ -69,17 +87,18 @@ def model_card(
     ]
     if cfg.latent.repo:
         where = cfg.latent.extra.get("decoder") or cfg.latent.extra.get("subfolder")
-        lines.append(f"| latent decoder | `{cfg.latent.repo}`{f' `{where}`' if where else ''} |")
+        lines.append(f"| latent decoder | {code_span(cfg.latent.repo)}{f' {code_span(where)}' if where else ''} |")
     for key in ("source", "revision", "file", "sha256", "weights", "family", "flowmap_version"):
         if key == "family" and key in prov:
             lines.append(f"| family | {describe_family(prov)} |")
         elif key in prov:
-            lines.append(f"| {key} | `{prov[key]}` |")
+            lines.append(f"| {key} | {code_span(prov[key])} |")
     if cfg.training:
-        lines += ["", "## Training recipe", "", "```json"]
         import json
 
-        lines += [json.dumps(cfg.training, indent=2, sort_keys=True), "```"]
+        body = json.dumps(cfg.training, indent=2, sort_keys=True)
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", body)), default=0))
+        lines += ["", "## Training recipe", "", f"{fence}json", body, fence]
     if has_grid:
         k = min(10, cfg.num_classes)
         rows = " and ".join(str(n) for n in grid_nfe)
@@ -93,7 +112,7 @@ def model_card(
         ]
     if figures:
         lines += ["", "## Figures", ""]
-        lines += [f"![{Path(f).stem}]({f})" for f in figures]
+        lines += [f"![{plain(Path(f).stem)}]({quote(str(f))})" for f in figures]
     if probes:
         lines += ["", "## Probe results", "", probes]
     lines += [

@@ -279,7 +279,10 @@ def sample(
     warning = velocity_warning(net, settings.nfe)
     if warning and main_rank:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    written = run_sampling(net, settings, n, out, meta={"model": name}, png=not no_png, npz=npz, chunk_size=chunk)
+    from .export_samples import model_identity
+
+    meta = {"model": name, "model_sha256": model_identity(net, model)}  # a resume continues only this model's run
+    written = run_sampling(net, settings, n, out, meta=meta, png=not no_png, npz=npz, chunk_size=chunk)
     if written is not None:
         console.print(f"wrote {n} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
 

@@ -21,11 +21,20 @@ def push_cmd(
     commit_message: Annotated[
         str | None, typer.Option("--commit-message", "-m", help="Commit message (default: lists the uploaded files).")
     ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            help="Also upload this top-level file, which flowmap did not write or which changed since (repeatable).",
+        ),
+    ] = None,
 ):
     """Upload a flowmap model directory to the Hugging Face Hub, with a model card.
 
-    The token comes from HF_TOKEN or `hf auth login`. Top-level files are uploaded in one commit
-    (config.json, model.safetensors, grid.png and other images); subdirectories such as checkpoints/ stay local.
+    The token comes from HF_TOKEN or `hf auth login`. Exactly the top-level files flowmap wrote, unchanged
+    (config.json, model.safetensors, grid.png...), are uploaded in one commit, with the model card (or your own
+    README.md, as it is); the list is shown first. Any other file is refused unless --include names it; symbolic
+    links are never uploaded; subdirectories such as checkpoints/ stay local.
 
     Examples:
 
@@ -38,7 +47,18 @@ def push_cmd(
     from .adapters import note
     from .hub import push
 
-    result = push(directory, repo_id, private=private, revision=revision, commit_message=commit_message)
+    def show(lines):
+        note(f"uploading {len(lines)} files to {repo_id}: " + "; ".join(lines))
+
+    result = push(
+        directory,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        include=include or (),
+        on_plan=show,
+    )
     if result.skipped_dirs:
         note(f"left out subdirectories: {', '.join(result.skipped_dirs)} (push uploads the model's top-level files)")
     Console().print(

@@ -127,6 +127,9 @@ class ModelConfig:
         for name, (lo, hi) in INT_RANGES.items():
             _int_field(name, getattr(self, name), lo, hi, where)
         _float_field("mlp_ratio", self.mlp_ratio, where, positive=True)
+        from .budget import check_model
+
+        check_model(self, _where(where))  # sizes multiplied out against the memory here, before anything is built
         if self.hidden_size % self.num_heads:
             raise FlowmapError(
                 f"{_where(where)}: num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}."

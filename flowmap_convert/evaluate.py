@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +34,16 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.name != "grid.png")
         if not files:
             raise FlowmapError(f"{path} holds no .png images; pass a folder of PNGs or an .npz with arr_0.")
-        from PIL import Image
+        from .budget import check
+        from .images import read_image
 
         first = None
         images = []
         for p in files:
-            a = np.asarray(Image.open(p))
-            a = a[..., None] if a.ndim == 2 else a
-            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] not in (1, 3):
-                raise FlowmapError(f"{p} is not an 8-bit grayscale or RGB image ({a.dtype}, shape {a.shape}).")
+            a = read_image(p)  # palette, 16-bit, alpha, CMYK mapped to 8-bit pixels; damaged files are one line
             if first is None:
                 first = (p, a.shape)
+                check(float(a.nbytes) * len(files), f"{len(files):,} images of {a.shape}", "evaluate fewer images")
             elif a.shape != first[1]:
                 raise FlowmapError(
                     f"{p.name} is {a.shape[1]}x{a.shape[0]} with {a.shape[2]} channel(s) but {first[0].name} is "
@@ -52,13 +52,19 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
             images.append(a)
         labels = _sidecar_labels(path, len(images))
         return np.stack(images), labels, f"{path} ({len(images)} PNGs)"
-    if path.suffix == ".npz" and path.is_file():
+    if path.suffix in (".npz", ".npy") and path.is_file():
+        from .budget import check_npz
+
+        check_npz(path)  # headers first: object arrays and sizes beyond the file or the memory are refused
         try:
-            data = np.load(path, allow_pickle=False)
-            images = data["arr_0"] if "arr_0" in data.files else None
-            labels = data["arr_1"] if "arr_1" in data.files else None
-        except (OSError, ValueError) as e:
-            raise FlowmapError(f"cannot read {path} as .npz ({e}).") from None
+            if path.suffix == ".npy":
+                images, labels = np.load(path, allow_pickle=False), None
+            else:
+                with np.load(path, allow_pickle=False) as data:
+                    images = data["arr_0"] if "arr_0" in data.files else None
+                    labels = data["arr_1"] if "arr_1" in data.files else None
+        except (OSError, ValueError, EOFError) as e:
+            raise FlowmapError(f"cannot read {path} ({e}).") from None
         if images is None:
             raise FlowmapError(f"{path} has no arr_0 images; pass an .npz written by `flowmap sample --npz` or ADM.")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -69,8 +75,26 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
             raise FlowmapError(f"{path} holds no images.")
         if labels is None:
             labels = _sidecar_labels(path.parent, len(images))
+        elif labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
+            raise FlowmapError(
+                f"{path} arr_1 must hold one integer class label per image ({len(images)}), got {labels.dtype} "
+                f"{labels.shape}; fix it or drop arr_1."
+            )
         return images, labels, f"{path} ({len(images)} images)"
-    raise FlowmapError(f"{path} is neither a folder of PNGs nor an .npz file; pass samples or a model.")
+    raise FlowmapError(f"{path} is neither a folder of PNGs nor an .npz / .npy file; pass samples or a model.")
+
+
+def strict_json(value):
+    """`value` with every non-finite float as null, so eval.json is strict JSON (no bare NaN / Infinity)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return strict_json(value.item())
+    return value
 
 
 def _sidecar_labels(directory: Path, n: int) -> np.ndarray | None:
@@ -113,10 +137,9 @@ class Reference:
                     f"reference {self.path} does not exist; pass an ADM .npz, a stats .npz or a PNG folder."
                 )
             if self.path.is_file():
-                try:
-                    keys = set(np.load(self.path, allow_pickle=False).files)
-                except (OSError, ValueError) as e:
-                    raise FlowmapError(f"cannot read reference {self.path} as .npz ({e}).") from None
+                from .budget import check_npz
+
+                keys = set(check_npz(self.path, f"reference {self.path}"))  # headers only: nothing allocated yet
                 self.stats_only = {"mu", "sigma"} <= keys and "arr_0" not in keys
                 if not self.stats_only and "arr_0" not in keys:
                     raise FlowmapError(
@@ -316,13 +339,46 @@ def evaluate(
     on_start=None,
     **load_options,
 ) -> dict:
-    """Score samples (PNG folder / .npz) or a model at each NFE; writes eval.json and eval.png when `out` is set."""
-    from .export_samples import run_sampling
+    """Score samples (PNG folder / .npz) or a model at each NFE; writes eval.json and eval.png when `out` is set.
 
+    `out` is locked for the whole evaluation (flowmap_convert.outputs.output_lock) and marked as ours once every
+    input is checked, so an evaluation stopped by Ctrl-C or a full disk can be rerun into it.
+    """
     t_all = time.perf_counter()
     settings = settings or SampleSettings()
     ref = Reference(reference)
     out = check_workdir(out, "eval", "flowmap eval output", sources=(target,)) if out is not None else None
+    if out is None:
+        return _evaluate(
+            target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
+        )
+    from .export_samples import dist_context
+    from .outputs import mark_output, output_lock
+
+    def started():  # every input checked: marked before any work, so an evaluation stopped half-way is ours to rerun
+        if dist_context()[0] == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                from .outputs import write_error
+
+                raise write_error(out, e) from None
+            mark_output(out, "eval", files=[], update=True)
+        if user_start is not None:
+            user_start()
+
+    user_start, on_start = on_start, started
+    with output_lock(out) if dist_context()[0] == 0 else nullcontext():
+        return _evaluate(
+            target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
+        )
+
+
+def _evaluate(
+    target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
+):
+    from .export_samples import run_sampling
+
     results = []
     extractors: dict = {}
     path = Path(str(target))
@@ -395,12 +451,12 @@ def evaluate(
         from .outputs import atomic_file, mark_output
 
         out.mkdir(parents=True, exist_ok=True)
-        mark_output(out, "eval", files=[])
+        mark_output(out, "eval", files=[], update=True)
         if not is_samples:
             plot_eval(report, out / "eval.png")
             report["plot"] = str(out / "eval.png")
         with atomic_file(out / "eval.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     return report
 
 

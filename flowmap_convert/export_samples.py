@@ -2,7 +2,11 @@
 
 `run_sampling` is the long-run driver behind `flowmap sample` and `flowmap eval`: it draws sample indices in fixed
 chunks (chunk k holds indices [k C, (k + 1) C)), writes each finished chunk to `.<out>.partial/`, and skips finished
-chunks when re-run with the same settings, so an interrupted 50k run resumes where it stopped. Under torchrun /
+chunks when re-run with the same run, so an interrupted 50k run resumes where it stopped. A run is its model's content
+(`model_identity`: the weights file's sha256, or the loaded weights' when there is no local file) and its resolved
+settings (batch size included: it can move a pixel by one grey level); a resume with anything else is refused in
+one line naming the setting and both values, and a damaged chunk is drawn again. Rank 0 holds the output's lock
+(flowmap_convert.outputs.output_lock) for the whole run: a second writer is refused at once. Under torchrun /
 accelerate launch (WORLD_SIZE > 1) rank r draws the chunks k with k % WORLD_SIZE == r; after a barrier rank 0
 assembles them in index order, so the output is byte-identical to a one-process run. The ranks share the output
 filesystem (one node, or a disk shared by all nodes); rank means the global rank, so with several nodes one
@@ -15,13 +19,14 @@ import json
 import math
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import FlowmapError
-from .outputs import atomic_dir, atomic_file, write_error
+from .outputs import atomic_dir, atomic_file, content_hash, output_lock, write_error
 from .sampling import UINT8_FORMULA, SampleSettings
 
 DEFAULT_CHUNK = 1000
@@ -132,21 +137,76 @@ def _chunk_path(part: Path, k: int) -> Path:
     return part / f"chunk-{k:06d}.npz"
 
 
+def model_identity(model, source=None) -> str:
+    """The content hash a sampling run is keyed by: the sha256 of the local weights file `source` names (read once
+    per process, cached by path, size and mtime), else of the loaded weights; combined with the loaded config
+    (a re-conversion at another depth keeps the weights file but changes the model)."""
+    import hashlib
+
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+    if source is not None and ":" not in str(source).split("/")[0]:
+        p = Path(str(source))
+        weights = p / "model.safetensors" if p.is_dir() else p
+        if weights.is_file():
+            return hashlib.sha256(content_hash(weights).encode() + config).hexdigest()
+    h = hashlib.sha256(config)
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_difference(old: dict, new: dict) -> tuple[str, object, object] | None:
+    """The first setting (dotted name) in which two run records differ, with both values; None when they agree."""
+    a, b = _flat(old), _flat(new)
+    for d in (a, b):
+        d.pop("model", None)  # where the model was read from: the content (model_sha256) is what counts
+    for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("model"), k)):
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            return key, a.get(key, "(unset)"), b.get(key, "(unset)")
+    return None
+
+
+def _show(key: str, v) -> str:
+    return f"{v[:12]}..." if key.endswith("sha256") and isinstance(v, str) else repr(v)
+
+
 def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
     """Create the partial directory (rank 0) or check that the one there belongs to this very run."""
     marker = part / PARTIAL_RUN
     if rank == 0:
+        if part.is_symlink():
+            raise FlowmapError(f"{part} is a symbolic link; flowmap never writes through one: remove it.")
         if part.exists():
             try:
                 old = json.loads(marker.read_text())
+                if not isinstance(old, dict):
+                    raise ValueError
             except (OSError, ValueError):
                 raise FlowmapError(
                     f"{part} exists but is not a flowmap partial run; remove it or choose another --out."
                 ) from None
-            if old != run:
+            diff = run_difference(old, run)
+            if diff is not None:
+                key, was, now = diff
+                head = (
+                    f"of another model (model sha256 {_show(key, was)}, this one {_show(key, now)})"
+                    if key == "model_sha256"
+                    else f"with {key} {_show(key, was)} (this one: {_show(key, now)})"
+                )
                 raise FlowmapError(
-                    f"{part} holds an unfinished run with other settings; rerun with the same settings to resume, "
-                    "or remove that directory (flowmap wrote it) to start over."
+                    f"{part} holds an unfinished run {head}; rerun it unchanged to resume, or remove that directory "
+                    "(flowmap wrote it) to start over."
                 )
         else:
             part.mkdir(parents=True)
@@ -173,20 +233,55 @@ def run_sampling(
 
     Returns `out` on rank 0 and None on the other ranks. `on_chunk(k)` is called after chunk k is on disk.
     """
+    rank, world = dist_context()
+    out = Path(out)
+    with output_lock(out) if rank == 0 else _nothing():
+        return _run_sampling(
+            model, settings, num_samples, out, rank, world, meta, png, npz, chunk_size, progress, decoder, on_chunk
+        )
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _chunk_ok(path: Path, expected: int) -> bool:
+    """True when a finished chunk reads back whole (a damaged one is drawn again)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = z["images"]
+        return images.dtype == np.uint8 and images.ndim == 4 and len(images) == expected
+    except Exception:  # noqa: BLE001 - any unreadable chunk (truncated zip, bad header, missing array) is redrawn
+        return False
+
+
+def _run_sampling(
+    model, settings, num_samples, out, rank, world, meta, png, npz, chunk_size, progress, decoder, on_chunk
+):
     from .progress import Progress
     from .sampling import Sampler
 
-    rank, world = dist_context()
     sampler = Sampler(model, settings, decoder)
     labels = sampler.labels(num_samples)
-    out = Path(out)
     part = partial_dir(out)
-    run = {"settings": sampler.settings.key(), "num_samples": num_samples, "chunk_size": chunk_size, **(meta or {})}
+    run = {
+        "settings": sampler.settings.key(),
+        "batch_size": sampler.settings.batch_size,
+        "num_samples": num_samples,
+        "chunk_size": chunk_size,
+        **(meta or {}),
+    }
+    run.setdefault("model_sha256", model_identity(model))
     try:
         _open_partial(part, run, rank, world)
         n_chunks = math.ceil(num_samples / chunk_size)
         mine = [k for k in range(n_chunks) if k % world == rank]
-        todo = [k for k in mine if not _chunk_path(part, k).is_file()]
+
+        def size(k):
+            return min(chunk_size, num_samples - k * chunk_size)
+
+        todo = [k for k in mine if not (_chunk_path(part, k).is_file() and _chunk_ok(_chunk_path(part, k), size(k)))]
         share = sum(min(chunk_size, num_samples - k * chunk_size) for k in mine)
         done = share - sum(min(chunk_size, num_samples - k * chunk_size) for k in todo)
         desc = "sample" if world == 1 else f"sample (rank {rank}/{world})"

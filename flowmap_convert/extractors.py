@@ -21,8 +21,17 @@ FID_INSTALL = "pip install torch==2.14.1 torchvision==0.29.1 torch-fidelity"
 
 
 def cache_dir() -> Path:
-    """$FLOWMAP_CACHE, else ~/.cache/flowmap (weights, reference statistics)."""
-    return Path(os.environ.get("FLOWMAP_CACHE") or Path.home() / ".cache" / "flowmap")
+    """$FLOWMAP_CACHE, else ~/.cache/flowmap (weights, reference statistics); one line when it is not a directory."""
+    path = Path(os.environ.get("FLOWMAP_CACHE") or Path.home() / ".cache" / "flowmap")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        from .errors import FlowmapError
+
+        what = "FLOWMAP_CACHE" if os.environ.get("FLOWMAP_CACHE") else "the cache"
+        raise FlowmapError(f"{what} {path} is (or lies under) a file, {probe}; point FLOWMAP_CACHE at a directory.")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- extractors

@@ -215,6 +215,9 @@ def load_reference(path, extractor=None) -> ReferenceStats:
             f"reference file {path} does not exist; pass a .npz with mu/sigma (or arr_0 images), 'dataset' or 'teacher'."
         )
     try:
+        from .budget import check_npz
+
+        check_npz(path, f"reference {path}")  # object arrays and impossible sizes refused before loading
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
     except (OSError, ValueError) as e:
@@ -225,6 +228,8 @@ def load_reference(path, extractor=None) -> ReferenceStats:
         mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
             raise FlowmapError(f"reference {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D).")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise FlowmapError(f"reference {path} has NaN or Inf in mu or sigma; recompute the statistics.")
         return ReferenceStats(mu, sigma, str(path))
     if "arr_0" in keys:
         if extractor is None:

@@ -48,24 +48,29 @@ def available_cores() -> int:
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """(threads, why) for CPU work.
 
-    An explicit request wins. Otherwise: OMP_NUM_THREADS when set; else one thread per two cores on a small
+    An explicit request wins, capped at the cores present (`available_cores`; `--threads 100000` or
+    OMP_NUM_THREADS=100000 crashed torch). Otherwise: OMP_NUM_THREADS when set; else one thread per two cores on a small
     machine, capped at 8. torch's default (one thread per core) collapses when the cores are shared, as they are
     on CI runners and laptops running other jobs: on 2 shared cores a fine-tune step ran 7-10x slower with 2
     threads than with 1.
     """
+    cores = available_cores()
     if requested is not None:
-        if requested < 1:
-            raise FlowmapError(f"--threads must be >= 1, got {requested}.")
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise FlowmapError(f"--threads must be an integer >= 1, got {requested!r}.")
+        if requested > cores:  # more threads than cores only slows down, and torch crashes on absurd counts
+            return cores, f"--threads {requested}, capped at the {cores} cores present"
         return int(requested), "--threads"
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env:
         try:
             n = int(env)
             if n >= 1:
+                if n > cores:
+                    return cores, f"OMP_NUM_THREADS={env}, capped at the {cores} cores present"
                 return n, "OMP_NUM_THREADS"
         except ValueError:
             pass
-    cores = available_cores()
     if cores <= 4:
         return 1, f"{cores} cores, shared-machine default"
     return min(8, cores // 2), f"{cores} cores, half of them"

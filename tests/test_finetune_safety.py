@@ -13,6 +13,8 @@ import torch
 from conftest import randomize, tiny_config
 from typer.testing import CliRunner
 
+from flowmap_convert.errors import FlowmapError
+
 
 @pytest.fixture
 def base(tmp_path):
@@ -251,3 +253,102 @@ def test_exported_weights_are_readable_by_the_group(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask, oct(mode)
+
+
+# ---------------------------------------------------------------------------------------------------- lose nothing
+def test_a_users_edited_card_in_a_run_directory_is_never_overwritten(base):
+    run = base / "run"
+    assert cli(base, run, "--steps", "2").exit_code == 0
+    import json
+
+    marker = json.loads((run / ".flowmap-output.json").read_text())
+    assert {"README.md", "config.json", "model.safetensors", "raw/config.json"} <= set(marker["hashes"])
+    (run / "README.md").write_text("# my notes on this run\n")
+    line = refused_up_front(cli(base, run, "--steps", "4", "--resume"))
+    assert "README.md" in line and "never overwrites" in line, line
+    assert (run / "README.md").read_text() == "# my notes on this run\n"
+
+
+def test_a_run_directory_holding_a_link_is_refused_and_its_target_untouched(base, tmp_path):
+    run = base / "run"
+    assert cli(base, run, "--steps", "2").exit_code == 0
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("precious\n")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(elsewhere)
+    line = refused_up_front(cli(base, run, "--steps", "4", "--resume"))
+    assert "symbolic links (metrics.jsonl)" in line, line
+    assert elsewhere.read_text() == "precious\n"
+    from flowmap_convert.outputs import open_append
+
+    with pytest.raises(FlowmapError, match="symbolic link"):  # and the writer itself never follows one
+        open_append(run / "metrics.jsonl", truncate=True)
+    assert elsewhere.read_text() == "precious\n"
+
+
+def test_the_checkpoint_cadence_never_exceeds_the_run():
+    from flowmap_convert.finetuning.recipe import Recipe
+    from flowmap_convert.finetuning.trainer import checkpoint_cadence
+
+    assert checkpoint_cadence(Recipe(steps=200, checkpoint_every=500)) == 100
+    assert checkpoint_cadence(Recipe(steps=200, checkpoint_every=50)) == 50
+    assert checkpoint_cadence(Recipe(steps=200, checkpoint_every=0)) == 0
+    assert checkpoint_cadence(Recipe(steps=1, checkpoint_every=500)) == 500  # one step: the final save covers it
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(FlowmapError, match="checkpoint_minutes"):
+            Recipe(checkpoint_minutes=bad)
+
+
+def test_a_killed_checkpoint_save_leaves_nothing_forever(tmp_path):
+    """A save killed half-way leaves a claimed temporary; the next save removes it (a user's look-alike stays)."""
+    import json
+
+    from flowmap_convert.finetuning import checkpoint
+
+    dead = tmp_path / ".latest.pt.999999999.ab12.tmp"
+    dead.write_bytes(b"half")
+    (tmp_path / (dead.name + ".flowmap")).write_text(json.dumps({"flowmap_leftover": dead.name}))
+    users = tmp_path / ".latest.pt.999999999.mine.tmp"
+    users.write_bytes(b"mine")
+    checkpoint.save({"format": checkpoint.CKPT_FORMAT, "step": 1}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latest.pt", users.name])
+
+
+def test_sigint_writes_a_checkpoint_at_the_next_step_and_says_where(base):
+    """Ctrl-C (or SIGTERM) during the default 500-step cadence: a checkpoint at the next step, --resume continues."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flowmap_convert.finetuning import checkpoint
+
+    run = base / "run"
+    args = [sys.executable, "-m", "flowmap_convert.cli", "finetune", str(base / "base"), "--data", str(base / "d.npz")]
+    args += ["--depth", "2", "--batch-size", "2", "--steps", "100000", "--out", str(run), "--device", "cpu"]
+    args += ["--threads", "1", "--no-grid"] if "--no-grid" in cli_help() else ["--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        extra = ["--resume"] if sig == signal.SIGTERM else []
+        metrics = run / "metrics.jsonl"
+        start = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        proc = subprocess.Popen(args + extra, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            for _ in range(1200):  # two new steps: the loop (and its handlers) are running
+                if metrics.is_file() and len(metrics.read_text().splitlines()) >= start + 2:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            err = proc.communicate(timeout=120)[1]
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        m = re.search(rf"stopped by {sig.name} at step (\d+) of 100000; checkpoint written to (\S+):", err)
+        assert m and "Traceback" not in err, err
+        assert checkpoint.read(run / "checkpoints" / "latest.pt")["step"] == int(m.group(1)) >= 2
+
+
+def cli_help() -> str:
+    from flowmap_convert.cli import app
+
+    return CliRunner().invoke(app, ["finetune", "--help"]).output

@@ -11,6 +11,7 @@ import pytest
 
 from flowmap_convert.errors import FlowmapError
 from flowmap_convert.hub import push
+from flowmap_convert.outputs import mark_output
 
 
 class HubStandIn(BaseHTTPRequestHandler):
@@ -105,6 +106,7 @@ def model_dir(tmp_path):
     (out / "loss.png").write_bytes(b"\x89PNG loss")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "step-10.pt").write_bytes(b"optimizer state")
+    mark_output(out, "model")  # as flowmap finetune records the figures it writes
     return out
 
 
@@ -184,5 +186,61 @@ def test_push_without_a_token_says_how_to_log_in(hub, model_dir, monkeypatch, tm
     monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     with pytest.raises(FlowmapError, match="no Hugging Face token found; log in with `hf auth login`"):
+        push(model_dir, "alice/tiny-dmf")
+    assert hub["auth"] == []
+
+
+def test_push_uploads_only_what_flowmap_wrote(hub, model_dir, tmp_path, capsys):
+    """A user's secrets.env and a link to a private key outside: refused before any request, nothing sent."""
+    from flowmap_convert.cli import main
+
+    key = tmp_path / "id_rsa"
+    key.write_text("PRIVATE KEY")
+    (model_dir / "secrets.env").write_text("TOKEN=1")
+    (model_dir / "id_rsa").symlink_to(key)
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["push", str(model_dir), "alice/tiny-dmf", *args])
+        return e.value.code, capsys.readouterr()
+
+    code, out = run()
+    assert code == 2 and "symbolic links (id_rsa)" in out.err and len(out.err.strip().splitlines()) == 1
+    code, out = run("--include", "id_rsa")  # a link is never uploaded, even when named
+    assert code == 2 and "not a plain file" in out.err
+    (model_dir / "id_rsa").unlink()
+    code, out = run()
+    assert code == 2 and "did not write or that changed since (secrets.env)" in out.err and "--include" in out.err
+    assert hub["auth"] == [] and hub["commits"] == []  # nothing was sent
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text() + " ")  # changed since
+    code, out = run("--include", "secrets.env")
+    assert code == 2 and "(config.json)" in out.err and hub["commits"] == []
+    mark_output(model_dir, "model", files=["config.json"], update=True)
+    code, out = run("--include", "secrets.env")
+    assert code == 0, out.err
+    assert (
+        "uploading 6 files to alice/tiny-dmf: config.json" in out.err
+        and "secrets.env (7 B) (named by --include)" in out.err
+    )
+    assert out.err.index("uploading") < out.err.index("left out")  # the plan is shown before the upload
+    assert sorted(hub["commits"][0]["files"]) == sorted(
+        ["README.md", "config.json", "grid.png", "loss.png", "model.safetensors", "secrets.env"]
+    )
+
+
+def test_push_plan_names_a_card_the_user_edited(hub, model_dir, capsys):
+    from flowmap_convert.hub import upload_plan
+
+    assert upload_plan(model_dir).card == "flowmap"
+    (model_dir / "README.md").write_text("# mine\n")
+    plan = upload_plan(model_dir)
+    assert plan.card == "yours" and plan.describe()[-1] == "README.md (your own card, uploaded as it is)"
+    push(model_dir, "alice/tiny-dmf")
+    assert hub["commits"][0]["files"]["README.md"] == b"# mine\n"
+
+
+def test_push_refuses_a_directory_without_a_marker(hub, model_dir):
+    (model_dir / ".flowmap-output.json").unlink()
+    with pytest.raises(FlowmapError, match="no flowmap model marker"):
         push(model_dir, "alice/tiny-dmf")
     assert hub["auth"] == []

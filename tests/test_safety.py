@@ -102,11 +102,29 @@ def test_own_output_is_replaced_but_not_after_the_user_adds_a_file(tmp_path, mod
 
 
 @pytest.mark.e2e
-def test_a_model_exported_before_the_marker_is_still_replaceable(tmp_path, model_dir):
+def test_a_model_without_a_marker_is_replaced_only_with_force(tmp_path, model_dir):
     legacy = tmp_path / "legacy"
     shutil.copytree(model_dir, legacy)
     (legacy / ".flowmap-output.json").unlink()
-    assert invoke("convert", BUILTIN, "--out", legacy, "--depth", "2").exit_code == 0
+    before = snapshot(legacy)
+    one_line_error(invoke("convert", BUILTIN, "--out", legacy, "--depth", "2"), r"is not a flowmap output.*--force")
+    assert snapshot(legacy) == before
+    assert invoke("convert", BUILTIN, "--out", legacy, "--depth", "2", "--force").exit_code == 0
+
+
+def test_a_card_the_user_edited_is_theirs(tmp_path):
+    """The marker records each file's sha256: an edited README.md is the user's (refused without --force)."""
+    out = tmp_path / "out"
+    assert invoke("convert", BUILTIN, "--out", out, "--depth", "2").exit_code == 0
+    marker = json.loads((out / ".flowmap-output.json").read_text())
+    assert set(marker["hashes"]) == {"README.md", "config.json", "model.safetensors"}
+    (out / "README.md").write_text("# my own card\n")
+    before = snapshot(out)
+    one_line_error(invoke("convert", BUILTIN, "--out", out), r"changed since flowmap wrote them \(README.md\).*--force")
+    assert snapshot(out) == before
+    (out / "README.md").unlink()
+    (out / "README.md").symlink_to(out / "config.json")  # a link where a file was: not ours either
+    one_line_error(invoke("convert", BUILTIN, "--out", out), r"holds (symbolic links|files changed).*README.md")
 
 
 @pytest.mark.e2e
@@ -167,13 +185,22 @@ def test_sigkill_during_export_leaves_only_what_the_next_run_removes(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    assert len(stale) == 1 and stale[0].name.endswith(".tmp") and not out.exists()
-    (tmp_path / f".out.{proc.pid}.zz.old").mkdir()  # an aside dir of the same dead run
+    stale = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
+    assert not out.exists() and len(stale) == 3, stale  # the temp dir, its claim, the (released) lock file
+    assert stale[0].endswith(".tmp") and stale[1] == stale[0] + ".flowmap" and stale[2] == ".out.flowmap-lock"
+    aside = tmp_path / f".out.{proc.pid}.zz.old"  # an aside dir of the same dead run, claimed as flowmap claims it
+    aside.mkdir()
+    (tmp_path / (aside.name + ".flowmap")).write_text(json.dumps({"flowmap_leftover": aside.name}))
+    users = tmp_path / ".out.20240101.backup.old"  # looks like a leftover, but nothing claims it: the user's
+    users.mkdir()
+    (users / "keep.txt").write_text("mine")
+    (tmp_path / ".out.19991231.v1.tmp").write_text("mine too")
     live = tmp_path / f".out.{os.getpid()}.yy.tmp"  # a live run's temp dir is never touched
     live.mkdir()
     assert invoke("convert", BUILTIN, "--out", out).exit_code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
+    left = sorted([live.name, "out", users.name, ".out.19991231.v1.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    assert (users / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.e2e
@@ -348,7 +375,9 @@ def test_sigterm_during_a_download_removes_the_part_file(http_base, tmp_path):
     dead.write_bytes(b"x")
     from flowmap_convert.outputs import clean_stale
 
-    assert clean_stale(dead.parent, dead.name.split(".999999999")[0][1:]) == [dead]
+    name = dead.name.split(".999999999")[0][1:]
+    assert clean_stale(dead.parent, name) == []  # outside the cache a name alone proves nothing
+    assert clean_stale(dead.parent, name, by_name=True) == [dead]  # the download cache is flowmap's own
 
 
 # ---------------------------------------------------------------------------------------------------- 4. values

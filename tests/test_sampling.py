@@ -120,8 +120,61 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_model, tmp_path):
     drawn.clear()
     with pytest.raises(KeyboardInterrupt):
         run_sampling(tiny_model, s, 23, tmp_path / "x", chunk_size=5, progress=False, on_chunk=stop_after_two)
-    with pytest.raises(FlowmapError, match="unfinished run with other settings"):
-        run_sampling(tiny_model, SampleSettings(seed=6), 23, tmp_path / "x", chunk_size=5, progress=False)
+    with pytest.raises(FlowmapError, match=r"unfinished run with settings.seed 5 \(this one: 6\); rerun it unchanged"):
+        run_sampling(tiny_model, SampleSettings(nfe=2, seed=6, batch_size=4), 23, tmp_path / "x", chunk_size=5)
+    with pytest.raises(FlowmapError, match=r"with batch_size 4 \(this one: 8\)"):  # a pixel may move one grey level
+        run_sampling(tiny_model, SampleSettings(nfe=2, seed=5, batch_size=8), 23, tmp_path / "x", chunk_size=5)
+
+
+def test_a_resume_continues_only_the_same_model(tiny_model, tmp_path):
+    """The run is keyed by the model's content: a model re-converted at the same path is refused, not mixed in."""
+    import copy
+
+    s = SampleSettings(nfe=1, seed=1, batch_size=4)
+
+    def stop(k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        run_sampling(tiny_model, s, 10, out, chunk_size=5, progress=False, on_chunk=stop, meta={"model": "m"})
+    other = copy.deepcopy(tiny_model)  # the same architecture, one weight changed
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1.0
+    with pytest.raises(FlowmapError, match=r"of another model \(model sha256 [0-9a-f]{12}\.\.\., this one"):
+        run_sampling(other, s, 10, out, chunk_size=5, progress=False, meta={"model": "m"})
+    chunk = partial_dir(out) / "chunk-000000.npz"  # a damaged chunk (a disk error, a kill mid-copy) is drawn again
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    drawn = []
+    run_sampling(tiny_model, s, 10, out, chunk_size=5, progress=False, on_chunk=drawn.append, meta={"model": "m"})
+    assert drawn == [0, 1] and not partial_dir(out).exists()
+
+
+def test_a_second_writer_is_refused_at_once(tiny_model, tmp_path):
+    from flowmap_convert.outputs import output_lock
+
+    out = tmp_path / "s"
+    code = (
+        "import sys, time\n"
+        "from flowmap_convert.outputs import output_lock\n"
+        f"with output_lock({str(out)!r}):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(FlowmapError, match="is being written by another flowmap process"):
+            run_sampling(tiny_model, SampleSettings(nfe=1), 2, out, progress=False)
+        assert not out.exists() and not partial_dir(out).exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    with output_lock(out):  # the holder died: its lock went with it
+        with output_lock(out):  # re-entrant within one process
+            pass
+    run_sampling(tiny_model, SampleSettings(nfe=1), 2, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no lock file left behind
 
 
 def _free_port() -> int:
@@ -174,3 +227,16 @@ def test_default_model_and_velocity_warning(tmp_path, monkeypatch):
     assert meta["model"].startswith("builtin:digits-")
     code, err = run_cli("sample", "builtin:digits-sit", "-n", "2", "--nfe", "2", "--out", str(tmp_path / "v"))
     assert code == 0 and "base velocity model" in err and "flowmap finetune" in err, err
+
+
+def test_a_reconverted_model_with_the_same_weights_file_is_another_run(tmp_path, tiny_model):
+    """A re-conversion at another depth keeps model.safetensors byte-identical but changes the model."""
+    from flowmap_convert.export_samples import model_identity
+    from flowmap_convert.io import export
+
+    a = export(tiny_model.with_depth(1), tmp_path / "m")
+    first = model_identity(tiny_model.with_depth(1), a)
+    b = export(tiny_model.with_depth(2), tmp_path / "m2")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert model_identity(tiny_model.with_depth(2), b) != first
+    assert model_identity(tiny_model.with_depth(1), a) == first  # cached, and stable

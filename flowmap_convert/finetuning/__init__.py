@@ -268,6 +268,9 @@ def check_run_dir(out, resume: bool) -> Path:
         raise FlowmapError(f"--out {out}: {probe} is not writable; choose another --out.")
     if resume and not out.is_dir():
         raise FlowmapError(f"--resume: {out} does not exist; drop --resume to start a new run.")
+    from .trainer import check_exported_files
+
+    check_exported_files(out)  # a card the user edited here is refused now, not after the whole run
     from .checkpoint import any_checkpoint
     from .runrecord import RECORD
 

@@ -2,13 +2,15 @@
 
 A checkpoint is one torch.save file holding the run's state and a sha256 over all of it (every tensor's bytes and
 every other value, walked in key order), so a flipped byte anywhere is caught at --resume instead of training on
-garbage. Each save writes a temporary sibling, fsyncs it, links the current latest.pt as previous.pt, then moves
+garbage. Each save writes a claimed temporary sibling (flowmap_convert.outputs.temp_sibling: a save killed half-way
+is removed by the next one), fsyncs it, links the current latest.pt as previous.pt, then moves
 the new file over latest.pt: the two newest checkpoints stay on disk, and a crash or a full disk at any moment
 leaves only complete files behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import FlowmapError
-from ..outputs import write_error
+from ..outputs import clean_stale, temp_sibling, unclaim, write_error
 
 CKPT_FORMAT = "flowmap-finetune/2"  # /2: a sha256 over the whole state (format /1 carried none)
 LATEST, PREVIOUS = "latest.pt", "previous.pt"
@@ -99,12 +101,24 @@ def save(state: dict, directory: Path) -> Path:
     """Write state (plus its sha256) as directory/latest.pt, keeping the one before as previous.pt."""
     directory = Path(directory)
     path = directory / LATEST
-    tmp = directory / f".{LATEST}.{os.getpid()}.tmp"
-    keep = directory / f".{PREVIOUS}.{os.getpid()}.tmp"
+    tmp = keep = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save({**state, "sha256": state_digest(state)}, f)
+        for name in (LATEST, PREVIOUS):  # a save killed half-way left these (claimed, dead pid): removed now
+            clean_stale(directory, name)
+        for name in (LATEST, PREVIOUS):
+            if (directory / name).is_symlink():
+                raise FlowmapError(
+                    f"{directory / name} is a symbolic link; flowmap never writes through one, remove it."
+                )
+        tmp, keep = temp_sibling(path), temp_sibling(directory / PREVIOUS)
+        with open(tmp, "xb") as f:
+            try:
+                torch.save({**state, "sha256": state_digest(state)}, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, size limit) this way
+                if "inline_container" not in str(e) and "write" not in str(e).lower():
+                    raise
+                raise OSError(errno.ENOSPC, "the write stopped: disk full, or a file-size or quota limit") from None
             f.flush()
             os.fsync(f.fileno())
         if path.exists():  # previous.pt <- latest.pt by a second link: latest.pt exists at every moment
@@ -118,8 +132,9 @@ def save(state: dict, directory: Path) -> Path:
         raise disk_error(e, path) from None
     finally:
         for t in (tmp, keep):
-            if t.exists():
-                t.unlink()
+            if t is not None:
+                t.unlink(missing_ok=True)
+                unclaim(t)
     return path
 
 

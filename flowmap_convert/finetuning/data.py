@@ -278,17 +278,24 @@ def adm_center_crop(img, size: int):
 
 
 def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
-    """Read, centre-crop (ADM's crop, `adm_center_crop`) and scale images to (N, C, size, size) in [-1, 1]."""
+    """Read, centre-crop (ADM's crop, `adm_center_crop`) and scale images to (N, C, size, size) in [-1, 1].
+
+    Every file goes through flowmap_convert.images (palette, 16-bit, alpha, CMYK; damaged files and bombs are one
+    line), and the result's size is checked against the memory first (flowmap_convert.budget)."""
     from PIL import Image
 
+    from ..budget import check
+    from ..images import read_image
+
+    check(  # the float32 result, plus one image being resized (PIL) and its float copy
+        4.0 * len(files) * channels * size * size + 9.0 * channels * size * size,
+        f"{len(files):,} images of {size}x{size}x{channels} (latent.image_size {size})",
+        "use a model with a smaller image size, or fewer images at a time",
+    )
     out = []
     for f in files:
-        try:
-            img = Image.open(f)
-            img = img.convert("L" if channels == 1 else "RGB")
-        except Exception as e:
-            raise FlowmapError(f"cannot read image {f} ({e}); remove it or fix the file.") from None
-        img = adm_center_crop(img, size)
+        a = read_image(f, channels)
+        img = adm_center_crop(Image.fromarray(a[..., 0] if channels == 1 else a), size)
         a = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
         out.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0)
     return torch.stack(out)

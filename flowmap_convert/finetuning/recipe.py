@@ -129,6 +129,12 @@ class Recipe:
     attention: str = option("auto", "Attention backend: auto, triton, sdpa or math.", choices=ATTENTION)
     seed: int = option(0, "Seed of data order, noise and times (0 to 2^63 - 1).", lo=0, hi=INT64_MAX, parse=_seed_text)
     checkpoint_every: int = option(500, "Steps between checkpoints (0: at the end only).", lo=0)
+    checkpoint_minutes: float = option(
+        10.0,
+        "Also a checkpoint when this many minutes passed since the last (0: off; bounds the loss on preemption).",
+        lo=0.0,
+        hi=1e6,
+    )
     sample_every: int = option(0, "Steps between sample grids in OUT/samples (0: at the end only).", lo=0)
     log_every: int = option(10, "Steps between console lines when no progress bar is shown.", lo=1)
     max_bad_steps: int = option(5, "Non-finite steps in a row before rolling back to the last checkpoint.", lo=1)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlowmapError
-from ..outputs import mark_output
+from ..outputs import changed_files, mark_output, open_append, output_lock
 from ..progress import Progress, format_seconds
 from ..runtime import resolve_device
 from . import checkpoint, memory
@@ -43,6 +45,58 @@ from .setup import check_trackers, count_params, peak_memory_bytes, prepare_mode
 MAX_ROLLBACKS = 3
 ESTIMATE_AFTER = 3  # steps timed before the run prints its estimated time
 LINE_EVERY_S = 30.0  # a piped run prints a progress line at least this often, whatever --log-every says
+EXPORTED = ("grid.png", "model.safetensors", "README.md", "config.json")  # what export_into writes (and raw/ too)
+GROWING = ("metrics.jsonl",)  # files the run rewrites in place: flowmap's while they are plain files
+
+
+def checkpoint_cadence(recipe) -> int:
+    """Steps between checkpoints: recipe.checkpoint_every, but never the run's length or more (a run shorter than
+    the cadence still gets a checkpoint half-way, so an interruption loses at most half of it); 0 stays 0."""
+    every = recipe.checkpoint_every
+    if every and every >= recipe.steps and recipe.steps > 1:
+        every = max(1, recipe.steps // 2)
+    return every
+
+
+def check_exported_files(out) -> None:
+    """Refuse (one line, nothing changed) when a file the export would replace is not flowmap's unchanged output:
+    a README.md the user edited, a link, a file flowmap did not write (flowmap_convert.outputs.changed_files)."""
+    out = Path(out)
+    names = list(EXPORTED) + [f"raw/{n}" for n in EXPORTED] + list(GROWING)
+    theirs = changed_files(out, names) if out.is_dir() else []
+    if theirs:
+        raise FlowmapError(
+            f"{out} holds {', '.join(theirs[:3])}, which flowmap did not write or which changed since; "
+            "move it out of the run directory (flowmap never overwrites a file it did not write), then rerun."
+        )
+
+
+class StopSignals:
+    """While training: SIGINT / SIGTERM only raise a flag, so the loop stops at the next step boundary with a
+    checkpoint; a second signal interrupts at once (main thread only; elsewhere the handlers stay as they are)."""
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self.old[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        return False
 
 
 class Trainer:
@@ -82,6 +136,10 @@ class Trainer:
         model, self.depth_origin = prepare_model(model_or_source, recipe)
         if recipe.time_shift is None:  # MF-RAE's shift from the latent shape (recipe.latent_shift)
             self.recipe = recipe = recipe.replace(time_shift=latent_shift(model.config))
+        from ..budget import check_batch
+
+        # a lower bound (one activation per block), multiplied out before anything of the batch's size exists
+        check_batch(model.config, recipe.batch_size, "a fine-tuning batch", 1.0)
         self.model = model.to(self.device)
         self.trainable = set_trainable(self.model, recipe.train, recipe.loss)
         self.teacher_model = None
@@ -292,19 +350,24 @@ class Trainer:
         )
 
     def _metrics_file(self, resume_step: int):
-        """metrics.jsonl, truncated to the lines up to resume_step when resuming."""
+        """metrics.jsonl, truncated to the lines up to resume_step when resuming (never through a symbolic link)."""
         path = self.out / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step and path.exists():
+        if resume_step and path.is_file() and not path.is_symlink():
             for line in path.read_text().splitlines():
                 try:
                     if json.loads(line).get("step", 0) <= resume_step:
                         kept.append(line)
                 except ValueError:
                     pass
-        path.write_text("".join(k + "\n" for k in kept))
-        return open(path, "a")
+        f = open_append(path, truncate=True)
+        f.write("".join(k + "\n" for k in kept))
+        return f
+
+    def check_exported_files(self) -> None:
+        """See `check_exported_files` (module level)."""
+        check_exported_files(self.out)
 
     def _progress(self) -> Progress:
         """The step reporter: a bar on a terminal, plain lines (total, s/step, ETA, loss) when piped."""
@@ -315,11 +378,33 @@ class Trainer:
     # -------------------------------------------------------------- main loop
     @with_attention_backend
     def run(self, resume: bool = False):
-        """Train recipe.steps optimizer steps (continuing a checkpoint when resume), then export; returns the EMA model."""
+        """Train recipe.steps optimizer steps (continuing a checkpoint when resume), then export; returns the EMA model.
+
+        Rank 0 holds the run directory's lock throughout (flowmap_convert.outputs.output_lock): a second writer is
+        refused at once.
+        """
         try:
-            return self._run(resume)
+            with output_lock(self.out) if self.main else nullcontext():
+                return self._run(resume)
         except OSError as e:  # a write that failed outside checkpoint.save (metrics, samples, export)
             raise checkpoint.disk_error(e, Path(e.filename) if e.filename else self.out) from None
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """True on every rank when any rank got SIGINT / SIGTERM (one all-reduce per step when distributed)."""
+        flag = 1.0 if stop.signum is not None else 0.0
+        if self.world > 1:
+            flag = mean_over_ranks([flag], self.world, self.device)[0]
+        return flag > 0
+
+    def _time_due(self, last_save: float) -> bool:
+        """The time-based cadence (recipe.checkpoint_minutes), decided by rank 0's clock on every rank."""
+        minutes = self.recipe.checkpoint_minutes
+        if not minutes:
+            return False
+        due = 1.0 if time.perf_counter() - last_save >= 60.0 * minutes else 0.0
+        if self.world > 1:
+            due = mean_over_ranks([due if self.main else 0.0], self.world, self.device)[0]
+        return due > 0
 
     def _run(self, resume: bool):
         rec = self.recipe
@@ -331,17 +416,27 @@ class Trainer:
                 f"{self.out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
             )
         if self.main:  # the run directory says it is ours, so a later run may reuse it and nothing else is touched
+            self.check_exported_files()  # before any step: a user's README.md here would be lost only at the end
             self.out.mkdir(parents=True, exist_ok=True)
-            mark_output(self.out, "run", files=[])
+            mark_output(self.out, "run", files=[], growing=list(GROWING), update=True)
         self.acc.wait_for_everyone()
         mf = self._metrics_file(self.step) if self.main else None
         if self.log_with and self.main:
             self.acc.init_trackers("flowmap-finetune", config={k: str(v) for k, v in rec.to_dict().items()})
         start = self.step
-        t0 = last_line = time.perf_counter()
+        t0 = last_line = last_save = time.perf_counter()
+        every = checkpoint_cadence(rec)
         try:
-            with self._progress() as bar:
+            with StopSignals() as stop, self._progress() as bar:
                 while self.step < rec.steps:
+                    if self._stop_requested(stop):
+                        self.save_checkpoint()
+                        name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+                        self.say(
+                            f"stopped by {name} at step {self.step} of {rec.steps}; checkpoint written to "
+                            f"{self.ckpt_path}: rerun the same command with --resume to continue."
+                        )
+                        raise KeyboardInterrupt
                     m = self.train_step()
                     m["time"] = round(time.perf_counter() - t0, 3)
                     m["skipped_total"] = self.skipped
@@ -368,8 +463,9 @@ class Trainer:
                     if bar.mode != "bar" and (due or time.perf_counter() - last_line >= LINE_EVERY_S):
                         self.say(f"{bar.line()}, grad {m['grad_norm']:.3f}" + _extra(m))
                         last_line = time.perf_counter()
-                    if rec.checkpoint_every and self.step % rec.checkpoint_every == 0 and self.step < rec.steps:
+                    if self.step < rec.steps and ((every and self.step % every == 0) or self._time_due(last_save)):
                         self.save_checkpoint()
+                        last_save = time.perf_counter()
                     if rec.sample_every and self.step % rec.sample_every == 0 and self.main:
                         from .export import write_sample_grid
 
@@ -396,8 +492,13 @@ class Trainer:
         training = training_record(rec, self.step, self.skipped, self.ema.decay, self.world, self.data.name)
         if self.teacher_source is not None:
             training["teacher"] = self.teacher_source
+        if self.main:
+            self.check_exported_files()
         model = export_run(self.model, self.ema, training, self.out, self.device, self.grid, write=self.main)
         if self.main:
+            written = [n for n in EXPORTED if (self.out / n).is_file()]
+            written += [f"raw/{n}" for n in EXPORTED if (self.out / "raw" / n).is_file()]
+            mark_output(self.out, "run", files=written, growing=list(GROWING), update=True)
             self.say(f"exported EMA weights to {self.out} and raw weights to {self.out / 'raw'}")
         return model
 
