@@ -126,6 +126,27 @@ def nonfinite_report(named_tensors) -> tuple[list[str], list[str]]:
     return bad, huge
 
 
+def sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header's `__metadata__` in sorted key order, in place.
+
+    The Rust writer keeps metadata in a hash map, so two saves of the same tensors could differ in the order of
+    "format" and "flowmap" (same length, other bytes); sorted, the same weights always give the same file.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw, object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > n:  # never longer: same keys and values; keep the writer's bytes if json spells them otherwise
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def write_model_dir(
     model, directory: str | os.PathLike, card: str | None = None, extra_files: dict | None = None
 ) -> Path:
@@ -141,6 +162,7 @@ def write_model_dir(
         )
     except SafetensorError as e:  # the Rust writer reports I/O failures (disk full, file too large) this way
         raise OSError(errno.EIO, str(e).splitlines()[0] if str(e) else "write failed") from None
+    sort_metadata(directory / WEIGHTS_NAME)
     (directory / WEIGHTS_NAME).chmod(0o666 & ~current_umask())  # the safetensors writer creates 0600 files
     from .card import model_card
 
