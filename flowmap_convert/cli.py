@@ -21,8 +21,13 @@ from .cli_common import (
     SourceArg,
     TrustOpt,
     WeightsOpt,
+    describe_model,
+    shared_option,
+    suggest_options,
+    user_message,
 )
 from .errors import FlowmapError
+from .vocabulary import default_out
 
 app = typer.Typer(
     name="flowmap",
@@ -56,8 +61,8 @@ def _root(
 
 
 def fail(message: str) -> None:
-    """Print one clear line on stderr and exit with code 2 (user error)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one clear line on stderr and exit with code 2 (user error); the message is shown verbatim (escaped)."""
+    err_console.print(f"[bold red]error:[/] {user_message(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -104,6 +109,9 @@ def source_options(revision, filename, family, weights, num_heads, trust_pickle,
     )
 
 
+DEFAULT_OUT = Path(default_out("convert"))  # the one naming rule: flowmap-<command>
+
+
 @app.command()
 @guarded
 def convert(
@@ -116,9 +124,7 @@ def convert(
             help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks; for RAE DiT^DH all encoder blocks, so the DDT head sees r).",
         ),
     ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory (config.json, model.safetensors, README.md).")
-    ] = Path("flowmap-out"),
+    out: Annotated[Path, shared_option("out", "Holds config.json, model.safetensors, README.md.")] = DEFAULT_OUT,
     revision: RevisionOpt = None,
     filename: FilenameOpt = None,
     family: FamilyOpt = None,
@@ -190,7 +196,7 @@ def convert(
         f"source      {prov.get('source', source)}" + (f" @ {prov['revision']}" if prov.get("revision") else ""),
         f"file        {prov['file']}" if prov.get("file") else None,
         f"sha256      {prov.get('sha256', '-')}",
-        f"written     {out}",
+        f"written     {out} (from {describe_model(source, model)})",
     ]
     console.print("\n".join(line for line in lines if line), highlight=False)
 
@@ -280,7 +286,7 @@ def sample(
 
     Examples:
 
-      flowmap sample flowmap-out --nfe 1 --out samples
+      flowmap sample flowmap-convert --nfe 1 --out samples
 
       flowmap sample builtin:digits-sit --nfe 32 --sampler euler --num-samples 100 --npz
 
@@ -367,11 +373,18 @@ def usage_error_line(exc, argv: list[str] | None = None, commands=()) -> str:
     message = " ".join(exc.format_message().split()).rstrip(".")
     message = message[:1].lower() + message[1:]
     ctx = getattr(exc, "ctx", None)
+    command = None
     if ctx is not None and ctx.parent is not None:
-        where = ctx.command_path
+        where, command = ctx.command_path, ctx.command
     else:  # errors raised while parsing a command's options may carry no context: name the command typed
         typed = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
         where = f"flowmap {typed[0]}" if typed and typed[0] in commands else "flowmap"
+        command = commands.get(typed[0]) if typed and typed[0] in commands and hasattr(commands, "get") else None
+    name = getattr(exc, "option_name", None)
+    if name and type(exc).__name__ == "NoSuchOption":  # click's own guesses are by spelling only; ours know synonyms
+        options = [o for p in getattr(command, "params", ()) for o in (*p.opts, *p.secondary_opts)]
+        close = suggest_options(name, options)
+        message = f"no such option: {name}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
     return f"{message}; see `{where} --help`."
 
 
@@ -392,8 +405,6 @@ def _click_exceptions(name: str) -> tuple[type, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors are one line on stderr with exit code 2 (no help box)."""
-    from rich.markup import escape
-
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="flowmap", standalone_mode=False)
@@ -402,13 +413,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except _click_exceptions("UsageError") as e:
         err_console.print(
-            f"[bold red]error:[/] {escape(usage_error_line(e, argv, getattr(command, 'commands', {})))}",
+            f"[bold red]error:[/] {user_message(usage_error_line(e, argv, getattr(command, 'commands', {})))}",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(e.exit_code)
     except _click_exceptions("ClickException") as e:
-        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {user_message(e.format_message())}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except _click_exceptions("Abort"):
         err_console.print("interrupted")

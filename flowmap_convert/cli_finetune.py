@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
+from .cli_common import DeviceOpt, ThreadsOpt, describe_model, model_argument, shared_option
 from .errors import FlowmapError
+from .vocabulary import default_out
 
 
 def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -252,40 +254,54 @@ def finetune_cmd(
         )
 
 
+DEFAULT_OUT = Path(default_out("encode"))  # the one naming rule: flowmap-<command>
+
+
 def encode_cmd(
-    images_dir: Annotated[
-        Path,
+    model: Annotated[str, model_argument("Its config names the encoder (identity for pixel models).")],
+    images: Annotated[
+        Path | None,
         typer.Argument(
-            help="Folder with one sub-folder of images per class (sorted folder names become labels 0..K-1)."
+            help="Folder with one sub-folder of images per class (sorted folder names become labels 0..K-1).",
+            metavar="IMAGES",
+            show_default=False,
         ),
-    ],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            help="Model whose latent space to encode into (its config names the encoder; identity for pixel models).",
-        ),
-    ] = "builtin:digits-sit",
+    ] = None,
     out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Dataset directory to write (safetensors shards with `latents` and `labels`, plus meta.json).",
-        ),
-    ] = Path("flowmap-dataset"),
+        Path, shared_option("out", "Holds safetensors shards with `latents` and `labels`, plus meta.json.")
+    ] = DEFAULT_OUT,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")] = 10000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder call.")] = 32,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, shared_option("batch_size")] = 32,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    legacy_model: Annotated[
+        str | None, typer.Option("--model", hidden=True, help="Deprecated: the model is the first argument.")
+    ] = None,
 ):
     """Encode an image folder into the latent space of a model, for `flowmap finetune --data`.
 
     Examples:
 
-      flowmap encode ./my-images --model repa-dmf20 --out my-latents
+      flowmap encode repa-dmf20 ./my-images --out my-latents
 
-      flowmap encode ./digits-png --model builtin:digits-sit --out digits-data
+      flowmap encode builtin:digits-sit ./digits-png --out digits-data
     """
+    if legacy_model is not None:  # the old spelling `flowmap encode IMAGES --model MODEL` keeps working
+        if images is not None:
+            raise FlowmapError(
+                f"pass the model once: `flowmap encode {legacy_model} {images}` (--model is the first argument now)."
+            )
+        model, images = legacy_model, Path(model)
+    if images is None:
+        raise FlowmapError(f"missing the image folder; run `flowmap encode {model} IMAGES` (MODEL first, then IMAGES).")
+    images_dir = images
+    from .runtime import choose_threads, resolve_device, set_threads
+
+    device = str(resolve_device(device))
+    choose_threads(threads)  # --threads checked before any work
+    note = set_threads(threads, device)
+    if note:
+        typer.echo(note, err=True)
     import torch
     from safetensors.torch import save_file
 
@@ -298,7 +314,8 @@ def encode_cmd(
     check_output(out, "encode", sources=(images_dir, model))  # safety: only our own encode output is replaced
     if shard_size < 1 or batch_size < 1:
         raise FlowmapError("--shard-size and --batch-size must be positive.")
-    latent = load(model).config.latent
+    net = load(model)
+    latent = net.config.latent
     files, labels, classes = list_image_folder(images_dir)
     if not files:
         raise FlowmapError(f"{images_dir} has no images in class sub-folders (e.g. {images_dir}/cat/001.png).")
@@ -318,4 +335,4 @@ def encode_cmd(
             "num_samples": len(files),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    typer.echo(f"encoded {len(files)} images in {len(classes)} classes into {out}")
+    typer.echo(f"encoded {len(files)} images in {len(classes)} classes with {describe_model(model, net)} into {out}")

@@ -27,6 +27,7 @@ def build_report(plan: SearchPlan, probe, results, halving_log, source_name: str
     s = probe.draw.settings
     return {
         "source": source_name,
+        "source_sha256": (probe.model.config.provenance or {}).get("sha256"),
         "num_blocks": probe.model.config.num_blocks,
         "depths": list(plan.depths),
         "nfe": list(plan.nfes),
