@@ -60,6 +60,28 @@ def _root(
     pass
 
 
+# The command line as the user typed it (set by main); messages that suggest a command rebuild it from these words.
+_TYPED: list[str] | None = None
+
+
+def keep_typed(error: FlowmapError) -> str:
+    """An error's message, with a suggested fallback command rewritten as the user's own command line.
+
+    The library suggests `flowmap convert ./FILE --family F` for a source it could not fetch; the user typed more
+    (`--depth 20`, `--out`, another command), so the source word is replaced by the file and every other word kept.
+    """
+    import shlex
+
+    message = str(error)
+    fallback = getattr(error, "manual_fallback", None)
+    if not fallback or not _TYPED or fallback["source"] not in _TYPED:
+        return message
+    words = [fallback["file"] if w == fallback["source"] else w for w in _TYPED]
+    if fallback.get("family") and not any(w == "--family" or w.startswith("--family=") for w in words):
+        words += ["--family", fallback["family"]]
+    return message.replace(fallback["command"], "flowmap " + shlex.join(words))
+
+
 def fail(message: str) -> None:
     """Print one clear line on stderr and exit with code 2 (user error); the message is shown verbatim (escaped)."""
     err_console.print(f"[bold red]error:[/] {user_message(message)}", highlight=False, soft_wrap=True)
@@ -75,7 +97,7 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except FlowmapError as e:
-            fail(str(e))
+            fail(keep_typed(e))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
                 raise
@@ -405,6 +427,8 @@ def _click_exceptions(name: str) -> tuple[type, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors are one line on stderr with exit code 2 (no help box)."""
+    global _TYPED
+    _TYPED = list(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="flowmap", standalone_mode=False)
