@@ -215,7 +215,9 @@ def _hub_failure(error: FlowmapError, repo: str) -> str:
         return "its Hub copy is not in the local Hub cache"
     if _unreachable(error):
         return "the Hugging Face Hub is unreachable"
-    return f"its Hub copy was not found ({str(error).rstrip('.').replace(f'Hub repo {repo}', 'it').replace(repo, 'it')})"
+    return (
+        f"its Hub copy was not found ({str(error).rstrip('.').replace(f'Hub repo {repo}', 'it').replace(repo, 'it')})"
+    )
 
 
 def _alias_unavailable(
