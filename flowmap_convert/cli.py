@@ -22,6 +22,7 @@ from .cli_common import (
     TrustOpt,
     WeightsOpt,
     describe_model,
+    install_help_rendering,
     shared_option,
     suggest_options,
     user_message,
@@ -388,6 +389,7 @@ def _hide_flag_types() -> None:
 
 
 _hide_flag_types()
+install_help_rendering()  # examples as literal blocks, descriptions as flowing paragraphs
 
 
 def usage_error_line(exc, argv: list[str] | None = None, commands=()) -> str:

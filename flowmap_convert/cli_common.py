@@ -145,3 +145,110 @@ def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
     if len(vals) != 2:
         raise FlowmapError(f"--guidance-interval takes LO,HI (two comma-separated numbers, e.g. 0,0.7), got {text!r}.")
     return vals
+
+
+# ---------------------------------------------------------------------------------------------- --help text
+# A command's docstring has prose paragraphs and example paragraphs (lines that start with a command). Prose flows:
+# its single line breaks are spaces, so rich fills the width. Examples are literal blocks: never wrapped inside a
+# word or an argument; a line wider than the terminal is folded between arguments with a shell continuation
+# (` \`), so what is copied still runs.
+EXAMPLE_PREFIXES = ("flowmap ", "torchrun ", "accelerate ", "hf ", "python ", "export ", "$ ")
+
+
+def is_example(paragraph: str) -> bool:
+    """Whether a help paragraph is a block of example command lines."""
+    lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
+    return bool(lines) and all(line.startswith(EXAMPLE_PREFIXES) for line in lines)
+
+
+def fold_command(line: str, width: int, indent: str = "    ") -> list[str]:
+    """One example line as lines of at most `width` columns, broken only between arguments, with ` \\` continuations.
+
+    Quoted arguments stay whole; a trailing `# comment` is never followed by a continuation (it would swallow it), so
+    such a line is kept whole. An argument longer than the width overflows rather than being cut.
+    """
+    import re
+
+    if len(line) <= width or "#" in line:
+        return [line]
+    lead = line[: len(line) - len(line.lstrip())]
+    tokens = re.findall(r"""(?:[^\s"']+|"[^"]*"|'[^']*')+""", line)
+    words: list[str] = []  # an option and its value stay on one line
+    for token in tokens:
+        if words and words[-1].startswith("-") and " " not in words[-1] and not token.startswith("-"):
+            words[-1] += " " + token
+        else:
+            words.append(token)
+    lines, current = [], lead + words[0]
+    for word in words[1:]:
+        if len(current) + 1 + len(word) + 2 > width and current.strip():
+            lines.append(current + " \\")
+            current = lead + indent + word
+        else:
+            current += " " + word
+    lines.append(current)
+    return lines
+
+
+class LiteralBlock:
+    """Rich renderable: example lines, folded to the width they are rendered at, never re-wrapped by rich."""
+
+    def __init__(self, lines: list[str], style: str = ""):
+        self.lines, self.style = lines, style
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+
+        width = options.max_width
+        folded = [piece for line in self.lines for piece in fold_command(line, width)]
+        yield Text("\n".join(folded), style=self.style, no_wrap=True, overflow="ignore")
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        return Measurement(1, options.max_width)
+
+
+def help_renderables(help_text: str, markup_mode: str):
+    """The renderables of a command's help text: the first line, flowing prose paragraphs, literal example blocks."""
+    import inspect
+
+    from rich.markup import escape
+    from rich.text import Text
+    from typer import rich_utils as ru
+
+    text = inspect.cleandoc(help_text or "").partition("\f")[0]
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        return
+    first, rest = paragraphs[0], paragraphs[1:]
+    yield ru._make_rich_text(text=" ".join(first.split()), style=ru.STYLE_HELPTEXT_FIRST_LINE, markup_mode=markup_mode)
+    for paragraph in rest:
+        yield Text("")
+        if is_example(paragraph):
+            lines = [line.rstrip() for line in paragraph.splitlines() if line.strip()]
+            yield LiteralBlock(["  " + line.strip() for line in lines], style=ru.STYLE_HELPTEXT)
+        else:
+            flowing = " ".join(paragraph.split())
+            if markup_mode != "rich":
+                flowing = escape(flowing)
+            yield ru._make_rich_text(text=flowing, style=ru.STYLE_HELPTEXT, markup_mode="rich")
+
+
+def install_help_rendering() -> None:
+    """Render every command's help through `help_renderables` (typer's own joins examples into wrapped prose)."""
+    from rich.console import group
+    from rich.text import Text
+    from typer import rich_utils as ru
+
+    if getattr(ru._get_help_text, "_flowmap_help", False):
+        return
+
+    @group()
+    def _get_help_text(*, obj, markup_mode):
+        if getattr(obj, "deprecated", False):
+            yield Text(ru.DEPRECATED_STRING, style=ru.STYLE_DEPRECATED)
+        yield from help_renderables(obj.help or "", markup_mode)
+
+    _get_help_text._flowmap_help = True
+    ru._get_help_text = _get_help_text

@@ -74,13 +74,15 @@ def eval_cmd(
 
     Examples:
 
-      flowmap eval samples/                                   # a folder written by flowmap sample
+      flowmap eval flowmap-sample    # a folder written by flowmap sample
 
       flowmap eval samples.npz --reference VIRTUAL_imagenet256_labeled.npz
 
       flowmap eval repa-dmf20 --nfe 1,2,4 --num-samples 50000 --reference VIRTUAL_imagenet256_labeled.npz --device cuda
 
       flowmap eval builtin:digits-sit --nfe 1,4 -n 1000
+
+      flowmap eval repa-dmf20 --nfe 1 --cfg-scale 1.5 --guidance-interval 0,0.7
     """
     from .evaluate import evaluate, table
     from .runtime import choose_threads, resolve_device, set_threads

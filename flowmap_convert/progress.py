@@ -82,6 +82,19 @@ class Progress:
         elif self.mode == "lines" and exc_type is None and self.done > self._start_count:
             self._emit()
 
+    def print(self, message: str, markup: bool = False) -> None:
+        """Print one line while the reporter runs: above a live bar (its line cleared first, then redrawn below),
+        else as a plain line. Writing to stderr some other way while a bar is drawn leaves the bar's text in front
+        of the message (`0:01:45estimated t...`). `markup`: the message is rich markup (else shown verbatim)."""
+        from rich.text import Text
+
+        text = Text.from_markup(message) if markup else Text(message)
+        if self._bar is not None:
+            self._bar.console.print(text, highlight=False, soft_wrap=True)
+        else:
+            self.stream.write(text.plain + "\n")
+            self.stream.flush()
+
     # ------------------------------------------------------------------ numbers
     @property
     def elapsed(self) -> float:

@@ -235,9 +235,12 @@ class Trainer:
 
     # -------------------------------------------------------------- logging
     def say(self, msg: str) -> None:
-        """Print on the main process only."""
+        """Print on the main process only (through the live progress bar when one is drawn: it clears its line)."""
         if self.main:
-            if self.console is not None:
+            bar = getattr(self, "_live_bar", None)
+            if bar is not None and bar.mode == "bar":
+                bar.print(msg, markup=True)
+            elif self.console is not None:
                 self.console.print(msg, highlight=False, soft_wrap=True)
             else:
                 print(msg, file=sys.stderr)
@@ -304,6 +307,7 @@ class Trainer:
         t0 = last_line = time.perf_counter()
         try:
             with self._progress() as bar:
+                self._live_bar = bar
                 while self.step < rec.steps:
                     m = self.train_step()
                     m["time"] = round(time.perf_counter() - t0, 3)
@@ -339,6 +343,7 @@ class Trainer:
                         path = self.out / "samples" / f"step-{self.step:07d}.png"
                         write_sample_grid(ema_model(self.model, self.ema), path, self.device)
         finally:
+            self._live_bar = None
             if mf is not None:
                 mf.close()
         self.save_checkpoint()
