@@ -221,7 +221,7 @@ def convert(
         f"sha256      {prov.get('sha256', '-')}",
         f"written     {out} (from {describe_model(source, model)})",
     ]
-    console.print("\n".join(line for line in lines if line), highlight=False)
+    console.print("\n".join(line for line in lines if line), highlight=False, soft_wrap=True)
 
 
 DEFAULT_SAMPLE_MODEL = "builtin:digits-dmf"

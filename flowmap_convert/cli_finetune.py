@@ -181,7 +181,7 @@ def finetune_cmd(
 
     Examples:
 
-      flowmap finetune --out digits-ft            (builtin:digits-sit, 200 steps x 32: a few minutes on a CPU)
+      flowmap finetune --out digits-ft    # builtin:digits-sit: minutes on a CPU
 
       flowmap finetune digits-d4 --data builtin:digits --objective dmf --train decoder --steps 500
 
@@ -299,9 +299,6 @@ def encode_cmd(
 
     device = str(resolve_device(device))
     choose_threads(threads)  # --threads checked before any work
-    note = set_threads(threads, device)
-    if note:
-        typer.echo(note, err=True)
     import torch
     from safetensors.torch import save_file
 
@@ -314,6 +311,9 @@ def encode_cmd(
     check_output(out, "encode", sources=(images_dir, model))  # safety: only our own encode output is replaced
     if shard_size < 1 or batch_size < 1:
         raise FlowmapError("--shard-size and --batch-size must be positive.")
+    note = set_threads(threads, device)
+    if note:
+        typer.echo(note, err=True)
     net = load(model)
     latent = net.config.latent
     files, labels, classes = list_image_folder(images_dir)
