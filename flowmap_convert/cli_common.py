@@ -144,7 +144,9 @@ def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
         vals = ()
     if len(vals) != 2:
         raise FlowmapError(f"--guidance-interval takes LO,HI (two comma-separated numbers, e.g. 0,0.7), got {text!r}.")
-    return vals
+    from .validate import interval
+
+    return interval("--guidance-interval", *vals)
 
 
 # ---------------------------------------------------------------------------------------------- --help text

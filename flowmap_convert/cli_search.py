@@ -10,17 +10,20 @@ import typer
 from rich.console import Console
 
 from .cli_common import (
+    CfgScaleOpt,
     ClassesOpt,
     DeviceOpt,
     FamilyOpt,
     FilenameOpt,
     RevisionOpt,
     SamplerOpt,
+    ShiftOpt,
     SourceArg,
     ThreadsOpt,
     TrustOpt,
     WeightsOpt,
     describe_model,
+    parse_guidance_interval,
     parse_int_list,
     shared_option,
     user_message,
@@ -133,6 +136,9 @@ def search_depth_cmd(
     ci: Annotated[float, typer.Option("--ci", help="Confidence level of the intervals.")] = 0.9,
     seed: Annotated[int, shared_option("seed", "Every depth sees the same noise.")] = 0,
     sampler: SamplerOpt = "euler",
+    shift: ShiftOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    guidance_interval: Annotated[str | None, shared_option("guidance_interval", "Default: 0,1 (everywhere).")] = None,
     classes: ClassesOpt = None,
     batch_size: Annotated[int, shared_option("batch_size")] = 250,
     device: DeviceOpt = None,
@@ -181,8 +187,12 @@ def search_depth_cmd(
     from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import SampleSettings, parse_classes
 
+    interval = parse_guidance_interval(guidance_interval)
     settings = SampleSettings(
         sampler=sampler,
+        shift=shift,
+        cfg_scale=cfg_scale,
+        **({"guidance_interval": interval} if interval is not None else {}),
         seed=seed,
         batch_size=batch_size,
         device=str(resolve_device(device)),

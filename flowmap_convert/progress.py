@@ -117,7 +117,7 @@ class Progress:
         """The plain status line: desc, count/total, percent, rate, elapsed, ETA and any postfix values."""
         pct = f" ({100.0 * self.done / self.total:.0f}%)" if self.total else ""
         r = self.rate
-        rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{self.unit}"
+        rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{_singular(self.unit)}"
         extra = "".join(f", {k} {_fmt(v)}" for k, v in self.postfix.items())
         return (
             f"{self.desc}: {self.done}/{self.total} {self.unit}{pct}, {rate}, "
@@ -132,7 +132,7 @@ class Progress:
             self.postfix.update(postfix)
         if self._bar is not None:
             r = self.rate
-            rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{self.unit}"
+            rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{_singular(self.unit)}"
             desc = self.desc + "".join(f" {k} {_fmt(v)}" for k, v in self.postfix.items())
             self._bar.update(self._task, completed=self.done, rate=rate, description=desc[:30])
         elif self.mode == "lines":
@@ -156,3 +156,8 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _singular(unit: str) -> str:
+    """`images` -> `image` for a per-unit rate (`6.59 s/probe`, not `s/probes`)."""
+    return unit[:-1] if len(unit) > 2 and unit.endswith("s") and not unit.endswith("ss") else unit
