@@ -43,7 +43,8 @@ def push_cmd(
     if result.skipped_dirs:
         note(f"left out subdirectories: {', '.join(result.skipped_dirs)} (push uploads the model's top-level files)")
     Console().print(
-        f"pushed {describe_model(str(directory), sha256=_recorded_sha256(directory))}: {len(result.files)} files ({result.bytes / 2**20:.1f} MiB) to {result.url}"
+        f"pushed {len(result.files)} files ({result.bytes / 2**20:.1f} MiB) of "
+        f"{describe_model(str(directory), sha256=_recorded_sha256(directory))} to {result.url}"
         + (f" (commit {result.commit[:12]})" if result.commit else "")
         + f"\nsample it with: flowmap sample {repo_id} --nfe 1",
         highlight=False,
