@@ -1,7 +1,7 @@
 """Pieces shared by the CLI modules: option aliases and argument parsers (no command lives here).
 
 Every shared concept (model argument, --out, --device, --threads, --seed, --nfe, guidance, sampler settings) is
-declared through `shared_option` / `ModelArg` from `vocabulary.SHARED`, so each spelling, short alias and help
+declared through `shared_option` / `model_argument` from `vocabulary.SHARED`, so each spelling, short alias and help
 sentence exists once; tests/test_cli_grammar.py reads the click tree and fails on a second spelling.
 """
 
