@@ -131,7 +131,19 @@ def eval_cmd(
     if main_rank:
         console.print(table(report), highlight=False)
         console.print(
-            f"scored {describe_model(target, sha256=report.get('model_sha256'))}; written {out / 'eval.json'}"
-            + (f", {report['plot']}" if report.get("plot") else ""),
+            f"scored {describe_model(target, sha256=report.get('model_sha256'))}{_samples_of(target)}; "
+            f"written {out / 'eval.json'}" + (f", {report['plot']}" if report.get("plot") else ""),
             highlight=False,
+            soft_wrap=True,
         )
+
+
+def _samples_of(target: str) -> str:
+    """` (samples of MODEL)` for a folder written by `flowmap sample` (its samples.json names the model), else ''."""
+    import json
+
+    try:
+        model = json.loads((Path(target) / "samples.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (samples of {model})" if isinstance(model, str) and model else ""

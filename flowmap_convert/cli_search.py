@@ -246,4 +246,4 @@ def search_depth_cmd(
     lines.append(f"written {report['written'].get('json')}, {report['written'].get('plot')}")
     if write_best is not None:
         lines.append(f"exported depth {report['best_depth']} (best at {report['best_for_nfe']} NFE) to {write_best}")
-    console.print("\n".join(lines), highlight=False)
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
