@@ -218,6 +218,20 @@ def test_eval_of_too_few_samples_says_which_sample_command_makes_enough(tmp_path
     assert f"`flowmap sample builtin:digits-dmf -n 64 --out {folder}`" in err and "--num-samples" not in err
 
 
+def test_eval_of_a_samples_folder_says_whose_samples_it_scored(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "flowmap-sample"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(70):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    (folder / "samples.json").write_text(json.dumps({"model": "builtin:digits-dmf"}))
+    code, out, err = run(["eval", folder, "--out", tmp_path / "e"], capsys)
+    assert code == 0, err
+    assert f"scored {folder} (samples of builtin:digits-dmf); written {tmp_path / 'e' / 'eval.json'}" in out
+
+
 def test_a_failed_fid_weight_download_is_a_network_failure(tmp_path, monkeypatch):
     import urllib.error
 
