@@ -29,6 +29,7 @@ from .cli_common import (
     user_message,
 )
 from .errors import FlowmapError
+from .progress import say
 from .vocabulary import default_out
 
 # cli.py imports this module to register the command, so nothing here imports cli.py (`python -m
@@ -206,7 +207,7 @@ def search_depth_cmd(
             err_console.print(note, highlight=False)
 
     def show(message, category, filename_, lineno, file=None, line=None):
-        err_console.print(f"[yellow]warning:[/] {user_message(message)}", highlight=False, soft_wrap=True)
+        say(f"[yellow]warning:[/] {user_message(message)}", markup=True)  # above a live progress bar, if any
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -73,12 +73,15 @@ class Progress:
                 transient=False,
             )
             self._bar.start()
+            _LIVE.append(self)
             self._task = self._bar.add_task(self.desc, total=self.total, completed=self.done, rate="")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self in _LIVE:
+                _LIVE.remove(self)
         elif self.mode == "lines" and exc_type is None and self.done > self._start_count:
             self._emit()
 
@@ -149,6 +152,21 @@ class Progress:
         self._last_line = time.perf_counter()
         self.stream.write(self.line() + "\n")
         self.stream.flush()
+
+
+# Bars being drawn now (innermost last): `say` prints above the innermost one.
+_LIVE: list[Progress] = []
+
+
+def say(message: str, markup: bool = False) -> None:
+    """One line on stderr that does not collide with a live bar: above the innermost bar (its line cleared first),
+    else printed plainly (rich markup rendered when `markup`)."""
+    if _LIVE:
+        _LIVE[-1].print(message, markup=markup)
+        return
+    from rich.console import Console
+
+    Console(stderr=True).print(message, markup=markup, highlight=False, soft_wrap=True)
 
 
 def _fmt(v) -> str:

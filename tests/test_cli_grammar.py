@@ -362,13 +362,15 @@ def test_a_message_during_a_live_bar_starts_on_a_cleared_line():
 
     code = (
         "import time\n"
-        "from flowmap_convert.progress import Progress\n"
+        "from flowmap_convert.progress import Progress, say\n"
         "with Progress(6, 'fine-tune', 'step') as bar:\n"
         "    for i in range(6):\n"
         "        time.sleep(0.02)\n"
         "        bar.advance(1, loss=0.1234)\n"
         "        if i == 2:\n"
         "            bar.print('estimated time: 0:01:45 for the remaining 3 steps [x]')\n"
+        "        if i == 4:\n"
+        "            say('warning: a note from elsewhere')\n"
     )
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -386,5 +388,6 @@ def test_a_message_during_a_live_bar_starts_on_a_cleared_line():
     os.waitpid(pid, 0)
     text = raw.decode(errors="replace")
     assert "estimated time: 0:01:45 for the remaining 3 steps [x]" in text
-    before = text.split("estimated time")[0]
-    assert before.endswith("\x1b[2K"), repr(before[-40:])  # the bar's line was erased first
+    for message in ("estimated time", "warning: a note from elsewhere"):
+        before = text.split(message)[0]
+        assert before.endswith("\x1b[2K"), repr(before[-40:])  # the bar's line was erased first
