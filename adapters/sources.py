@@ -197,12 +197,17 @@ def _unreachable(error: FlowmapError) -> bool:
 
 
 def _hub_failure(error: FlowmapError, repo: str) -> str:
-    """Why an alias's Hub copy could not be read, as a clause: offline, unreachable, or not found (and why)."""
+    """Why an alias's Hub copy could not be read, as a clause: offline, unreachable, or not found (and why).
+
+    It names only what the user typed (the alias), never the repository that hosts the copy.
+    """
     if is_offline():
-        return f"its Hub copy ({repo}) is not in the local Hub cache"
+        return "its Hub copy is not in the local Hub cache"
     if _unreachable(error):
-        return f"the Hugging Face Hub is unreachable (for {repo})"
-    return f"its Hub copy was not found ({str(error).rstrip('.')})"
+        return "the Hugging Face Hub is unreachable"
+    return (
+        f"its Hub copy was not found ({str(error).rstrip('.').replace(f'Hub repo {repo}', 'it').replace(repo, 'it')})"
+    )
 
 
 def _alias_unavailable(
@@ -223,9 +228,12 @@ def _alias_unavailable(
         why_url = f"the download from {host} failed ({str(url_error).split(';')[0].rstrip('.')})"
     why = f"{_hub_failure(hub_error, entry['hub']['repo'])} and {why_url}" if hub_error else why_url
     fallback = f"flowmap convert ./{name}" + (f" --family {family}" if family else "")
-    return FlowmapError(
+    error = FlowmapError(
         f"cannot fetch {source}: {why}; download {url} by hand, save it as {name}, and run `{fallback}`."
     )
+    # what the CLI needs to rewrite the suggestion as the user's own command line (all their options kept)
+    error.manual_fallback = {"command": fallback, "source": source, "file": f"./{name}", "family": family}
+    return error
 
 
 # --------------------------------------------------------------------------------------------- Hub

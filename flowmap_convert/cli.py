@@ -22,10 +22,16 @@ from .cli_common import (
     SourceArg,
     TrustOpt,
     WeightsOpt,
+    describe_model,
+    install_help_rendering,
+    shared_option,
+    suggest_options,
+    user_message,
 )
 from .errors import FlowmapError
 from .options import with_options
 from .sample_options import SampleRun, SampleSettings
+from .vocabulary import default_out
 
 app = typer.Typer(
     name="flowmap",
@@ -58,11 +64,31 @@ def _root(
     pass
 
 
-def fail(message: str) -> None:
-    """Print one clear line on stderr and exit with code 2 (user error)."""
-    from .vocabulary import for_cli
+# The command line as the user typed it (set by main); messages that suggest a command rebuild it from these words.
+_TYPED: list[str] | None = None
 
-    err_console.print(f"[bold red]error:[/] {for_cli(message)}", highlight=False, soft_wrap=True)
+
+def keep_typed(error: FlowmapError) -> str:
+    """An error's message, with a suggested fallback command rewritten as the user's own command line.
+
+    The library suggests `flowmap convert ./FILE --family F` for a source it could not fetch; the user typed more
+    (`--depth 20`, `--out`, another command), so the source word is replaced by the file and every other word kept.
+    """
+    import shlex
+
+    message = str(error)
+    fallback = getattr(error, "manual_fallback", None)
+    if not fallback or not _TYPED or fallback["source"] not in _TYPED:
+        return message
+    words = [fallback["file"] if w == fallback["source"] else w for w in _TYPED]
+    if fallback.get("family") and not any(w == "--family" or w.startswith("--family=") for w in words):
+        words += ["--family", fallback["family"]]
+    return message.replace(fallback["command"], "flowmap " + shlex.join(words))
+
+
+def fail(message: str) -> None:
+    """Print one clear line on stderr and exit with code 2 (user error); the message is shown verbatim (escaped)."""
+    err_console.print(f"[bold red]error:[/] {user_message(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -75,7 +101,7 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except FlowmapError as e:
-            fail(str(e))
+            fail(keep_typed(e))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
                 raise
@@ -109,6 +135,9 @@ def source_options(revision, filename, family, weights, num_heads, trust_pickle,
     )
 
 
+DEFAULT_OUT = Path(default_out("convert"))  # the one naming rule: flowmap-<command>
+
+
 @app.command()
 @guarded
 def convert(
@@ -121,9 +150,7 @@ def convert(
             help="Encoder/decoder split: blocks [0, depth) see t, the rest and the head see r (default: 2/3 of the blocks; for RAE DiT^DH all encoder blocks, so the DDT head sees r).",
         ),
     ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory (config.json, model.safetensors, README.md).")
-    ] = Path("flowmap-out"),
+    out: Annotated[Path, shared_option("out", "Holds config.json, model.safetensors, README.md.")] = DEFAULT_OUT,
     revision: RevisionOpt = None,
     filename: FilenameOpt = None,
     family: FamilyOpt = None,
@@ -195,9 +222,9 @@ def convert(
         f"source      {prov.get('source', source)}" + (f" @ {prov['revision']}" if prov.get("revision") else ""),
         f"file        {prov['file']}" if prov.get("file") else None,
         f"sha256      {prov.get('sha256', '-')}",
-        f"written     {out}",
+        f"written     {out} (from {describe_model(source, model)})",
     ]
-    console.print("\n".join(line for line in lines if line), highlight=False)
+    console.print("\n".join(line for line in lines if line), highlight=False, soft_wrap=True)
 
 
 DEFAULT_SAMPLE_MODEL = "builtin:digits-dmf"
@@ -246,7 +273,7 @@ def sample(
 
     Examples:
 
-      flowmap sample flowmap-out --nfe 1 --out samples
+      flowmap sample flowmap-convert --nfe 1 --out samples
 
       flowmap sample builtin:digits-sit --nfe 32 --sampler euler --num-samples 100 --npz
 
@@ -318,6 +345,7 @@ def _hide_flag_types() -> None:
 
 
 _hide_flag_types()
+install_help_rendering()  # examples as literal blocks, descriptions as flowing paragraphs
 
 
 def usage_error_line(exc, argv: list[str] | None = None, commands=()) -> str:
@@ -325,11 +353,18 @@ def usage_error_line(exc, argv: list[str] | None = None, commands=()) -> str:
     message = " ".join(exc.format_message().split()).rstrip(".")
     message = message[:1].lower() + message[1:]
     ctx = getattr(exc, "ctx", None)
+    command = None
     if ctx is not None and ctx.parent is not None:
-        where = ctx.command_path
+        where, command = ctx.command_path, ctx.command
     else:  # errors raised while parsing a command's options may carry no context: name the command typed
         typed = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
         where = f"flowmap {typed[0]}" if typed and typed[0] in commands else "flowmap"
+        command = commands.get(typed[0]) if typed and typed[0] in commands and hasattr(commands, "get") else None
+    name = getattr(exc, "option_name", None)
+    if name and type(exc).__name__ == "NoSuchOption":  # click's own guesses are by spelling only; ours know synonyms
+        options = [o for p in getattr(command, "params", ()) for o in (*p.opts, *p.secondary_opts)]
+        close = suggest_options(name, options)
+        message = f"no such option: {name}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
     return f"{message}; see `{where} --help`."
 
 
@@ -350,8 +385,8 @@ def _click_exceptions(name: str) -> tuple[type, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors are one line on stderr with exit code 2 (no help box)."""
-    from rich.markup import escape
-
+    global _TYPED
+    _TYPED = list(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="flowmap", standalone_mode=False)
@@ -360,13 +395,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except _click_exceptions("UsageError") as e:
         err_console.print(
-            f"[bold red]error:[/] {escape(usage_error_line(e, argv, getattr(command, 'commands', {})))}",
+            f"[bold red]error:[/] {user_message(usage_error_line(e, argv, getattr(command, 'commands', {})))}",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(e.exit_code)
     except _click_exceptions("ClickException") as e:
-        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {user_message(e.format_message())}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except _click_exceptions("Abort"):
         err_console.print("interrupted")

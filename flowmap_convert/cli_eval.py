@@ -9,11 +9,28 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .cli_common import FamilyOpt, RevisionOpt, parse_int_list
+from .cli_common import (
+    CfgScaleOpt,
+    DeviceOpt,
+    FamilyOpt,
+    RevisionOpt,
+    SamplerOpt,
+    SeedOpt,
+    ShiftOpt,
+    ThreadsOpt,
+    describe_model,
+    parse_guidance_interval,
+    parse_int_list,
+    shared_option,
+)
 from .errors import FlowmapError
+from .vocabulary import default_out
 
 # cli.py imports this module to register the command, so nothing here imports cli.py.
 console, err_console = Console(), Console(stderr=True)
+
+
+DEFAULT_OUT = Path(default_out("eval"))  # the one naming rule: flowmap-<command>
 
 
 def eval_cmd(
@@ -23,10 +40,10 @@ def eval_cmd(
             help="Samples (a folder of PNGs or an .npz with arr_0) or a model (directory, Hub id, builtin:NAME)."
         ),
     ],
-    nfe: Annotated[str, typer.Option("--nfe", help="Models only: comma-separated NFEs to sample and score.")] = "1",
+    nfe: Annotated[str, shared_option("nfe", "Models only; comma-separated: sample and score each, e.g. 1,2,4.")] = "1",
     num_samples: Annotated[
         int | None,
-        typer.Option("--num-samples", "-n", help="Models only: samples per NFE (default: 50000; 1000 for digits)."),
+        shared_option("num_samples", "Models only: per NFE (default: 50000; 1000 for digits)."),
     ] = None,
     reference: Annotated[
         str,
@@ -41,18 +58,15 @@ def eval_cmd(
             "--metrics", help="fid,is,pr,fd_dinov2,digits or auto (digits for digits models, else fid,is,pr)."
         ),
     ] = "auto",
-    sampler: Annotated[str, typer.Option("--sampler", help="euler, heun, restart or ctm.")] = "euler",
-    shift: Annotated[float | None, typer.Option("--shift", help="Time-grid shift (default: the model's).")] = None,
-    cfg_scale: Annotated[float | None, typer.Option("--cfg-scale", help="CFG scale (default: the model's).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 64,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: CUDA when present).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the shared rule).")] = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for eval.json, eval.png and (models) samples-nfe<k>/.")
-    ] = Path("eval-out"),
+    sampler: SamplerOpt = "euler",
+    shift: ShiftOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    guidance_interval: Annotated[str | None, shared_option("guidance_interval", "Default: 0,1 (everywhere).")] = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, shared_option("batch_size")] = 64,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[Path, shared_option("out", "Holds eval.json, eval.png and (models) samples-nfe<k>/.")] = DEFAULT_OUT,
     family: FamilyOpt = None,
     revision: RevisionOpt = None,
 ):
@@ -60,13 +74,15 @@ def eval_cmd(
 
     Examples:
 
-      flowmap eval samples/                                   # a folder written by flowmap sample
+      flowmap eval flowmap-sample    # a folder written by flowmap sample
 
       flowmap eval samples.npz --reference VIRTUAL_imagenet256_labeled.npz
 
       flowmap eval repa-dmf20 --nfe 1,2,4 --num-samples 50000 --reference VIRTUAL_imagenet256_labeled.npz --device cuda
 
       flowmap eval builtin:digits-sit --nfe 1,4 -n 1000
+
+      flowmap eval repa-dmf20 --nfe 1 --cfg-scale 1.5 --guidance-interval 0,0.7
     """
     from .evaluate import evaluate, table
     from .runtime import choose_threads, resolve_device, set_threads
@@ -77,8 +93,16 @@ def eval_cmd(
     if not nfes:
         raise FlowmapError("--nfe needs at least one value, e.g. --nfe 1,2,4.")
     dev = str(resolve_device(device))
+    interval = parse_guidance_interval(guidance_interval)
     settings = SampleSettings(
-        nfe=nfes[0], sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, device=dev
+        nfe=nfes[0],
+        sampler=sampler,
+        shift=shift,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        batch_size=batch_size,
+        device=dev,
+        **({"guidance_interval": interval} if interval is not None else {}),
     )
     for k in nfes:
         SampleSettings(nfe=k)
@@ -107,5 +131,19 @@ def eval_cmd(
     if main_rank:
         console.print(table(report), highlight=False)
         console.print(
-            f"written {out / 'eval.json'}" + (f", {report['plot']}" if report.get("plot") else ""), highlight=False
+            f"scored {describe_model(target, sha256=report.get('model_sha256'))}{_samples_of(target)}; "
+            f"written {out / 'eval.json'}" + (f", {report['plot']}" if report.get("plot") else ""),
+            highlight=False,
+            soft_wrap=True,
         )
+
+
+def _samples_of(target: str) -> str:
+    """` (samples of MODEL)` for a folder written by `flowmap sample` (its samples.json names the model), else ''."""
+    import json
+
+    try:
+        model = json.loads((Path(target) / "samples.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (samples of {model})" if isinstance(model, str) and model else ""

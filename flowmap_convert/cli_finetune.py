@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from .cli_common import DeviceOpt, ThreadsOpt, describe_model, model_argument, shared_option
+from .errors import FlowmapError
 from .finetuning.recipe import Recipe
 from .options import check, from_cli, option, register, with_options
 from .vocabulary import default_out
@@ -90,7 +92,7 @@ def finetune_cmd(
 
     Examples:
 
-      flowmap finetune --out digits-ft            (builtin:digits-sit, recipe digits: a few minutes on a CPU)
+      flowmap finetune --out digits-ft    # builtin:digits-sit, recipe digits: minutes on a CPU
 
       flowmap finetune sihyun-yu/REPA --data ./imagenet-latents --recipe dmf-xl2-256 --grad-accum 8
 
@@ -150,34 +152,37 @@ def finetune_cmd(
         )
 
 
+DEFAULT_OUT = Path(default_out("encode"))  # the one naming rule: flowmap-<command>
+
+
 def encode_cmd(
-    images_dir: Annotated[
-        Path,
+    model: Annotated[str, model_argument("Its config names the encoder (identity for pixel models).")],
+    images: Annotated[
+        Path | None,
         typer.Argument(
-            help="Folder with one sub-folder of images per class (sorted folder names become labels 0..K-1)."
+            help="Folder with one sub-folder of images per class (sorted folder names become labels 0..K-1).",
+            metavar="IMAGES",
+            show_default=False,
         ),
-    ],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            help="Model whose latent space to encode into (its config names the encoder; identity for pixel models).",
-        ),
-    ] = "builtin:digits-sit",
+    ] = None,
     out: Annotated[
         Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Dataset directory to write (safetensors shards: `labels` and `latents`, or for SD-VAE the posterior `moments` = mean, std; plus meta.json).",
+        shared_option(
+            "out",
+            "Holds safetensors shards: `labels` and `latents`, or for SD-VAE the posterior `moments` = mean, std; "
+            "plus meta.json.",
         ),
-    ] = Path("flowmap-dataset"),
+    ] = DEFAULT_OUT,
     shard_size: Annotated[
         int,
         typer.Option("--shard-size", help="Samples per shard file (a killed run resumes at the first missing shard)."),
     ] = 10000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder call.")] = 32,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, shared_option("batch_size")] = 32,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    legacy_model: Annotated[
+        str | None, typer.Option("--model", hidden=True, help="Deprecated: the model is the first argument.")
+    ] = None,
 ):
     """Encode an image folder into the latent space of a model, for `flowmap finetune --data`.
 
@@ -187,15 +192,32 @@ def encode_cmd(
 
     Examples:
 
-      flowmap encode ./my-images --model repa-dmf20 --out my-latents
+      flowmap encode repa-dmf20 ./my-images --out my-latents
 
-      flowmap encode ./digits-png --model builtin:digits-sit --out digits-data
+      flowmap encode builtin:digits-sit ./digits-png --out digits-data
 
-      torchrun --nproc_per_node 8 -m flowmap_convert.cli encode ./imagenet/train --model repa-dmf20 --device cuda --out in1k-latents
+      torchrun --nproc_per_node 8 -m flowmap_convert.cli encode repa-dmf20 ./imagenet/train --device cuda --out in1k-latents
     """
+    if legacy_model is not None:  # the old spelling `flowmap encode IMAGES --model MODEL` keeps working
+        if images is not None:
+            raise FlowmapError(
+                f"pass the model once: `flowmap encode {legacy_model} {images}` (--model is the first argument now)."
+            )
+        model, images = legacy_model, Path(model)
+    if images is None:
+        raise FlowmapError(f"missing the image folder; run `flowmap encode {model} IMAGES` (MODEL first, then IMAGES).")
     from .encode import encode_folder
+    from .runtime import choose_threads, resolve_device, set_threads
 
-    written = encode_folder(images_dir, model, out, shard_size=shard_size, batch_size=batch_size, device=device)
+    device = str(resolve_device(device))
+    choose_threads(threads)  # --threads checked before any work
+    note = set_threads(threads, device)
+    if note and os.environ.get("RANK", "0") in ("", "0"):
+        typer.echo(note, err=True)
+    written = encode_folder(images, model, out, shard_size=shard_size, batch_size=batch_size, device=device)
     if written is not None:  # global rank 0 of a torchrun launch (the others return None)
         meta = json.loads((written / "meta.json").read_text())
-        typer.echo(f"encoded {meta['num_samples']} images in {len(meta['classes'])} classes into {written}")
+        typer.echo(
+            f"encoded {meta['num_samples']} images in {len(meta['classes'])} classes with {describe_model(model)} "
+            f"into {written}"
+        )

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .cli_common import describe_model, shared_option
+
 
 def push_cmd(
     directory: Annotated[Path, typer.Argument(help="A directory written by `flowmap convert` or `flowmap finetune`.")],
@@ -16,7 +18,7 @@ def push_cmd(
     ] = False,
     revision: Annotated[
         str | None,
-        typer.Option("--revision", help="Branch to commit to (created from main when missing; default main)."),
+        shared_option("revision", "Here: the branch to commit to (created from main when missing; default main)."),
     ] = None,
     commit_message: Annotated[
         str | None, typer.Option("--commit-message", "-m", help="Commit message (default: lists the uploaded files).")
@@ -62,9 +64,21 @@ def push_cmd(
     if result.skipped_dirs:
         note(f"left out subdirectories: {', '.join(result.skipped_dirs)} (push uploads the model's top-level files)")
     Console().print(
-        f"pushed {len(result.files)} files ({result.bytes / 2**20:.1f} MiB) to {result.url}"
+        f"pushed {len(result.files)} files ({result.bytes / 2**20:.1f} MiB) of "
+        f"{describe_model(str(directory), sha256=_recorded_sha256(directory))} to {result.url}"
         + (f" (commit {result.commit[:12]})" if result.commit else "")
         + f"\nsample it with: flowmap sample {repo_id} --nfe 1",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _recorded_sha256(directory: Path) -> str | None:
+    """The sha256 a flowmap model directory's config.json records for its source, if any."""
+    import json
+
+    try:
+        prov = json.loads((directory / "config.json").read_text()).get("provenance") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prov.get("sha256") if isinstance(prov, dict) else None

@@ -9,8 +9,28 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .cli_common import FamilyOpt, FilenameOpt, RevisionOpt, SourceArg, TrustOpt, WeightsOpt, parse_int_list
+from .cli_common import (
+    CfgScaleOpt,
+    ClassesOpt,
+    DeviceOpt,
+    FamilyOpt,
+    FilenameOpt,
+    RevisionOpt,
+    SamplerOpt,
+    ShiftOpt,
+    SourceArg,
+    ThreadsOpt,
+    TrustOpt,
+    WeightsOpt,
+    describe_model,
+    parse_guidance_interval,
+    parse_int_list,
+    shared_option,
+    user_message,
+)
 from .errors import FlowmapError
+from .progress import say
+from .vocabulary import default_out
 
 # cli.py imports this module to register the command, so nothing here imports cli.py (`python -m
 # flowmap_convert.cli` runs it as __main__, and a second import would be circular); the source options mirror cli's.
@@ -61,6 +81,9 @@ def _print_table(report: dict) -> None:
     console.print(table)
 
 
+DEFAULT_OUT = Path(default_out("search-depth"))  # the one naming rule: flowmap-<command>
+
+
 def search_depth_cmd(
     source: SourceArg = "builtin:digits-sit",
     depths: Annotated[
@@ -73,15 +96,12 @@ def search_depth_cmd(
     depth_range: Annotated[
         str | None, typer.Option("--depth-range", help="START:END[:STEP], both ends included, e.g. 2:6.")
     ] = None,
-    nfe: Annotated[
-        str, typer.Option("--nfe", help="Comma-separated network evaluations per sample to probe at, e.g. 1,2,4,16.")
-    ] = "1,4",
+    nfe: Annotated[str, shared_option("nfe", "Comma-separated: probe each, e.g. 1,2,4,16.")] = "1,4",
     num_samples: Annotated[
         int | None,
-        typer.Option(
-            "--num-samples",
-            "-n",
-            help="Samples per (depth, NFE) (default 500: on the digits model it ranks depths like 4x as many, see benchmarks/results/search_depth-cpu.md).",
+        shared_option(
+            "num_samples",
+            "Per (depth, NFE) (default 500: on the digits model it ranks depths like 4x as many, see benchmarks/results/search_depth-cpu.md).",
         ),
     ] = None,
     reference: Annotated[
@@ -115,22 +135,16 @@ def search_depth_cmd(
         int, typer.Option("--bootstrap", help="Bootstrap draws for the confidence intervals (0 = none).")
     ] = 200,
     ci: Annotated[float, typer.Option("--ci", help="Confidence level of the intervals.")] = 0.9,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Sample i's noise depends only on (seed, i): every depth sees the same noise.")
-    ] = 0,
-    sampler: Annotated[str, typer.Option("--sampler", help="euler, heun, restart or ctm.")] = "euler",
-    classes: Annotated[
-        str | None,
-        typer.Option("--classes", help="Comma-separated class labels cycled over the samples (default: all classes)."),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 250,
-    device: Annotated[
-        str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the shared rule).")] = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for search.json, search.png and the resumable cache/.")
-    ] = Path("search-out"),
+    seed: Annotated[int, shared_option("seed", "Every depth sees the same noise.")] = 0,
+    sampler: SamplerOpt = "euler",
+    shift: ShiftOpt = None,
+    cfg_scale: CfgScaleOpt = None,
+    guidance_interval: Annotated[str | None, shared_option("guidance_interval", "Default: 0,1 (everywhere).")] = None,
+    classes: ClassesOpt = None,
+    batch_size: Annotated[int, shared_option("batch_size")] = 250,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[Path, shared_option("out", "Holds search.json, search.png and the resumable cache/.")] = DEFAULT_OUT,
     write_best: Annotated[
         Path | None,
         typer.Option("--write-best", help="Export the converted model at the best depth to this directory."),
@@ -174,8 +188,12 @@ def search_depth_cmd(
     from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import SampleSettings, parse_classes
 
+    interval = parse_guidance_interval(guidance_interval)
     settings = SampleSettings(
         sampler=sampler,
+        shift=shift,
+        cfg_scale=cfg_scale,
+        **({"guidance_interval": interval} if interval is not None else {}),
         seed=seed,
         batch_size=batch_size,
         device=str(resolve_device(device)),
@@ -189,7 +207,7 @@ def search_depth_cmd(
             err_console.print(note, highlight=False)
 
     def show(message, category, filename_, lineno, file=None, line=None):
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        say(f"[yellow]warning:[/] {user_message(message)}", markup=True)  # above a live progress bar, if any
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -220,7 +238,8 @@ def search_depth_cmd(
         )
     _print_table(report)
     cached = sum(1 for r in (report["all_results"] or report["results"]) if r.get("cached"))
-    lines = [f"best depth at {n} NFE: {report['best'][str(n)]}" for n in report["nfe"]]
+    searched = describe_model(source, sha256=report.get("source_sha256"))
+    lines = [f"searched {searched}"] + [f"best depth at {n} NFE: {report['best'][str(n)]}" for n in report["nfe"]]
     lines.append(
         f"wall {report['wall_seconds']:.1f} s, cpu {report['cpu_seconds']:.1f} s"
         + (f" ({cached} results reused from {out / 'cache'})" if cached else "")
@@ -228,4 +247,4 @@ def search_depth_cmd(
     lines.append(f"written {report['written'].get('json')}, {report['written'].get('plot')}")
     if write_best is not None:
         lines.append(f"exported depth {report['best_depth']} (best at {report['best_for_nfe']} NFE) to {write_best}")
-    console.print("\n".join(lines), highlight=False)
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)

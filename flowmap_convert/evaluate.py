@@ -224,11 +224,13 @@ def parse_metrics(text: str | None, digits_model: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _need(n: int, dim: int, what: str) -> None:
+def _need(n: int, dim: int, what: str, more: str | None = None) -> None:
+    """Refuse fewer samples than feature dimensions; `more` is the command that makes enough (samples folders)."""
     if n < dim:
+        fix = f"write at least {dim} with `{more.format(n=dim)}`" if more else f"use `num_samples` >= {dim}"
         raise FlowmapError(
             f"{n} samples are fewer than the {dim} feature dimensions of {what}: the Fréchet distance would be "
-            f"meaningless; use --num-samples >= {dim}."
+            f"meaningless; {fix}."
         )
 
 
@@ -294,15 +296,29 @@ def prepare_extractors(metrics: list[str], extractors: dict, device) -> None:
             extractors[need[m]] = get_extractor(need[m], device=device)
 
 
-def check_counts(metrics: list[str], extractors: dict, n: int) -> None:
-    """Every Fréchet metric needs at least as many samples as feature dimensions (else it is an error, not a number)."""
+def check_counts(metrics: list[str], extractors: dict, n: int, more: str | None = None) -> None:
+    """Every Fréchet metric needs at least as many samples as feature dimensions (else it is an error, not a number).
+
+    `more`: for samples read from disk, the command that writes enough of them ({n} is the count needed).
+    """
     for m, name, what in (
         ("fid", "inception", "Inception"),
         ("fd_dinov2", "dinov2", "DINOv2"),
         ("digits", "digits", "the digits classifier"),
     ):
         if m in metrics:
-            _need(n, extractors[name].dim, what)
+            _need(n, extractors[name].dim, what, more)
+
+
+def _sample_command(path: Path) -> str:
+    """`flowmap sample MODEL -n {n} --out PATH` for a samples folder, with the model its samples.json names."""
+    model = "MODEL"
+    try:
+        meta = json.loads((path / "samples.json").read_text()) if path.is_dir() else {}
+        model = str(meta.get("model") or model).split(" (")[0]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return f"flowmap sample {model} -n {{n}} --out {path}"
 
 
 def model_sha256(model) -> str:
@@ -391,7 +407,7 @@ def _evaluate(
         prepare_extractors(names, extractors, settings.device or "cpu")
         if any(m in names for m in ("fid", "pr", "fd_dinov2")):
             ref.check_shape(images.shape[1:])
-        check_counts(names, extractors, len(images))
+        check_counts(names, extractors, len(images), _sample_command(path))
         if on_start is not None:
             on_start()
         t0 = time.perf_counter()

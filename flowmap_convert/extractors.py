@@ -148,16 +148,16 @@ def fetch_inception_weights() -> Path:
         return local
     if offline():
         raise missing_weights_error("offline")
-    dest = cache_dir() / INCEPTION_WEIGHTS
-    try:
-        from .outputs import atomic_file
+    from .outputs import atomic_file
 
-        with atomic_file(dest) as tmp:
+    dest = cache_dir() / INCEPTION_WEIGHTS
+    with atomic_file(dest) as tmp:  # a failed write of the cache is a write error; a failed download is not
+        try:
             torch.hub.download_url_to_file(INCEPTION_URL, str(tmp), progress=False)
-    except Exception as e:  # URLError, HTTPError, socket errors: all mean "could not download"
-        raise missing_weights_error(
-            f"download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
+        except Exception as e:  # URLError, HTTPError, socket errors: all mean "could not download"
+            raise missing_weights_error(
+                f"a network failure: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
     return dest
 
 

@@ -73,14 +73,30 @@ class Progress:
                 transient=False,
             )
             self._bar.start()
+            _LIVE.append(self)
             self._task = self._bar.add_task(self.desc, total=self.total, completed=self.done, rate="")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self in _LIVE:
+                _LIVE.remove(self)
         elif self.mode == "lines" and exc_type is None and self.done > self._start_count:
             self._emit()
+
+    def print(self, message: str, markup: bool = False) -> None:
+        """Print one line while the reporter runs: above a live bar (its line cleared first, then redrawn below),
+        else as a plain line. Writing to stderr some other way while a bar is drawn leaves the bar's text in front
+        of the message (`0:01:45estimated t...`). `markup`: the message is rich markup (else shown verbatim)."""
+        from rich.text import Text
+
+        text = Text.from_markup(message) if markup else Text(message)
+        if self._bar is not None:
+            self._bar.console.print(text, highlight=False, soft_wrap=True)
+        else:
+            self.stream.write(text.plain + "\n")
+            self.stream.flush()
 
     # ------------------------------------------------------------------ numbers
     @property
@@ -104,7 +120,7 @@ class Progress:
         """The plain status line: desc, count/total, percent, rate, elapsed, ETA and any postfix values."""
         pct = f" ({100.0 * self.done / self.total:.0f}%)" if self.total else ""
         r = self.rate
-        rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{self.unit}"
+        rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{_singular(self.unit)}"
         extra = "".join(f", {k} {_fmt(v)}" for k, v in self.postfix.items())
         return (
             f"{self.desc}: {self.done}/{self.total} {self.unit}{pct}, {rate}, "
@@ -119,7 +135,7 @@ class Progress:
             self.postfix.update(postfix)
         if self._bar is not None:
             r = self.rate
-            rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{self.unit}"
+            rate = f"{r:.1f} {self.unit}/s" if r >= 1 or r == 0 else f"{1 / r:.2f} s/{_singular(self.unit)}"
             desc = self.desc + "".join(f" {k} {_fmt(v)}" for k, v in self.postfix.items())
             self._bar.update(self._task, completed=self.done, rate=rate, description=desc[:30])
         elif self.mode == "lines":
@@ -138,8 +154,28 @@ class Progress:
         self.stream.flush()
 
 
+# Bars being drawn now (innermost last): `say` prints above the innermost one.
+_LIVE: list[Progress] = []
+
+
+def say(message: str, markup: bool = False) -> None:
+    """One line on stderr that does not collide with a live bar: above the innermost bar (its line cleared first),
+    else printed plainly (rich markup rendered when `markup`)."""
+    if _LIVE:
+        _LIVE[-1].print(message, markup=markup)
+        return
+    from rich.console import Console
+
+    Console(stderr=True).print(message, markup=markup, highlight=False, soft_wrap=True)
+
+
 def _fmt(v) -> str:
     """Compact number formatting for postfix values."""
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _singular(unit: str) -> str:
+    """`images` -> `image` for a per-unit rate (`6.59 s/probe`, not `s/probes`)."""
+    return unit[:-1] if len(unit) > 2 and unit.endswith("s") and not unit.endswith("ss") else unit

@@ -51,10 +51,13 @@ def test_offline_alias_names_the_file_the_url_and_the_local_fallback(empty_cache
     assert e.value.code == 2 and not (empty_caches / "out").exists()
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: cannot fetch sihyun-yu/REPA: ")
-    assert "(kyungmnlee/DMF) is not in the local Hub cache" in line and "not found" not in line
+    assert "its Hub copy is not in the local Hub cache" in line and "not found" not in line
+    assert "kyungmnlee" not in err  # only what the user named
     assert "www.dl.dropboxusercontent.com is not cached either, and offline mode is on" in line
     assert f"download {REAL_URL} by hand, save it as repa-sit-xl-2-256-last.pt" in line
-    assert line.endswith("run `flowmap convert ./repa-sit-xl-2-256-last.pt --family repa`.")
+    # the suggestion is the user's own command line with the file in place of the alias: --depth 20 is kept
+    out = str(empty_caches / "out")
+    assert line.endswith(f"run `flowmap convert ./repa-sit-xl-2-256-last.pt --depth 20 --out {out} --family repa`.")
 
 
 def test_unreachable_hub_and_download_say_unreachable_not_missing(empty_caches, monkeypatch):
@@ -69,7 +72,7 @@ def test_unreachable_hub_and_download_say_unreachable_not_missing(empty_caches, 
         sources.resolve("sihyun-yu/REPA")
     msg = str(e.value)
     assert time.perf_counter() - t0 < 60
-    assert "the Hugging Face Hub is unreachable (for kyungmnlee/DMF)" in msg and "127.0.0.1" in msg
+    assert "the Hugging Face Hub is unreachable and" in msg and "127.0.0.1" in msg and "kyungmnlee" not in msg
     assert "is unreachable too" in msg and "not found" not in msg and "not cached" not in msg
     assert msg.endswith(
         f"download {url} by hand, save it as repa-sit-xl-2-256-last.pt, and run `flowmap convert ./repa-sit-xl-2-256-last.pt --family repa`."
@@ -112,6 +115,6 @@ def test_missing_hub_copy_and_missing_file_say_not_found(empty_caches, monkeypat
         server.shutdown()
         server.server_close()
     msg = str(e.value)
-    assert "its Hub copy was not found (Hub repo kyungmnlee/DMF does not exist" in msg
+    assert "its Hub copy was not found (it does not exist" in msg and "kyungmnlee" not in msg
     assert "the download from 127.0.0.1" in msg and "answered 404" in msg and "unreachable" not in msg
     assert "save it as repa-sit-xl-2-256-last.pt" in msg

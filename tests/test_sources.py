@@ -137,7 +137,7 @@ def test_alias_offline_with_nothing_cached_is_a_user_error(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("FLOWMAP_CACHE", str(tmp_path / "fc"))
-    with pytest.raises(FlowmapError, match="kyungmnlee/DMF.*not in the local Hub cache.*offline"):
+    with pytest.raises(FlowmapError, match="sihyun-yu/REPA: its Hub copy is not in the local Hub cache.*offline"):
         load_source("sihyun-yu/REPA")
     with pytest.raises(FlowmapError, match="Google Drive"):
         load_source("sony/mf-rae")

@@ -329,9 +329,12 @@ class Trainer:
 
     # -------------------------------------------------------------- logging
     def say(self, msg: str) -> None:
-        """Print on the main process only."""
+        """Print on the main process only (through the live progress bar when one is drawn: it clears its line)."""
         if self.main:
-            if self.console is not None:
+            bar = getattr(self, "_live_bar", None)
+            if bar is not None and bar.mode == "bar":
+                bar.print(msg, markup=True)
+            elif self.console is not None:
                 self.console.print(msg, highlight=False, soft_wrap=True)
             else:
                 print(msg, file=sys.stderr)
@@ -428,6 +431,7 @@ class Trainer:
         every = checkpoint_cadence(rec)
         try:
             with StopSignals() as stop, self._progress() as bar:
+                self._live_bar = bar
                 while self.step < rec.steps:
                     if self._stop_requested(stop):
                         self.save_checkpoint()
@@ -474,6 +478,7 @@ class Trainer:
                             write_sample_grid(self.ema.model_view(self.model), path, self.device)
         finally:
             self.batches.close()  # the data workers are done
+            self._live_bar = None
             if mf is not None:
                 mf.close()
         self.save_checkpoint()

@@ -27,6 +27,8 @@ def build_report(plan: SearchPlan, probe, results, halving_log, source_name: str
     s = probe.draw.settings
     return {
         "source": source_name,
+        # the weights' identity (provenance sha256, else a hash of the parameters): result lines name it
+        "source_sha256": str(probe.settings.source_id).rsplit("@", 1)[-1],
         "num_blocks": probe.model.config.num_blocks,
         "depths": list(plan.depths),
         "nfe": list(plan.nfes),
