@@ -311,7 +311,13 @@ def sample(
     meta = {"model": name, "model_sha256": model_identity(net, model)}  # a resume continues only this model's run
     written = run_sampling(net, settings, n, out, meta=meta, png=not no_png, npz=npz, chunk_size=chunk)
     if written is not None:
-        console.print(f"wrote {n} samples ({settings.sampler}, {settings.nfe} NFE) to {out}", highlight=False)
+        from .cli_common import describe_model
+
+        console.print(
+            f"wrote {n} samples of {describe_model(name, net)} ({settings.sampler}, {settings.nfe} NFE) to {out}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # Commands that live in their own modules (registered here so `flowmap --help` lists them in order).

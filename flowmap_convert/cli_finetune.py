@@ -34,7 +34,7 @@ class FinetuneRun:
     list_recipes: bool = option(False, "Print the named recipes as a table and exit.")
     out: Path = option(
         Path(default_out("finetune")),
-        "Run directory: the exported EMA model (config.json, model.safetensors, README.md, grid.png), raw/, "
+        "The run: the exported EMA model (config.json, model.safetensors, README.md, grid.png), raw/, "
         "checkpoints/, metrics.jsonl, recipe.json.",
         concept="out",
     )
@@ -92,7 +92,7 @@ def finetune_cmd(
 
     Examples:
 
-      flowmap finetune --out digits-ft    # builtin:digits-sit, recipe digits: minutes on a CPU
+      flowmap finetune --out digits-ft    # builtin:digits-sit: minutes on a CPU
 
       flowmap finetune sihyun-yu/REPA --data ./imagenet-latents --recipe dmf-xl2-256 --grad-accum 8
 
@@ -147,8 +147,10 @@ def finetune_cmd(
         ]
         typer.echo("\n".join(lines))
     else:
+        source = describe_model(model or "the run's model", result)  # what was fine-tuned, with its source's sha256
         typer.echo(
-            f"written {out} (EMA weights; raw weights in {out / 'raw'}); sample with: flowmap sample {out} --nfe 1"
+            f"written {out} (EMA weights of {source}; raw weights in {out / 'raw'}); sample with: "
+            f"flowmap sample {out} --nfe 1"
         )
 
 
@@ -211,6 +213,8 @@ def encode_cmd(
 
     device = str(resolve_device(device))
     choose_threads(threads)  # --threads checked before any work
+    if not Path(images).is_dir():  # before the thread note: a wrong folder is one line and nothing else
+        raise FlowmapError(f"{images} is not a directory; pass a folder with one sub-folder of images per class.")
     note = set_threads(threads, device)
     if note and os.environ.get("RANK", "0") in ("", "0"):
         typer.echo(note, err=True)
@@ -218,6 +222,6 @@ def encode_cmd(
     if written is not None:  # global rank 0 of a torchrun launch (the others return None)
         meta = json.loads((written / "meta.json").read_text())
         typer.echo(
-            f"encoded {meta['num_samples']} images in {len(meta['classes'])} classes with {describe_model(model)} "
+            f"encoded {meta['num_samples']} images in {len(meta['classes'])} classes with {describe_model(model, sha256=meta.get('model_sha256'))} "
             f"into {written}"
         )

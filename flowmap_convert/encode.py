@@ -136,10 +136,13 @@ def encode_folder(
     check_output(out, "encode", sources=(images_dir, model))  # only our own encode output is ever replaced
     rank, world = dist_context()
     dev = resolve_device(device)
+    model_sha256 = None
     if latent is None:
         from .api import load
 
-        latent = load(model).config.latent
+        net = load(model)
+        latent, model_sha256 = net.config.latent, (net.config.provenance or {}).get("sha256")
+        del net
     files, labels, classes = list_image_folder(images_dir)
     if not files:
         raise FlowmapError(f"{images_dir} has no images in class sub-folders (e.g. {images_dir}/cat/001.png).")
@@ -186,6 +189,7 @@ def encode_folder(
             return None
         meta = {"format": FORMAT, "model": str(model), "latent": latent.kind, "rows": rows_name, "classes": classes}
         meta["num_samples"] = n
+        meta["model_sha256"] = model_sha256  # the weights the latent space came from (result lines name them)
         with atomic_dir(out, "encode", sources=(images_dir, model)) as tmp:
             for k in range(n_shards):
                 _link_or_copy(part / shard_name(k), tmp / shard_name(k))

@@ -92,10 +92,9 @@ class Declared:
 
     @property
     def help(self) -> str:
-        """The help text (the shared concept's when the option is one)."""
-        if self.opt.help:
-            return self.opt.help
-        return SHARED[self.opt.concept].help if self.opt.concept else ""
+        """The help text: a shared concept's sentence first (the same words in every command), then the option's own."""
+        shared = SHARED[self.opt.concept].help if self.opt.concept else ""
+        return " ".join(t for t in (shared, self.opt.help) if t)
 
 
 def _is_optional(tp) -> bool:

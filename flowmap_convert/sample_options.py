@@ -43,9 +43,7 @@ class SampleSettings:
     `shift`, `cfg_scale` and `guidance_interval` of None mean "the model's default" (config.sampling); `resolve(model)` fills them in.
     """
 
-    nfe: int = option(
-        1, "Network evaluations per sample (Heun: (nfe + 1) // 2 steps).", concept="nfe", lo=1, hi=MAX_NFE
-    )
+    nfe: int = option(1, "Heun: (nfe + 1) // 2 steps.", concept="nfe", lo=1, hi=MAX_NFE)
     sampler: str = option("euler", concept="sampler", choices=SAMPLERS)
     shift: float | None = option(None, concept="shift", lo=1 / MAX_SHIFT, hi=MAX_SHIFT)
     cfg_scale: float | None = option(None, concept="cfg_scale", lo=0.0, hi=MAX_CFG)
@@ -131,13 +129,11 @@ class SampleRun:
     """The options of a `flowmap sample` run besides the sampler's settings (how many, where, which files)."""
 
     num_samples: int | None = option(
-        None, "How many samples (default: one per listed class, else 16).", concept="num_samples", lo=1, hi=MAX_SAMPLES
+        None, "Default: one per listed class, else 16.", concept="num_samples", lo=1, hi=MAX_SAMPLES
     )
     chunk_size: int = option(1000, "Samples per resumable chunk written to .OUT.partial/.", lo=1, hi=MAX_SAMPLES)
     threads: int | None = option(None, concept="threads", lo=1, hi=4096)
-    out: Path = option(
-        Path(default_out("sample")), "Output directory for PNGs, grid.png and samples.json.", concept="out"
-    )
+    out: Path = option(Path(default_out("sample")), "PNGs, grid.png and samples.json.", concept="out")
     npz: bool = option(False, "Also write an ADM-compatible samples.npz (arr_0: uint8 NHWC).")
     no_png: bool = option(False, "Skip the per-sample PNG files (grid.png is still written).")
 

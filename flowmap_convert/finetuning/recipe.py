@@ -54,7 +54,10 @@ class Recipe:
     )
     steps: int = option(1000, "Optimizer steps (of each stage of a staged recipe).", lo=1)
     batch_size: int | None = option(
-        64, "Samples per process per micro-step (None: global_batch / (processes x grad_accum)).", lo=1
+        64,
+        "Here: per process and micro-step (None: global_batch / (processes x grad_accum)).",
+        lo=1,
+        concept="batch_size",
     )
     global_batch: int | None = option(
         None,
@@ -109,7 +112,7 @@ class Recipe:
     )
     guidance_interval: tuple[float, float] = option(
         (0.0, 0.7),
-        "LO,HI: model guidance only where LO <= t <= HI (t = 1 is noise).",
+        "Here: model guidance during training.",
         lo=0.0,
         hi=1.0,
         ordered=True,
@@ -127,7 +130,14 @@ class Recipe:
         "auto", "auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (fp16 is refused).", choices=PRECISIONS
     )
     attention: str = option("auto", "Attention backend: auto, triton, sdpa or math.", choices=ATTENTION)
-    seed: int = option(0, "Seed of data order, noise and times (0 to 2^63 - 1).", lo=0, hi=INT64_MAX, parse=_seed_text)
+    seed: int = option(
+        0,
+        "Here it also orders the data and draws the times (0 to 2^63 - 1).",
+        lo=0,
+        hi=INT64_MAX,
+        parse=_seed_text,
+        concept="seed",
+    )
     checkpoint_every: int = option(500, "Steps between checkpoints (0: at the end only).", lo=0)
     checkpoint_minutes: float = option(
         10.0,
