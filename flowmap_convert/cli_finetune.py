@@ -102,7 +102,7 @@ def finetune_cmd(
 
       torchrun --nproc_per_node 2 -m flowmap_convert.cli finetune digits-d4 --steps 100 --out ft-ddp
     """
-    from .finetuning import finetune
+    from .finetuning import BUILTIN, finetune
     from .finetuning.memory import format_breakdown
     from .finetuning.recipes import table
 
@@ -147,7 +147,8 @@ def finetune_cmd(
         ]
         typer.echo("\n".join(lines))
     else:
-        source = describe_model(model or "the run's model", result)  # what was fine-tuned, with its source's sha256
+        # what was fine-tuned (the builtin when no model was named), with its source's sha256
+        source = describe_model(model or ("the run's model" if run.resume else BUILTIN), result)
         typer.echo(
             f"written {out} (EMA weights of {source}; raw weights in {out / 'raw'}); sample with: "
             f"flowmap sample {out} --nfe 1"
