@@ -1,6 +1,11 @@
-"""Child process of test_memory_budget: one fine-tuning dry run on a mid-size model, its memory as JSON on stdout.
+"""Child process of test_memory_budget: one fine-tuning run on a mid-size model, its memory as JSON on stdout.
 
-Run alone so that its peak RSS (resource.getrusage) belongs to this run only.
+    memory_budget_child.py TRAIN OBJECTIVE            a dry run (2 steps)
+    memory_budget_child.py TRAIN OBJECTIVE DIR start  1 step, checkpoint and export into DIR
+    memory_budget_child.py TRAIN OBJECTIVE DIR resume --resume DIR for one more step, and export
+
+Run alone so that its peak (resource.getrusage's RSS, and the anonymous resident memory sampled by
+flowmap_convert.finetuning.memory.AnonPeak) belongs to this run only.
 """
 
 import json
@@ -11,7 +16,7 @@ import torch
 
 from flowmap_convert.config import LatentSpace, ModelConfig
 from flowmap_convert.finetuning import finetune
-from flowmap_convert.finetuning.memory import current_bytes
+from flowmap_convert.finetuning.memory import AnonPeak, anon_bytes, current_bytes
 from flowmap_convert.model import FlowMap
 
 
@@ -28,7 +33,7 @@ def warm_up() -> None:
     opt.step()
 
 
-def main(train: str, objective: str) -> None:
+def main(train: str, objective: str, out: str | None = None, phase: str = "dry") -> None:
     torch.set_num_threads(1)
     warm_up()
     cfg = ModelConfig(
@@ -45,26 +50,43 @@ def main(train: str, objective: str) -> None:
     )
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
-    before = current_bytes(torch.device("cpu"))
+    before, before_anon = current_bytes(torch.device("cpu")), anon_bytes()
+    torch.manual_seed(0)  # the same model in the run that starts and the one that resumes
     model = FlowMap(cfg).with_depth(6)
-    rep = finetune(
-        model,
-        data=data,
-        objective=objective,
-        train=train,
-        steps=10,
-        batch_size=2,
-        out="unused",
-        dry_run=True,
-        dry_run_steps=2,
-        mg_scale=0.0,
-        label_dropout=0.0,
-        progress=False,
-        grid=False,
-    )
+    run = {
+        "dry": {"steps": 10, "out": "unused", "dry_run": True, "dry_run_steps": 2},
+        "start": {"steps": 1, "out": out, "checkpoint_every": 1},
+        "resume": {"steps": 2, "out": out, "checkpoint_every": 1, "resume": True},
+    }[phase]
+    with AnonPeak() as anon:
+        rep = finetune(
+            model,
+            data=data,
+            objective=objective,
+            train=train,
+            batch_size=2,
+            mg_scale=0.0,
+            label_dropout=0.0,
+            progress=False,
+            grid=False,
+            **run,
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before_model": before, "peak": peak, "parameters": rep["parameters"], "memory": rep["memory"]}))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = rep["parameters"] if isinstance(rep, dict) else {"trainable": trainable}
+    print(
+        json.dumps(
+            {
+                "before_model": before,
+                "peak": peak,
+                "before_anon": before_anon,
+                "peak_anon": anon.peak,
+                "parameters": params,
+                "memory": rep.get("memory") if isinstance(rep, dict) else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:3], *sys.argv[3:5])

@@ -10,11 +10,15 @@ leaves only complete files behind.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
+import mmap
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +68,9 @@ def set_rng_state(s: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- checksums
-def state_digest(state) -> str:
-    """sha256 over a nested state: keys in order, tensors by dtype, shape and bytes, other values by repr."""
+def state_digest(state, after=None) -> str:
+    """sha256 over a nested state: keys in order, tensors by dtype, shape and bytes, other values by repr;
+    `after(tensor)` is called once each tensor is hashed (read() drops its mapped pages there)."""
     h = hashlib.sha256()
 
     def walk(v) -> None:
@@ -83,7 +88,10 @@ def state_digest(state) -> str:
         elif isinstance(v, torch.Tensor):
             t = v.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # hashed in place, not copied
+            if after is not None:
+                after(v)
         else:
             h.update(repr(v).encode())
 
@@ -94,6 +102,100 @@ def state_digest(state) -> str:
 def disk_error(e: OSError, path: Path) -> FlowmapError:
     """A one-line user error for a failed checkpoint write: io's sentence plus how to continue."""
     return write_error(path, e, then=", then rerun with --resume")
+
+
+# ---------------------------------------------------------------------------------------------------- mapped pages
+# A resumed run reads its checkpoint through a private file mapping (torch.load(mmap=True)). Every page it reads
+# stays resident in the process, as file-backed memory, until the mapping goes away, so a checkpoint of 16 bytes per
+# parameter would add 16 bytes per parameter to the resident set on top of the run's own states. Once a tensor has
+# been hashed or copied into the run, its pages are handed back with madvise(MADV_DONTNEED): the mapping is only ever
+# read, so a later read of the same page simply faults it in from the file again (docs/memory.md).
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path` (from /proc/self/maps); [] where there is no such file."""
+    target = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and fields[5] == target:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:
+        return []
+    return ranges
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _drop_pages(t: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Hand back the mapped pages under a tensor read from the checkpoint; only pages inside `ranges` (the file's
+    own mapping, never memory the process allocated) are touched, and nothing happens off Linux."""
+    madvise = _madvise()
+    if madvise is None or not ranges or t.device.type != "cpu":
+        return
+    st = t.untyped_storage()
+    if st.nbytes() == 0:
+        return
+    page = mmap.PAGESIZE
+    start, end = st.data_ptr(), st.data_ptr() + st.nbytes()
+    for lo, hi in ranges:
+        a, b = max(lo, start // page * page), min(hi, -(-end // page) * page)
+        if a < b:
+            madvise(a, b - a, _MADV_DONTNEED)
+
+
+def release(tree, path: Path) -> None:
+    """Drop the mapped pages of every tensor in `tree` (a part of a checkpoint read from `path`) once the run has
+    copied it."""
+    ranges = mapped_ranges(path)
+    for t in _tensors(tree):
+        _drop_pages(t, ranges)
+
+
+def to_memory(tree, path: Path):
+    """`tree` with each tensor copied into the process's own memory and its mapped pages dropped, one tensor at a
+    time (the optimizer adopts its state tensors as they are, so they must not point into the mapping)."""
+    ranges = mapped_ranges(path)
+
+    def copy(v):
+        if isinstance(v, dict):
+            return {k: copy(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(copy(x) for x in v)
+        if isinstance(v, torch.Tensor):
+            out = v.clone()
+            _drop_pages(v, ranges)
+            return out
+        return v
+
+    return copy(tree)
+
+
+def _tensors(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+    elif isinstance(tree, torch.Tensor):
+        yield tree
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
@@ -141,7 +243,8 @@ def save(state: dict, directory: Path) -> Path:
 def read(path: Path) -> dict:
     """Load and verify one checkpoint file; FlowmapError (one line) when it is missing, unreadable or corrupted."""
     try:
-        # mmap: the tensors stay in the page cache until copied into the run (resume holds no second full copy)
+        # mmap: the tensors stay on disk until copied into the run (resume holds no second full copy); each page
+        # read is dropped from the process again once used (release), so the mapping never counts as a second copy
         s = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise
@@ -150,7 +253,8 @@ def read(path: Path) -> dict:
     if not isinstance(s, dict) or s.get("format") != CKPT_FORMAT:
         raise FlowmapError(f"{path} is not a flowmap {CKPT_FORMAT} fine-tuning checkpoint")
     digest = s.pop("sha256", None)
-    if digest != state_digest(s):
+    ranges = mapped_ranges(path)
+    if digest != state_digest(s, after=lambda t: _drop_pages(t, ranges)):
         raise FlowmapError(f"{path} is corrupted (its sha256 does not match its contents)")
     return s
 

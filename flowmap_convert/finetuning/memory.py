@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 
 import torch
 
@@ -50,6 +51,75 @@ def current_bytes(device: torch.device) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):  # not Linux: no baseline, activations include the runtime
         return 0
+
+
+def anon_bytes(pid: int | str = "self") -> int | None:
+    """Anonymous resident bytes of a process (RssAnon in /proc/PID/status): what it allocated, without the
+    file-backed pages of its libraries and mapped files that a peak RSS also counts; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class AnonPeak:
+    """The highest anonymous resident memory of a process (and of its children, when `children` is true) while the
+    block runs, sampled every `interval` seconds by a thread: a peak that libraries paged in from disk or a mapped
+    checkpoint do not inflate (docs/memory.md). `peak` is None where /proc is missing."""
+
+    def __init__(self, pid: int | str = "self", interval: float = 0.005, children: bool = False):
+        self.pid, self.interval, self.children = pid, interval, children
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int | None:
+        pids = [self.pid]
+        if self.children:
+            pids += _descendants(self.pid)
+        values = [v for v in (anon_bytes(p) for p in pids) if v is not None]
+        return sum(values) if values else None
+
+    def _run(self) -> None:
+        while True:
+            v = self._sample()
+            if v is not None and (self.peak is None or v > self.peak):
+                self.peak = v
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _descendants(pid: int | str) -> list[int]:
+    """Child processes of `pid`, recursively (from /proc/PID/task/*/children)."""
+    pid = os.getpid() if pid == "self" else int(pid)
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def optimizer_tensors(opt) -> list:

@@ -297,9 +297,13 @@ class Trainer:
                 f"{self.ckpt_path} was written with {s['world']} processes, batch {old.get('batch_size')} and "
                 f"--grad-accum {old.get('grad_accum')}; resume with the same settings."
             )
+        # each part is copied into the run's own tensors and its mapped pages dropped before the next is read, so
+        # the resume holds one copy of the states, as the run it continues did (docs/memory.md)
         self.model.load_state_dict(s["model"])
+        checkpoint.release(s["model"], self.ckpt_path)
         self.ema.load_state_dict(s["ema"])
-        self.opt.load_state_dict(s["optimizer"])
+        checkpoint.release(s["ema"], self.ckpt_path)
+        self.opt.load_state_dict(checkpoint.to_memory(s["optimizer"], self.ckpt_path))
         self.sched.load_state_dict(s["scheduler"])
         checkpoint.set_rng_state(s["rng"])
         self.step, self.skipped, self.rollbacks = int(s["step"]), int(s["skipped"]), int(s["rollbacks"])

@@ -1,0 +1,78 @@
+"""A resumed run reads its checkpoint through a file mapping and hands each page back once the tensor is copied
+(checkpoint.release / to_memory, docs/memory.md): the process's file-backed resident memory must not keep a second
+copy of the states, and the values must survive the round trip exactly."""
+
+import sys
+
+import pytest
+import torch
+
+from flowmap_convert.finetuning import checkpoint
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+MB = 2**20
+
+
+def rss_file() -> int:
+    """File-backed resident bytes of this process (RssFile)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile line")
+
+
+def state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4096, 2048, generator=g)  # 32 MiB each
+    return {
+        "format": checkpoint.CKPT_FORMAT,
+        "model": {"w": w},
+        "ema": {"shadow": {"w": w * 0.5}, "updates": 3, "decay": 0.99},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": w * 0.25, "exp_avg_sq": w.abs()}}},
+        "step": 3,
+    }
+
+
+def test_reading_a_checkpoint_leaves_no_mapped_copy_resident(tmp_path):
+    s0 = state(0)
+    checkpoint.save(dict(s0), tmp_path)
+    path = tmp_path / checkpoint.LATEST
+    size = path.stat().st_size
+    assert size > 120 * MB
+
+    before = rss_file()
+    s = checkpoint.read(path)  # verifies the sha256 over every tensor: reads the whole file
+    after_read = rss_file()
+    assert checkpoint.mapped_ranges(path), "the checkpoint is read through a file mapping"
+    # without the release every page hashed stays resident: the whole file
+    assert after_read - before < 0.25 * size, f"{(after_read - before) / MB:.0f} MiB of the file stay resident"
+
+    w = torch.empty(4096, 2048)
+    w.copy_(s["model"]["w"])
+    checkpoint.release(s["model"], path)
+    opt = checkpoint.to_memory(s["optimizer"], path)
+    assert rss_file() - before < 0.25 * size
+
+    # the values are the saved ones, and the optimizer's copies live outside the mapping
+    assert torch.equal(w, s0["model"]["w"])
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt["state"][0][k], s0["optimizer"]["state"][0][k])
+    lo_hi = checkpoint.mapped_ranges(path)
+    ptr = opt["state"][0]["exp_avg"].untyped_storage().data_ptr()
+    assert not any(lo <= ptr < hi for lo, hi in lo_hi)
+    # a page handed back is read from the file again on the next access: still the same bytes
+    assert torch.equal(s["ema"]["shadow"]["w"], s0["ema"]["shadow"]["w"])
+
+
+def test_release_never_touches_memory_outside_the_mapping(tmp_path):
+    checkpoint.save(state(1), tmp_path)
+    path = tmp_path / checkpoint.LATEST
+    s = checkpoint.read(path)
+    own = torch.randn(1024, 1024)  # anonymous memory: a release must leave it alone
+    ref = own.clone()
+    checkpoint.release({"x": own, "m": s["model"]}, path)
+    assert torch.equal(own, ref)
+    checkpoint.release({"x": own}, tmp_path / "elsewhere.pt")  # no mapping of that file: nothing to drop
+    assert torch.equal(own, ref)
