@@ -8,10 +8,15 @@ Library code (flowmap_convert/, adapters/, kernels/, without the cli*.py modules
   or anything else under a `raise` statement (but `raise SystemExit(...)`);
 - a local variable that such a call uses (`msg = f"..."; raise FlowmapError(msg)`), within the same function;
 - what a function of the same module returns when its call sits inside an error (`raise FlowmapError(hint(x))`);
-- an argument of a call to a message helper: a function of the package that puts one of its parameters into an
-  error message (`finite_float(name, ...)`, `check_output(..., flag=...)`, `write_error(..., then=...)`).
+- an argument of a call to a message helper (a function of the package that puts one of its parameters into an
+  error message: `finite_float(name, ...)`, `check_output(..., flag=...)`, `write_error(..., then=...)`), and the
+  defaults of a message helper's parameters.
 
-Run: `.venv/bin/python devtools/house_counts.py` (prints each location and the count; `--quiet` prints the count).
+A flag inside a suggested command line does not count: `` `flowmap sample MODEL --npz` `` (or a string that is
+the command, `f"flowmap convert ./{name} --family {family}"`) tells either kind of user what to type in a shell.
+
+Run: `.venv/bin/python devtools/house_counts.py` (prints each location and the count; `--quiet` prints the count
+only; `--root DIR` reads another checkout, e.g. an older commit unpacked with `git archive`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_DIRS = ("flowmap_convert", "adapters", "kernels")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+# a suggested command line (`flowmap convert FILE --family sit`) names the command's own flags, as a user types them
+COMMAND = re.compile(r"`flowmap [^`]*`|^flowmap .*")
 BACKTICKED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
@@ -39,8 +46,8 @@ class Message:
 
     @property
     def flags(self) -> list[str]:
-        """The `--flags` the text names."""
-        return FLAG.findall(self.text)
+        """The `--flags` the text names (outside a suggested `flowmap ...` command line)."""
+        return FLAG.findall(COMMAND.sub("", self.text))
 
     @property
     def backticked(self) -> list[str]:
@@ -142,6 +149,10 @@ def _module_messages(path: Path, tree: ast.AST, helpers: set[str]) -> Iterator[a
         if isinstance(node, ast.Call) and _call_name(node.func) in helpers:
             for arg in (*node.args, *(k.value for k in node.keywords)):
                 yield from _strings(arg)
+    for fn in _functions(tree):
+        if fn.name in helpers:  # a default that reaches the message (`flag: str = "--out"`)
+            for default in (*fn.args.defaults, *(d for d in fn.args.kw_defaults if d is not None)):
+                yield from _strings(default)
 
 
 def messages(root: Path = ROOT) -> list[Message]:
@@ -165,7 +176,8 @@ def flagged(root: Path = ROOT) -> list[Message]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    found = flagged()
+    root = Path(argv[argv.index("--root") + 1]) if "--root" in argv else ROOT
+    found = flagged(root)
     if "--quiet" not in argv:
         for m in found:
             print(f"{m.path}:{m.line}: {', '.join(m.flags)}: {m.text[:100]}")
