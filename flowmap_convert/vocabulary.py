@@ -69,7 +69,6 @@ CLI_PARAMS: dict[str, str] = {
     "bootstrap": "--bootstrap",
     "ci": "--ci",
     "commit_message": "--commit-message",
-    "depth_range": "--depth-range",
     "depths": "--depths",
     "encoder_depth": "--encoder-depth",
     "features": "--features",
