@@ -55,7 +55,7 @@ def prepare_model(model_or_source, recipe: Recipe):
     needs_null = recipe.label_dropout > 0 or recipe.mg_scale > 0
     if needs_null and model.config.class_embed_rows <= model.config.num_classes:
         raise FlowmapError(
-            "this model has no null-class embedding, which label dropout and model guidance need; pass `label_dropout` 0 `mg_scale` 0."
+            "this model has no null-class embedding, which label dropout and model guidance need; pass `label_dropout` 0 and `mg_scale` 0."
         )
     return model.float(), origin
 
