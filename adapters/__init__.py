@@ -103,7 +103,7 @@ def check_weights(model, what: str, allow_nonfinite: bool | None) -> None:
         names = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
         if allow_nonfinite is False:
             raise FlowmapError(
-                f"{what} has NaN or infinite weights in {names}; the checkpoint is damaged (pass --allow-nonfinite to convert it anyway)."
+                f"{what} has NaN or infinite weights in {names}; the checkpoint is damaged (pass `allow_nonfinite` to convert it anyway)."
             )
         note(f"warning: {what} has NaN or infinite weights in {names}; its samples will be garbage")
     if huge:
@@ -118,7 +118,7 @@ def choose_family(sd: StateDict, meta: Meta, family: str | None = None) -> tuple
     if family:
         family = family.lower()
         if family not in FAMILIES:
-            raise FlowmapError(f"unknown --family {family!r}; known families: {', '.join(sorted(FAMILIES))}.")
+            raise FlowmapError(f"unknown `family` {family!r}; known families: {', '.join(sorted(FAMILIES))}.")
         return family, "--family"
     candidates = [n for n in DETECTION_ORDER if FAMILIES[n].detect(sd)]
 
@@ -137,12 +137,12 @@ def choose_family(sd: StateDict, meta: Meta, family: str | None = None) -> tuple
             return alias, "weights + source alias"
         fitting = ", ".join(candidates) or "no known family"
         raise FlowmapError(
-            f"the file does not look like a {alias} checkpoint (its weights fit: {fitting}); pass --family to force one."
+            f"the file does not look like a {alias} checkpoint (its weights fit: {fitting}); pass `family` to force one."
         )
     if not candidates:
         sample = ", ".join(sorted(sd)[:5])
         raise FlowmapError(
-            f"no known model family matches this checkpoint (keys: {sample}, ...); pass --family if it is a supported model."
+            f"no known model family matches this checkpoint (keys: {sample}, ...); pass `family` if it is a supported model."
         )
     hinted = [n for n in DETECTION_ORDER if FAMILIES[n].hint(meta) and fits(n)]
     if len(hinted) == 1:
@@ -152,7 +152,7 @@ def choose_family(sd: StateDict, meta: Meta, family: str | None = None) -> tuple
     if FAMILIES[candidates[0]].tie_winner:
         return candidates[0], f"weights; could also be {', '.join(candidates[1:])}"
     raise FlowmapError(
-        f"the weights fit the {' and '.join(candidates)} families, which read them differently; pass --family {candidates[0]} (or another of them)."
+        f"the weights fit the {' and '.join(candidates)} families, which read them differently; pass `family` {candidates[0]} (or another of them)."
     )
 
 
@@ -189,7 +189,7 @@ def _load_source(source: str, options: LoadOptions):
         if is_model_dir(path):  # our own export: config.json says everything
             if family not in (None, "flowmap"):
                 raise FlowmapError(
-                    f"{source} is an exported flowmap directory; drop --family {family} (or pass --family flowmap)."
+                    f"{source} is an exported flowmap directory; drop `family` {family} (or pass `family` flowmap)."
                 )
             model = read_model_dir(path)
             info = dict(model.config.provenance)

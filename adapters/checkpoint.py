@@ -85,7 +85,7 @@ def load_file_object(path: str | Path, trust_pickle: bool = False, pickle_flag: 
     """
     path = Path(path)
     if not path.is_file():
-        raise FlowmapError(f"checkpoint file {path} does not exist; check the path or the --filename.")
+        raise FlowmapError(f"checkpoint file {path} does not exist; check the path or the `filename`.")
     if _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -106,7 +106,7 @@ def load_file_object(path: str | Path, trust_pickle: bool = False, pickle_flag: 
         found = re.findall(r"GLOBAL ([\w.]+)", msg)
         if found and ("Unsupported global" in msg or "unsupported GLOBAL" in msg):
             fix = (
-                "rerun with --trust-pickle (it runs code from the file)"
+                "rerun with `trust_pickle` (it runs code from the file)"
                 if pickle_flag
                 else f"convert it first with `flowmap convert {path} --trust-pickle --out DIR` (it runs code from the file) and use DIR"
             )
@@ -191,7 +191,7 @@ def select_weights(
     if isinstance(obj, dict):
         obj = {k: _as_state_dict(v) for k, v in obj.items()}
     if weights not in WEIGHT_CHOICES:
-        raise FlowmapError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}; pass ema, model or auto.")
+        raise FlowmapError(f"`weights` {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}; pass ema, model or auto.")
     if _is_state_dict(obj) or isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
         lightning = _lightning_weights(obj if _is_state_dict(obj) else obj["state_dict"], weights, where)
         if lightning is not None:
@@ -199,7 +199,7 @@ def select_weights(
     if _is_state_dict(obj):
         if weights != "auto":
             raise FlowmapError(
-                f"{where} is a plain state dict with no 'ema'/'model' entries; drop --weights {weights} (or use auto)."
+                f"{where} is a plain state dict with no 'ema'/'model' entries; drop `weights` {weights} (or use auto)."
             )
         return strip_prefixes(obj), "plain", {}
     if not isinstance(obj, dict):
@@ -214,7 +214,7 @@ def select_weights(
         used = weights if weights in present else None
         if used is None:
             raise FlowmapError(
-                f"{where} has no {weights!r} weights (it has: {', '.join(present) or 'none'}); pass --weights {present[0] if present else 'auto'}."
+                f"{where} has no {weights!r} weights (it has: {', '.join(present) or 'none'}); pass `weights` {present[0] if present else 'auto'}."
             )
     if used is None:
         keys = ", ".join(sorted(map(str, obj))[:6])

@@ -88,7 +88,7 @@ def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
                 if canon in shared:
                     if not torch.equal(shared[canon], val):
                         raise FlowmapError(
-                            f"the diffusers DiT blocks carry different copies of {canon} (block {i} differs from block 0); this is not a converted DiT checkpoint, pass --family explicitly."
+                            f"the diffusers DiT blocks carry different copies of {canon} (block {i} differs from block 0); this is not a converted DiT checkpoint, pass `family` explicitly."
                         )
                 else:
                     shared[canon] = val
@@ -110,7 +110,7 @@ def diffusers_to_canonical(sd: dict) -> dict[str, torch.Tensor]:
             unknown.append(key)
     if unknown:
         raise FlowmapError(
-            f"unexpected keys in the diffusers DiT weights ({', '.join(sorted(unknown)[:4])}); this is not a DiTTransformer2DModel, pass --family explicitly."
+            f"unexpected keys in the diffusers DiT weights ({', '.join(sorted(unknown)[:4])}); this is not a DiTTransformer2DModel, pass `family` explicitly."
         )
     for (i, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
@@ -229,7 +229,7 @@ class DiTFamily(Family):
             return build_dit(diffusers_to_canonical(sd), options, cfg)
         if not is_original_dit(sd):
             raise FlowmapError(
-                "this checkpoint is not a DiT (x_embedder, blocks, final_layer with a 2C learn_sigma head); check --family."
+                "this checkpoint is not a DiT (x_embedder, blocks, final_layer with a 2C learn_sigma head); check `family`."
             )
         return build_dit(sd, options)
 

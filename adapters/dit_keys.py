@@ -61,7 +61,7 @@ def block_count(sd: dict, pattern: re.Pattern = BLOCK_RE, what: str = "blocks") 
                 )
             idx.add(int(text))
     if not idx:
-        raise FlowmapError(f"the checkpoint has no `{what}.{{i}}` keys; it is not a DiT-style model (check --family).")
+        raise FlowmapError(f"the checkpoint has no `{what}.{{i}}` keys; it is not a DiT-style model (check `family`).")
     n = max(idx) + 1
     if len(idx) != n:
         gaps = sorted(set(range(n)) - idx)
@@ -99,7 +99,7 @@ def infer_dit_config(
     missing = [k for k in REQUIRED if k not in sd]
     if missing:
         raise FlowmapError(
-            f"the checkpoint lacks DiT keys {missing[:3]}; it is not a DiT/SiT/REPA/DMF model (check --family)."
+            f"the checkpoint lacks DiT keys {missing[:3]}; it is not a DiT/SiT/REPA/DMF model (check `family`)."
         )
     args = args or {}
     w = sd["x_embedder.proj.weight"]
@@ -161,14 +161,14 @@ def infer_dit_config(
                 )
     from ..validate import int_in_range
 
-    heads = int_in_range("--num-heads", heads, 1, 4096)
+    heads = int_in_range("`num_heads`", heads, 1, 4096)
     if hidden < 1 or hidden % heads:
         raise FlowmapError(
-            f"--num-heads {heads} does not divide the hidden size {hidden} (not divisible); pass a head count that does."
+            f"`num_heads` {heads} does not divide the hidden size {hidden} (not divisible); pass a head count that does."
         )
     if norm_width is not None and hidden // heads != norm_width:
         raise FlowmapError(
-            f"the QK-norm width {norm_width} implies {hidden // norm_width} heads, not {heads}; drop --num-heads or pass {hidden // norm_width}."
+            f"the QK-norm width {norm_width} implies {hidden // norm_width} heads, not {heads}; drop `num_heads` or pass {hidden // norm_width}."
         )
     input_size = grid * patch
     return dict(

@@ -59,7 +59,7 @@ class DmfFamily(Family):
         if fields["learn_sigma"] or args.get("pretrained_sigma"):
             # DMF's --pretrained-sigma variant starts from an original-SiT head whose time direction is not documented.
             raise FlowmapError(
-                "this DMF checkpoint has a learn_sigma head (--pretrained-sigma training), whose convention flowmap does not know; convert the base SiT instead."
+                "this DMF checkpoint has a learn_sigma head (DMF's pretrained_sigma training), whose convention flowmap does not know; convert the base SiT instead."
             )
         depth = options.depth
         if depth is None:

@@ -175,7 +175,7 @@ class LightningDiTFamily(Family):
         options = options or NO_OPTIONS
         if "bn.running_mean" in sd:
             raise FlowmapError(
-                "this file has a latent BatchNorm (`bn.*`), so it is a REPA-E SiT, not a LightningDiT; use --family repa-e."
+                "this file has a latent BatchNorm (`bn.*`), so it is a REPA-E SiT, not a LightningDiT; use `family` repa-e."
             )
         fields = lightning_config(sd, options)
         fields["latent"] = vavae_latent(fields["in_channels"], fields["input_size"])

@@ -75,7 +75,7 @@ def ddt_config(sd: dict, options: LoadOptions, meanflow: bool) -> ModelConfig:
     n_d = len(blocks) - n_e
     if n_e < 1 or n_d < 1:
         raise FlowmapError(
-            "could not split this DiT^DH into encoder and head blocks; pass --family and check the file."
+            "could not split this DiT^DH into encoder and head blocks; pass `family` and check the file."
         )
     rope = "enc_feat_rope.freqs_cos" in sd
     if rope:
@@ -181,5 +181,5 @@ class RAEFamily(Family):
     def build(self, sd: StateDict, options: LoadOptions = NO_OPTIONS):
         sd = unwrap(sd)
         if "r_embedder.W" in sd:
-            raise FlowmapError("this DiT^DH has an r_embedder, so it is an MF-RAE checkpoint; use --family mf-rae.")
+            raise FlowmapError("this DiT^DH has an r_embedder, so it is an MF-RAE checkpoint; use `family` mf-rae.")
         return build_ddt(sd, options, meanflow=False)

@@ -32,12 +32,12 @@ def rename_legacy(sd: dict, encoder_depth: int | None) -> dict:
         return sd
     if encoder_depth is None:
         raise FlowmapError(
-            "this REPA checkpoint uses legacy `decoder_blocks.*` keys and carries no encoder_depth; pass --encoder-depth (REPA's default is 8)."
+            "this REPA checkpoint uses legacy `decoder_blocks.*` keys and carries no encoder depth; pass `encoder_depth` (REPA's default is 8)."
         )
     enc = sum(1 for k in sd if re.match(r"^blocks\.\d+\.attn\.qkv\.weight$", k))
     if enc != encoder_depth:
         raise FlowmapError(
-            f"the legacy checkpoint has {enc} encoder blocks but encoder_depth is {encoder_depth}; pass --encoder-depth {enc}."
+            f"the legacy checkpoint has {enc} encoder blocks but `encoder_depth` is {encoder_depth}; pass `encoder_depth` {enc}."
         )
     out = {}
     for k, v in sd.items():
@@ -75,6 +75,6 @@ class RepaFamily(Family):
         fields = infer_dit_config(sd, options, args)
         if fields["learn_sigma"]:
             raise FlowmapError(
-                "this checkpoint has a learn_sigma head (2C output channels), which REPA models do not have; use --family sit or --family dit."
+                "this checkpoint has a learn_sigma head (2C output channels), which REPA models do not have; use `family` sit or `family` dit."
             )
         return build_and_load({**fields, "time_convention": "canonical"}, sd, options.what or "REPA checkpoint")

@@ -100,7 +100,7 @@ class RepaEFamily(Family):
         check_linear_velocity(args, "REPA-E")
         missing = [k for k in BN_KEYS[:2] if k not in sd]
         if missing:
-            raise FlowmapError(f"the checkpoint lacks {missing[0]}; it is not a REPA-E SiT (try --family repa).")
+            raise FlowmapError(f"the checkpoint lacks {missing[0]}; it is not a REPA-E SiT (try `family` repa).")
         rest = drop_projectors({k: v for k, v in sd.items() if not k.startswith("bn.")})
         fields = infer_dit_config(rest, options, args)
         if fields["learn_sigma"]:

@@ -79,7 +79,7 @@ def check_sha256(path: Path, expected: str | None, digest: str | None = None) ->
     digest = digest or sha256_file(path)
     if expected and digest.lower() != expected.strip().lower():
         raise FlowmapError(
-            f"{path.name} has sha256 {digest}, not the expected {expected}; the file is not the one asked for (re-download it or fix --sha256)."
+            f"{path.name} has sha256 {digest}, not the expected {expected}; the file is not the one asked for (re-download it or fix `sha256`)."
         )
     return digest
 
@@ -125,7 +125,7 @@ def resolve(
         repo, inner = "/".join(parts[:2]), "/".join(parts[2:]) or None
         if inner and filename and inner != filename:
             raise FlowmapError(
-                f"the source names the file {inner!r} and --filename names {filename!r}; give the file once."
+                f"the source names the file {inner!r} and `filename` names {filename!r}; give the file once."
             )
         return resolve_hub(repo, revision, inner or filename, sha256, source=source)
     raise FlowmapError(
@@ -136,7 +136,7 @@ def resolve(
 def _no_hub_options(source: str, revision: str | None, filename: str | None) -> None:
     """--revision / --filename only make sense for Hub repos."""
     if revision or filename:
-        raise FlowmapError(f"--revision and --filename apply to Hub repos, but {source!r} is not one; drop them.")
+        raise FlowmapError(f"`revision` and `filename` apply to Hub repos, but {source!r} is not one; drop them.")
 
 
 def _looks_local(source: str) -> bool:
@@ -164,7 +164,7 @@ def resolve_alias(source: str, entry: dict[str, Any], revision, filename, sha256
                 matches = sorted(f for f in files if pattern.search(f))
                 if not matches:
                     raise FlowmapError(
-                        f"no file in {repo} matches the {source} pattern; pass --filename (files: {', '.join(sorted(files)[:6])})."
+                        f"no file in {repo} matches the {source} pattern; pass `filename` (files: {', '.join(sorted(files)[:6])})."
                     )
                 name = matches[0]
                 extra = f" (also matched: {', '.join(matches[1:])})" if len(matches) > 1 else ""
@@ -227,7 +227,7 @@ def _alias_unavailable(
     else:
         why_url = f"the download from {host} failed ({str(url_error).split(';')[0].rstrip('.')})"
     why = f"{_hub_failure(hub_error, entry['hub']['repo'])} and {why_url}" if hub_error else why_url
-    fallback = f"flowmap convert ./{name}" + (f" --family {family}" if family else "")
+    fallback = f"flowmap convert ./{name} --family {family}" if family else f"flowmap convert ./{name}"
     error = FlowmapError(
         f"cannot fetch {source}: {why}; download {url} by hand, save it as {name}, and run `{fallback}`."
     )
@@ -259,7 +259,7 @@ def resolve_hub(repo: str, revision: str | None, filename: str | None, sha256: s
         weights = [f for f in files if f.lower().endswith(WEIGHT_SUFFIXES)]
         if len(weights) != 1:
             listed = ", ".join(weights[:6]) or "none"
-            raise FlowmapError(f"{repo} holds {len(weights)} weight files ({listed}); pick one with --filename.")
+            raise FlowmapError(f"{repo} holds {len(weights)} weight files ({listed}); pick one with `filename`.")
         filename = weights[0]
         note(f"{repo}: using its only weights file {filename}")
         revision = commit or revision
@@ -366,7 +366,7 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
     elif parsed.scheme != "https":
         raise FlowmapError(f"unsupported URL scheme {parsed.scheme!r} in {url}; use an https:// URL or a local path.")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
-        raise FlowmapError(f"--sha256 {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
+        raise FlowmapError(f"`sha256` {sha256!r} is not 64 hexadecimal digits; pass the file's sha256.")
     cap = max_download_bytes()
     cache = url_cache_dir()
     target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name or _url_name(url)}"
@@ -420,7 +420,7 @@ def fetch_url(url: str, sha256: str | None = None, name: str | None = None, allo
         digest = h.hexdigest()
         if sha256 and digest != sha256.strip().lower():
             raise FlowmapError(
-                f"the download of {url} has sha256 {digest}, not the expected {sha256}; it was deleted (check --sha256 or the URL)."
+                f"the download of {url} has sha256 {digest}, not the expected {sha256}; it was deleted (check `sha256` or the URL)."
             )
         os.replace(tmp, target)
         write_text_atomic(side, f"{digest}  {url}\n")

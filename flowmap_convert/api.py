@@ -28,7 +28,7 @@ def convert(source: str, depth: int | None = None, **options):
     if model.config.conditioning == "meanflow":
         if depth is not None:
             raise FlowmapError(
-                "this checkpoint is already a MeanFlow model with its own (t - r) embedder; drop --depth."
+                "this checkpoint is already a MeanFlow model with its own (t - r) embedder; drop `depth`."
             )
         return model.eval()
     if depth is None:

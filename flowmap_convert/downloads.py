@@ -47,7 +47,7 @@ def hub_error(exc: BaseException, repo: str, revision: str | None, filename: str
         )
     if isinstance(exc, he.RevisionNotFoundError):
         return FlowmapError(
-            f"{repo} has no revision {revision!r}; pass an existing branch, tag or commit with --revision."
+            f"{repo} has no revision {revision!r}; pass an existing branch, tag or commit with `revision`."
         )
     if isinstance(exc, he.LocalEntryNotFoundError) or isinstance(exc, he.OfflineModeIsEnabled):
         what = f"{repo}/{filename}" if filename else repo
@@ -59,7 +59,7 @@ def hub_error(exc: BaseException, repo: str, revision: str | None, filename: str
             f"cannot download {what}{rev} (no connection to the Hub and no cached copy); check the network or set HF_HUB_CACHE to a cache that has it."
         )
     if isinstance(exc, he.EntryNotFoundError):
-        return FlowmapError(f"{repo}{rev} has no file {filename!r}; pass an existing --filename.")
+        return FlowmapError(f"{repo}{rev} has no file {filename!r}; pass an existing `filename`.")
     if isinstance(exc, he.HFValidationError):
         return FlowmapError(f"{repo!r} is not a valid Hub repo id or revision ({exc}); check the spelling.")
     if is_network_error(exc) or isinstance(exc, (he.HfHubHTTPError, ConnectionError, TimeoutError, OSError)):

@@ -72,7 +72,7 @@ def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
                     old = None
                 if old is None:
                     err = FlowmapError(
-                        f"{part} exists but is not a flowmap encode run; remove it or choose another --out."
+                        f"{part} exists but is not a flowmap encode run; remove it or choose another `out`."
                     )
                 elif old != run:
                     err = FlowmapError(

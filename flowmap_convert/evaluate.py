@@ -219,7 +219,7 @@ def parse_metrics(text: str | None, digits_model: bool) -> list[str]:
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
         raise FlowmapError(
-            "unknown --metrics " + (", ".join(bad) or repr(text)) + f"; choose from {', '.join(METRICS)} or auto."
+            "unknown `metrics` " + (", ".join(bad) or repr(text)) + f"; choose from {', '.join(METRICS)} or auto."
         )
     return list(dict.fromkeys(names))
 
@@ -421,7 +421,7 @@ def _evaluate(
         from .extractors import auto_features
 
         if out is None:
-            raise FlowmapError("evaluating a model needs --out (where its samples are written and reused).")
+            raise FlowmapError("evaluating a model needs `out` (where its samples are written and reused).")
         model = load(str(target), **load_options)
         digits_model = auto_features(model.config) == "digits"
         names = parse_metrics(metrics, digits_model)

@@ -194,7 +194,7 @@ def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
                     raise ValueError
             except (OSError, ValueError):
                 raise FlowmapError(
-                    f"{part} exists but is not a flowmap partial run; remove it or choose another --out."
+                    f"{part} exists but is not a flowmap partial run; remove it or choose another `out`."
                 ) from None
             diff = run_difference(old, run)
             if diff is not None:

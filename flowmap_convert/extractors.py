@@ -92,7 +92,7 @@ class DigitsFeatures:
             from . import digits
         except ImportError as e:
             raise FlowmapError(
-                f"the digits feature extractor is not available in this install ({e}); use --features pixels or --features inception."
+                f"the digits feature extractor is not available in this install ({e}); use `features` pixels or `features` inception."
             ) from None
         self._digits = digits
         self.dim = int(digits.digits_features(np.zeros((1, 16, 16, 1), np.uint8)).shape[1])  # known before sampling
@@ -297,7 +297,7 @@ def get_extractor(name: str, config=None, device="cpu"):
     """Build the extractor registered under `name` ('auto' picks from the model config)."""
     if name == "auto":
         if config is None:
-            raise FlowmapError("--features auto needs a model to choose from; name an extractor instead.")
+            raise FlowmapError("`features` auto needs a model to choose from; name an extractor instead.")
         name = auto_features(config)
     if name not in EXTRACTORS:
         raise FlowmapError(f"unknown feature extractor {name!r}; choose one of auto, {', '.join(EXTRACTORS)}.")

@@ -51,9 +51,9 @@ def check_push_args(directory: Path, repo_id: str, revision: str | None, commit_
     if not REPO_ID_RE.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".", "-")):
         raise FlowmapError(f"{repo_id!r} is not a Hub repo id; pass OWNER/NAME (e.g. your-name/repa-dmf20).")
     if revision is not None and (not revision.strip() or revision.startswith(("-", "/")) or ".." in revision):
-        raise FlowmapError(f"--revision {revision!r} is not a branch name; pass e.g. --revision main.")
+        raise FlowmapError(f"`revision` {revision!r} is not a branch name; pass e.g. `revision` main.")
     if commit_message is not None and not commit_message.strip():
-        raise FlowmapError("--commit-message is empty; pass a message or drop the option.")
+        raise FlowmapError("`commit_message` is empty; pass a message or drop the option.")
 
 
 @dataclass
@@ -101,7 +101,7 @@ def upload_plan(directory: Path, include=()) -> PushPlan:
     if marker is None or marker["kind"] not in ("model", "run"):
         raise FlowmapError(
             f"{directory} has no flowmap model marker ({MARKER_NAME}), so nothing in it is known to be flowmap's; "
-            "push a directory written by `flowmap convert` or `flowmap finetune`, or name each file with --include."
+            "push a directory written by `flowmap convert` or `flowmap finetune`, or name each file with `include`."
             if not include
             else f"{directory} has no flowmap model marker ({MARKER_NAME}); push a directory flowmap wrote."
         )
@@ -109,7 +109,7 @@ def upload_plan(directory: Path, include=()) -> PushPlan:
         p = directory / name
         if "/" in name or name in ("", ".", "..") or p.is_symlink() or not p.is_file():
             raise FlowmapError(
-                f"--include {name!r} is not a plain file at the top of {directory}; name a file there (links are never uploaded)."
+                f"`include` {name!r} is not a plain file at the top of {directory}; name a file there (links are never uploaded)."
             )
     entries = sorted(directory.iterdir())
     links = [p.name for p in entries if p.is_symlink()]
@@ -137,7 +137,7 @@ def upload_plan(directory: Path, include=()) -> PushPlan:
     if theirs:
         raise FlowmapError(
             f"{directory} holds files flowmap did not write or that changed since ({', '.join(theirs[:4])}"
-            f"{', ...' if len(theirs) > 4 else ''}); nothing was uploaded: pass --include NAME for each one to "
+            f"{', ...' if len(theirs) > 4 else ''}); nothing was uploaded: pass `include` NAME for each one to "
             "upload it, or move it out."
         )
     required = [n for n in (CONFIG_NAME, "model.safetensors") if n not in {p.name for p in files}]

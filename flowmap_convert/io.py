@@ -71,7 +71,7 @@ def check_keys_and_shapes(sd: dict, expected: dict, what: str) -> None:
             more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
             parts.append(f"{label}: {', '.join(items[:4])}{more}")
     raise FlowmapError(
-        f"{what} does not match the architecture ({'; '.join(parts)}); check --family/--num-heads or that the file is the checkpoint you meant."
+        f"{what} does not match the architecture ({'; '.join(parts)}); check `family`/`num_heads` or that the file is the checkpoint you meant."
     )
 
 
@@ -182,7 +182,7 @@ def export(
     sources=(),
 ) -> Path:
     """Atomically export a FlowMap to `out` (see the module docstring for when an existing `out` is replaced)."""
-    with atomic_dir(out, "model", force=force, sources=sources, force_flag="--force") as tmp:
+    with atomic_dir(out, "model", force=force, sources=sources, force_flag="`force`") as tmp:
         write_model_dir(model, tmp, card=card, extra_files=extra_files)
     return Path(out)
 

@@ -21,10 +21,10 @@ from .frechet import _FrechetTo, _psd_sqrt, feature_stats, frechet_distance  # n
 def check_sample_count(n: int, dim: int, warn: Callable[[str], None] | None = None) -> None:
     """Fewer than 2 samples is an error; fewer than the feature dimension makes the covariance rank-deficient: warn."""
     if n < 2:
-        raise FlowmapError(f"a Fréchet distance needs at least 2 samples, got {n}; raise --num-samples.")
+        raise FlowmapError(f"a Fréchet distance needs at least 2 samples, got {n}; raise `num_samples`.")
     if n < dim and warn is not None:
         warn(
-            f"{n} samples are fewer than the {dim} feature dimensions: the sample covariance is rank-deficient and the Fréchet distance is biased upward; use --num-samples >= {dim} for comparable numbers."
+            f"{n} samples are fewer than the {dim} feature dimensions: the sample covariance is rank-deficient and the Fréchet distance is biased upward; use `num_samples` >= {dim} for comparable numbers."
         )
 
 
@@ -49,14 +49,14 @@ def bootstrap_fd(
         r = np.asarray(ref_features, np.float64)
         if r.shape != f.shape:
             raise FlowmapError(
-                f"teacher features {r.shape} do not pair with the sample features {f.shape}; use the same --num-samples and seed."
+                f"teacher features {r.shape} do not pair with the sample features {f.shape}; use the same `num_samples` and seed."
             )
         point = frechet_distance(*feature_stats(f), *feature_stats(r))
     else:
         fd_to = _FrechetTo(ref_mu, ref_sigma)
         if fd_to.mu.shape != (f.shape[1],) or fd_to.sigma.shape != (f.shape[1], f.shape[1]):
             raise FlowmapError(
-                f"reference statistics have dimension {fd_to.mu.shape[0]} but the features have {f.shape[1]}; recompute the reference with the same --features."
+                f"reference statistics have dimension {fd_to.mu.shape[0]} but the features have {f.shape[1]}; recompute the reference with the same `features`."
             )
         point = fd_to(*feature_stats(f))
     if draws <= 0:
@@ -251,7 +251,7 @@ def dataset_reference(extractor) -> ReferenceStats:
     """Statistics of the extractor's own dataset (digits), else a clear error pointing at the alternatives."""
     if not hasattr(extractor, "dataset_reference"):
         raise FlowmapError(
-            f"there is no builtin dataset reference for {extractor.name} features; pass --reference stats.npz (mu/sigma, e.g. an ADM reference batch) or --reference teacher."
+            f"there is no builtin dataset reference for {extractor.name} features; pass `reference` stats.npz (mu/sigma, e.g. an ADM reference batch) or `reference` teacher."
         )
     mu, sigma = extractor.dataset_reference()
     return ReferenceStats(mu, sigma, f"builtin dataset ({extractor.name} features)")

@@ -178,7 +178,7 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
     def null_labels(self, batch: int, device) -> torch.Tensor:
         """The unconditional label K for every sample (needs a null row in the class table)."""
         if self.config.class_embed_rows <= self.config.num_classes:
-            raise FlowmapError("this model has no null-class embedding; pass class labels with --classes.")
+            raise FlowmapError("this model has no null-class embedding; pass class labels with `classes`.")
         return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ conversion helpers
@@ -186,7 +186,7 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         """The same weights as a decoupled flow map split at `depth` (no new parameters)."""
         if self.config.conditioning == "meanflow":
             raise FlowmapError(
-                "this model is already a MeanFlow flow map with its own (t - r) embedder; use it without --depth."
+                "this model is already a MeanFlow flow map with its own (t - r) embedder; use it without `depth`."
             )
         check_depth(depth, self.config.num_blocks)
         return self.view(self.config.replace(conditioning="decoupled", depth=depth))

@@ -147,12 +147,12 @@ def write_error(out, e: OSError, then: str = "") -> FlowmapError:
     """The one sentence for a failed write (disk full, file too large, permissions...); `then` adds a next step."""
     reason = e.strerror or str(e)
     if e.errno in DISK_FULL_ERRNOS:
-        return FlowmapError(f"cannot write {out} ({reason}); free some disk space or choose another --out{then}.")
+        return FlowmapError(f"cannot write {out} ({reason}); free some disk space or choose another `out`{then}.")
     if e.errno == errno.ELOOP:
         return FlowmapError(
             f"cannot write {out}: it is a symbolic link, which flowmap never writes through; remove it."
         )
-    return FlowmapError(f"cannot write {out} ({reason}); choose a writable --out directory{then}.")
+    return FlowmapError(f"cannot write {out} ({reason}); choose a writable `out` directory{then}.")
 
 
 def _files_under(directory: Path) -> list[str]:
@@ -370,14 +370,15 @@ def check_output(
     *,
     force: bool = False,
     sources=(),
-    flag: str = "--out",
+    flag: str = "`out`",
     force_flag: str | None = None,
 ) -> Path:
     """Fail now (one FlowmapError) if `out` may not be written or replaced; returns it as a Path.
 
     `sources` are what the command reads (local paths; other strings are ignored): an `out` that is, or holds,
     one of them is refused even with --force. `force` replaces a directory that is not ours; `force_flag` is the
-    option that sets it, named in the refusal (None for commands that have no such option).
+    parameter that sets it, named in the refusal (None for commands that have no such option). `flag` and
+    `force_flag` are parameter names in backticks (`` `out` ``), which the CLI prints as flags (vocabulary.for_cli).
     """
     _check_kind(kind)
     out = Path(out)
@@ -408,7 +409,7 @@ def check_output(
     return out
 
 
-def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "--out", sources=()) -> Path:
+def check_workdir(out: str | os.PathLike, kind: str, what: str, flag: str = "`out`", sources=()) -> Path:
     """Up-front check of a directory written in place and resumed (a fine-tune run, a search, an evaluation).
 
     It may be new, empty, or one of ours of the same kind (its marker says so, and its contents are ours to
@@ -444,7 +445,7 @@ _HELD: dict[str, list] = {}  # lock path -> [fd, depth, created]: re-entrant wit
 
 
 @contextmanager
-def output_lock(out: str | os.PathLike, flag: str = "--out"):
+def output_lock(out: str | os.PathLike, flag: str = "`out`"):
     """Hold an exclusive lock on `out` (a `.NAME.flowmap-lock` beside it) while the block runs; refuse at once if
     another process holds it. Re-entrant within one process; the lock file is removed when released."""
     import fcntl

@@ -20,20 +20,20 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise FlowmapError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or auto.") from None
+        raise FlowmapError(f"unknown `device` {device!r}; use cpu, cuda, cuda:N or auto.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise FlowmapError(f"--device {device} asked for CUDA but no GPU is visible; use --device cpu.")
+            raise FlowmapError(f"`device` {device} asked for CUDA but no GPU is visible; use `device` cpu.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise FlowmapError(
-                f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 to "
+                f"`device` {device}: only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 to "
                 f"cuda:{torch.cuda.device_count() - 1}."
             )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise FlowmapError(f"--device {device} is not available on this machine; use --device cpu.")
+            raise FlowmapError(f"`device` {device} is not available on this machine; use `device` cpu.")
     elif dev.type != "cpu":
-        raise FlowmapError(f"--device {device} is not supported; use cpu, cuda, cuda:N or auto.")
+        raise FlowmapError(f"`device` {device} is not supported; use cpu, cuda, cuda:N or auto.")
     return dev
 
 
@@ -57,7 +57,7 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     cores = available_cores()
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise FlowmapError(f"--threads must be an integer >= 1, got {requested!r}.")
+            raise FlowmapError(f"`threads` must be an integer >= 1, got {requested!r}.")
         if requested > cores:  # more threads than cores only slows down, and torch crashes on absurd counts
             return cores, f"--threads {requested}, capped at the {cores} cores present"
         return int(requested), "--threads"

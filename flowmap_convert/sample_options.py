@@ -84,11 +84,11 @@ class SampleSettings:
         )
         if s.sampler in ("restart", "ctm") and not model.config.is_flow_map:
             raise FlowmapError(
-                f"the {s.sampler} sampler needs a flow map; convert the model first or use --sampler euler/heun."
+                f"the {s.sampler} sampler needs a flow map; convert the model first or use `sampler` euler/heun."
             )
         if s.cfg_scale != 1.0 and model.config.class_embed_rows <= model.config.num_classes:
             raise FlowmapError(
-                "classifier-free guidance needs a null-class embedding, which this model lacks; use --cfg-scale 1."
+                "classifier-free guidance needs a null-class embedding, which this model lacks; use `cfg_scale` 1."
             )
         if s.classes:
             check_classes(model, s.classes)

@@ -70,7 +70,7 @@ def _check_finite(x: torch.Tensor, step: int, t_cur: float, t_nxt: float) -> Non
     if not bool(torch.isfinite(x).all()):
         raise FlowmapError(
             f"sampling produced non-finite values at step {step + 1} (t = {t_cur:.4g} -> {t_nxt:.4g}); the weights "
-            "hold NaN/inf or overflow in this dtype: check the weights (convert refuses them unless --allow-nonfinite)."
+            "hold NaN/inf or overflow in this dtype: check the weights (convert refuses them unless `allow_nonfinite`)."
         )
 
 

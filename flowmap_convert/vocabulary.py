@@ -4,8 +4,10 @@ Every command that takes one of these concepts declares it from this table (the 
 options of `finetune` / `sample` alike), so `--device` means the same thing, with the same words, everywhere.
 
 Library code never names a flag. A user-facing error from the library names the *parameter* in backticks
-(`` `lr` must be > 0, got nan``); the CLI turns each backticked parameter it knows into its flag with `for_cli`,
-from one table (`PARAM_FLAGS`): the shared concepts below, plus whatever the option declarations register.
+(`` `lr` must be > 0, got nan``, `` pass `family` sit``); the CLI turns each backticked parameter it knows into
+its flag with `for_cli`, from one table (`PARAM_FLAGS`): the shared concepts below, the parameters whose options
+a CLI module declares itself (`CLI_PARAMS`), plus whatever the option declarations register.
+`devtools/house_counts.py` counts the library errors that still name a flag (none).
 """
 
 from __future__ import annotations
@@ -58,6 +60,32 @@ SHARED: dict[str, Concept] = {
 
 # parameter name -> flag, for errors raised by library code (see for_cli); option declarations add to it.
 PARAM_FLAGS: dict[str, str] = {name: c.flag for name, c in SHARED.items() if c.flag.startswith("--")}
+
+# Parameters of the library's functions whose options the CLI modules declare by hand (not a shared concept above,
+# not a field of an options dataclass): load/convert's keywords, search_depth's, evaluate's, push's, the output rules'.
+CLI_PARAMS: dict[str, str] = {
+    "allow_nonfinite": "--allow-nonfinite",
+    "best_for_nfe": "--best-for-nfe",
+    "bootstrap": "--bootstrap",
+    "ci": "--ci",
+    "commit_message": "--commit-message",
+    "depths": "--depths",
+    "encoder_depth": "--encoder-depth",
+    "features": "--features",
+    "filename": "--filename",
+    "force": "--force",
+    "include": "--include",
+    "metric": "--metric",
+    "metrics": "--metrics",
+    "num_heads": "--num-heads",
+    "reference": "--reference",
+    "sha256": "--sha256",
+    "teacher_nfe": "--teacher-nfe",
+    "trust_pickle": "--trust-pickle",
+    "weights": "--weights",
+    "write_best": "--write-best",
+}
+PARAM_FLAGS.update(CLI_PARAMS)
 
 _BACKTICKED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

@@ -102,9 +102,9 @@ def test_repa_legacy_decoder_blocks(tmp_path):
     plain = save_pt(legacy, tmp_path / "legacy_plain.pt")
     model, _ = load_source(plain, num_heads=4, family="repa", encoder_depth=1)
     assert maxerr(model.with_depth(2)(x, t, t, y), ref_forward(sd, x, t, y, heads=4)) <= TOL
-    with pytest.raises(FlowmapError, match="--encoder-depth"):
+    with pytest.raises(FlowmapError, match="`encoder_depth`"):
         load_source(plain, num_heads=4, family="repa")
-    with pytest.raises(FlowmapError, match="--encoder-depth 1"):
+    with pytest.raises(FlowmapError, match="`encoder_depth` 1"):
         load_source(plain, num_heads=4, family="repa", encoder_depth=2)
 
 
@@ -212,7 +212,7 @@ def test_detection_and_shape_errors(tmp_path):
     sit = save_pt(make_sd(learn_sigma=True, seed=12), tmp_path / "sit.pt")
     with pytest.raises(FlowmapError, match="learn_sigma"):
         load_source(sit, family="repa", num_heads=4)
-    with pytest.raises(FlowmapError, match="unknown --family"):
+    with pytest.raises(FlowmapError, match="unknown `family`"):
         load_source(sit, family="nope")
     with pytest.raises(FlowmapError, match="does not divide"):
         load_source(sit, num_heads=5, family="sit")
@@ -232,7 +232,7 @@ def test_ambiguous_learn_sigma_needs_family_when_dit_is_registered(tmp_path):
     from flowmap_convert import adapters
 
     sd = make_sd(learn_sigma=True, seed=14)
-    with pytest.raises(FlowmapError, match="--family sit"):
+    with pytest.raises(FlowmapError, match="`family` sit"):
         load_source(save_pt(sd, tmp_path / "renamed.pt"), num_heads=4)
     model, info = load_source(save_pt(sd, tmp_path / "SiT-B-2-256x256.pt"), num_heads=4)
     assert info["family"] == "sit"

@@ -106,7 +106,7 @@ def test_mf_rae_decoder_only_refuses_in_one_line():
     assert model.config.conditioning == "meanflow" and not Calls.can_split(model)
     with pytest.raises(FlowmapError) as err:
         Calls(model, decoder_only=True)
-    assert "\n" not in str(err.value) and "--train all" in str(err.value)
+    assert "\n" not in str(err.value) and "`train` all" in str(err.value)
     x, _, t, r, y = batch(model)
     with torch.no_grad():  # the whole-network path still goes through encode / decode
         assert torch.equal(model.decode(model.encode(x, t, y), r, y), model(x, t, r, y))

@@ -218,7 +218,7 @@ def test_detection_dit_vs_sit_needs_a_hint():
     assert choose_family(sd, {"name": "DiT-XL-2-256x256.pt"})[0] == "dit"
     assert choose_family(sd, {"name": "SiT-XL-2-256x256.pt"})[0] == "sit"
     assert choose_family(sd, {"args": {"model": "DiT-XL/2"}})[0] == "dit"
-    with pytest.raises(FlowmapError, match="--family"):
+    with pytest.raises(FlowmapError, match="`family`"):
         choose_family(sd, {"name": "model.pt"})
     assert not FAMILIES["dit"].detect({k: v for k, v in sd.items() if not k.startswith("final_layer.linear")})
 

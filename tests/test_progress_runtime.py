@@ -46,7 +46,7 @@ def test_thread_rule(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads() == (3, "OMP_NUM_THREADS")
     assert choose_threads(5) == (5, "--threads")
-    with pytest.raises(FlowmapError, match="--threads"):
+    with pytest.raises(FlowmapError, match="`threads`"):
         choose_threads(0)
     before = torch.get_num_threads()
     try:
@@ -58,7 +58,7 @@ def test_thread_rule(monkeypatch):
 
 @pytest.mark.parametrize("bad", ["bogus", "meta", "cuda:99"])
 def test_resolve_device_refuses_unusable(bad):
-    with pytest.raises(FlowmapError, match="--device"):
+    with pytest.raises(FlowmapError, match="`device`"):
         resolve_device(bad)
 
 

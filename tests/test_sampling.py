@@ -69,7 +69,7 @@ def test_nonfinite_output_stops_with_one_line(tiny_model):
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.fill_(float("nan"))
-    with pytest.raises(FlowmapError, match=r"non-finite values at step 1 \(t = 1 -> 0\).*--allow-nonfinite"):
+    with pytest.raises(FlowmapError, match=r"non-finite values at step 1 \(t = 1 -> 0\).*`allow_nonfinite`"):
         sample(tiny_model, nfe=1, num_samples=2)
 
 

@@ -98,7 +98,7 @@ def test_bad_inputs_are_user_errors(tiny_model):
         search_depth(tiny_model, nfe=[0], num_samples=8, **SMALL)
     with pytest.raises(FlowmapError, match="at least 2 samples"):
         search_depth(tiny_model, num_samples=1, **SMALL)
-    with pytest.raises(FlowmapError, match="best-for-nfe"):
+    with pytest.raises(FlowmapError, match="`best_for_nfe`"):
         search_depth(tiny_model, nfe=[1], best_for_nfe=4, num_samples=8, **SMALL)
     with pytest.raises(FlowmapError, match="mse"):
         search_depth(tiny_model, num_samples=8, metric="mse", features="pixels", reference=str(__file__))

@@ -103,7 +103,7 @@ def test_hub_repo_revision_filename_and_path_inside(hub):
 
 
 def test_hub_errors_are_user_errors(hub):
-    with pytest.raises(FlowmapError, match="holds 2 weight files.*--filename"):
+    with pytest.raises(FlowmapError, match="holds 2 weight files.*`filename`"):
         resolve("acme/tiny-sit")
     with pytest.raises(FlowmapError, match="not in the local Hub cache.*HF_HUB_OFFLINE"):
         resolve("acme/tiny-sit", filename="missing.pt")

@@ -263,11 +263,11 @@ def check_run_dir(out, resume: bool) -> Path:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise FlowmapError(f"--out {out} lies under {probe}, which is a file; choose another --out.")
+        raise FlowmapError(f"`out` {out} lies under {probe}, which is a file; choose another `out`.")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise FlowmapError(f"--out {out}: {probe} is not writable; choose another --out.")
+        raise FlowmapError(f"`out` {out}: {probe} is not writable; choose another `out`.")
     if resume and not out.is_dir():
-        raise FlowmapError(f"--resume: {out} does not exist; drop --resume to start a new run.")
+        raise FlowmapError(f"`resume`: {out} does not exist; drop `resume` to start a new run.")
     from .trainer import check_exported_files
 
     check_exported_files(out)  # a card the user edited here is refused now, not after the whole run
@@ -276,6 +276,6 @@ def check_run_dir(out, resume: bool) -> Path:
 
     if not resume and (any_checkpoint(out / "checkpoints") or (out / RECORD).exists()):
         raise FlowmapError(
-            f"{out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
+            f"{out} already holds a run (checkpoints/); pass `resume` to continue it or choose another `out`."
         )
     return out

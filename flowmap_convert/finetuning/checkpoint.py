@@ -101,7 +101,7 @@ def state_digest(state, after=None) -> str:
 
 def disk_error(e: OSError, path: Path) -> FlowmapError:
     """A one-line user error for a failed checkpoint write: io's sentence plus how to continue."""
-    return write_error(path, e, then=", then rerun with --resume")
+    return write_error(path, e, then=", then rerun with `resume`")
 
 
 # ---------------------------------------------------------------------------------------------------- mapped pages
@@ -270,7 +270,7 @@ def load_verified(directory: Path) -> dict:
             raise FlowmapError(
                 f"no checkpoint at {path}, but {prev} is kept{_step_of(prev)}; move it to {path} to resume from it."
             ) from None
-        raise FlowmapError(f"no checkpoint at {path} to resume from; drop --resume to start a new run.") from None
+        raise FlowmapError(f"no checkpoint at {path} to resume from; drop `resume` to start a new run.") from None
     except FlowmapError as e:
         if prev.exists():
             try:
@@ -281,7 +281,7 @@ def load_verified(directory: Path) -> dict:
                 raise FlowmapError(
                     f"{e}; the previous checkpoint {prev} (step {ok['step']}) verifies: move it to {path} to resume from it."
                 ) from None
-        raise FlowmapError(f"{e}; no good checkpoint is kept, start a new --out.") from None
+        raise FlowmapError(f"{e}; no good checkpoint is kept, start a new `out`.") from None
 
 
 def _step_of(path: Path) -> str:

@@ -105,7 +105,7 @@ class Calls:
         self.decoder_only = decoder_only
         if decoder_only and not self.can_split(model):
             raise FlowmapError(
-                "--train decoder needs a decoupled flow map whose blocks split at a depth (not MF-RAE); use --train all."
+                "`train` decoder needs a decoupled flow map whose blocks split at a depth (not MF-RAE); use `train` all."
             )
 
     @staticmethod

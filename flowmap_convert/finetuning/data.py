@@ -177,12 +177,12 @@ def read_shards(path: Path) -> LatentDataset:
     parts = [_read_shard(f) for f in files]
     if not parts:
         raise FlowmapError(
-            f"{path} holds no .safetensors or .npz shards; point --data at a dataset written by `flowmap encode`."
+            f"{path} holds no .safetensors or .npz shards; point `data` at a dataset written by `flowmap encode`."
         )
     kind = {(p["posterior"], p["scale"], p["bias"], tuple(p["rows"].shape[1:])) for p in parts}
     if len(kind) > 1:
         raise FlowmapError(
-            f"the shards in {path} disagree on their layout (latents or moments, scale, bias, shape); re-run `flowmap encode` into a fresh --out."
+            f"the shards in {path} disagree on their layout (latents or moments, scale, bias, shape); re-run `flowmap encode` into a fresh `out`."
         )
     first = parts[0]
     labels = torch.cat([p["labels"] for p in parts])
@@ -328,7 +328,7 @@ def builtin_data(name: str, latent, device="cpu") -> LatentDataset:
         from ..digits import builtin_dataset
     except ImportError:
         raise FlowmapError(
-            f"{name} needs flowmap_convert.digits, which this installation lacks; pass --data PATH instead."
+            f"{name} needs flowmap_convert.digits, which this installation lacks; pass `data` PATH instead."
         ) from None
     images, labels = builtin_dataset(name)
     x = images if latent is None or latent.kind == "identity" else encode_images(images, latent, device)

@@ -217,7 +217,7 @@ def default_recipe(config, source=None) -> tuple[str | None, str]:
 def get(name: str) -> Named:
     """A named recipe; a one-line error listing the names otherwise."""
     if name not in RECIPES:
-        raise FlowmapError(f"unknown `recipe` {name!r}; choose one of {', '.join(RECIPES)} (see --list-recipes).")
+        raise FlowmapError(f"unknown `recipe` {name!r}; choose one of {', '.join(RECIPES)} (see `list_recipes`).")
     return RECIPES[name]
 
 

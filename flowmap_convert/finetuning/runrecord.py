@@ -74,7 +74,7 @@ def check_same_sources(record: dict, now: dict) -> None:
             flag = {"model": "MODEL", "recipe": "`recipe`", "data": "`data`", "teacher": "`teacher`"}[key]
             raise FlowmapError(
                 f"`resume` continues the run as it was started: {flag} was {old}, now {new}; drop it or start a new "
-                "run with another --out."
+                "run with another `out`."
             )
 
 
@@ -86,7 +86,7 @@ def check_same_run(record: dict, now: dict) -> None:
     if old_stages != new_stages and max(len(old_stages), len(new_stages)) > 1:  # one stage: its objective below
         raise FlowmapError(
             f"`resume` continues the run as it was started: `stages` were {','.join(old_stages)}, now "
-            f"{','.join(new_stages)}; drop it or start a new run with another --out."
+            f"{','.join(new_stages)}; drop it or start a new run with another `out`."
         )
     for old_s, new_s in zip(record["stages"], now["stages"]):
         old_f, new_f = old_s["fields"], new_s["fields"]
@@ -96,7 +96,7 @@ def check_same_run(record: dict, now: dict) -> None:
             if _norm(old_f[k]) != _norm(new_f[k]):
                 raise FlowmapError(
                     f"`resume` continues the run as it was started: `{k}` was {_show(old_f[k])}, now {_show(new_f[k])}; "
-                    "drop it or start a new run with another --out."
+                    "drop it or start a new run with another `out`."
                 )
 
 

@@ -55,7 +55,7 @@ def prepare_model(model_or_source, recipe: Recipe):
     needs_null = recipe.label_dropout > 0 or recipe.mg_scale > 0
     if needs_null and model.config.class_embed_rows <= model.config.num_classes:
         raise FlowmapError(
-            "this model has no null-class embedding, which label dropout and model guidance need; pass --label-dropout 0 --mg-scale 0."
+            "this model has no null-class embedding, which label dropout and model guidance need; pass `label_dropout` 0 and `mg_scale` 0."
         )
     return model.float(), origin
 
@@ -72,7 +72,7 @@ def add_qk_norm(model) -> None:
     if model.config.qk_norm != "none" or model.config.arch != "dit":
         raise FlowmapError(
             f"`qk_norm` adds QK RMSNorm to a DiT-family model without QK norm; this one is {model.config.arch} with "
-            f"qk_norm {model.config.qk_norm!r}. Pass --no-qk-norm."
+            f"qk_norm {model.config.qk_norm!r}; turn `qk_norm` off."
         )
     ref = next(model.parameters())
     for blk in model.net.blocks:
@@ -95,7 +95,7 @@ def set_trainable(model, part: str, loss: str = "adaptive") -> list[nn.Parameter
     net = model.net
     if part in ("decoder", "decoder+time"):
         if not Calls.can_split(model):
-            raise FlowmapError(f"--train {part} needs a decoupled DiT-style flow map; use --train all for this model.")
+            raise FlowmapError(f"`train` {part} needs a decoupled DiT-style flow map; use `train` all for this model.")
         for mod in (net.x_embedder, net.t_embedder, net.y_embedder, *net.blocks[: model.depth]):
             mod.requires_grad_(False)
         if hasattr(net, "s_embedder"):  # DDT / DiT^DH encoder input: runs in encode only, so it gets no gradient
@@ -147,10 +147,10 @@ def check_trackers(log_with) -> None:
             continue
         mods = TRACKER_MODULES.get(name)
         if mods is None:
-            raise FlowmapError(f"unknown tracker {name!r} for --log-with; choose from {', '.join(TRACKER_MODULES)}.")
+            raise FlowmapError(f"unknown tracker {name!r} for `log_with`; choose from {', '.join(TRACKER_MODULES)}.")
         if not any(importlib.util.find_spec(m) for m in mods):
             raise FlowmapError(
-                f"--log-with {name} needs the `{mods[0]}` package; install it with `pip install {mods[0]}` or drop --log-with."
+                f"`log_with` {name} needs the `{mods[0]}` package; install it with `pip install {mods[0]}` or drop `log_with`."
             )
 
 

@@ -295,7 +295,7 @@ class Trainer:
         ):
             raise FlowmapError(
                 f"{self.ckpt_path} was written with {s['world']} processes, batch {old.get('batch_size')} and "
-                f"--grad-accum {old.get('grad_accum')}; resume with the same settings."
+                f"`grad_accum` {old.get('grad_accum')}; resume with the same settings."
             )
         # each part is copied into the run's own tensors and its mapped pages dropped before the next is read, so
         # the resume holds one copy of the states, as the run it continues did (docs/memory.md)
@@ -315,13 +315,13 @@ class Trainer:
         bad_at = self.step + 1
         if not self.ckpt_path.exists():
             raise FlowmapError(
-                f"{self.bad_run} non-finite steps in a row at step {bad_at} and no checkpoint to roll back to; lower --lr, "
-                "use --loss adaptive or set --checkpoint-every."
+                f"{self.bad_run} non-finite steps in a row at step {bad_at} and no checkpoint to roll back to; lower `lr`, "
+                "use `loss` adaptive or set `checkpoint_every`."
             )
         rollbacks, skipped, micro = self.rollbacks + 1, self.skipped, self.micro
         if rollbacks > MAX_ROLLBACKS:
             raise FlowmapError(
-                f"training kept diverging after {MAX_ROLLBACKS} rollbacks (last at step {bad_at}); lower --lr or --mg-scale."
+                f"training kept diverging after {MAX_ROLLBACKS} rollbacks (last at step {bad_at}); lower `lr` or `mg_scale`."
             )
         self.load_checkpoint()
         self.rollbacks = rollbacks  # new random numbers from here on, so the same bad batch is not replayed
@@ -420,7 +420,7 @@ class Trainer:
             self.say(f"resumed from {self.ckpt_path} at step {self.step}")
         elif checkpoint.any_checkpoint(self.ckpt_dir):  # every rank checks: none waits at a barrier for a failed one
             raise FlowmapError(
-                f"{self.out} already holds a run (checkpoints/); pass --resume to continue it or choose another --out."
+                f"{self.out} already holds a run (checkpoints/); pass `resume` to continue it or choose another `out`."
             )
         if self.main:  # the run directory says it is ours, so a later run may reuse it and nothing else is touched
             self.check_exported_files()  # before any step: a user's README.md here would be lost only at the end

@@ -122,7 +122,7 @@ def check_outputs(out, write_best, source) -> None:
     """Before any work: --out is new, empty or an earlier search (its cache is reused); --write-best may be replaced."""
     sources = (source,) if isinstance(source, (str, os.PathLike)) else ()
     if write_best is not None:
-        check_output(write_best, "model", sources=sources, flag="--write-best")
+        check_output(write_best, "model", sources=sources, flag="`write_best`")
     if out is None:
         return
     check_workdir(out, "search", "depth search")
@@ -171,7 +171,7 @@ def _probe_for(model, source_name, plan: SearchPlan, settings: SampleSettings, o
     check_reference_dim(ref_stats, extractor, dim)
     if plan.metric == "mse" and ref_kind != "teacher":
         raise FlowmapError(
-            "--metric mse is the paired error to the teacher's samples; use it with --reference teacher."
+            "`metric` mse is the paired error to the teacher's samples; use it with `reference` teacher."
         )
     probe_settings = ProbeSettings(
         source_id=source_id(model, source_name),

@@ -35,7 +35,7 @@ class SearchPlan:
         """The plan for a model of `num_blocks` blocks (default depths when none were asked for)."""
         ds = default_depths(num_blocks) if depths is None else [int(d) for d in depths]
         if not ds:
-            raise FlowmapError("no depths to search; pass e.g. --depths 2,4,6 or --depth-range 2:6.")
+            raise FlowmapError("no depths to search; pass e.g. `depths` 2,4,6.")
         for d in ds:
             check_depth(d, num_blocks)
         return SearchPlan(**{**self.__dict__, "depths": tuple(sorted(set(ds)))})
@@ -74,29 +74,29 @@ def make_plan(
     """Validate the cheap inputs (one FlowmapError each) and return the plan (depths come with the model)."""
     nfes = [int(n) for n in (nfe if isinstance(nfe, (list, tuple)) else [nfe])]
     if not nfes:
-        raise FlowmapError("--nfe needs at least one value, e.g. --nfe 1,4.")
+        raise FlowmapError("`nfe` needs at least one value, e.g. `nfe` 1,4.")
     for n in nfes:
         if n < 1:
-            raise FlowmapError(f"--nfe values must be positive integers, got {n}; use e.g. --nfe 1,4.")
+            raise FlowmapError(f"`nfe` values must be positive integers, got {n}; use e.g. `nfe` 1,4.")
     if len(set(nfes)) != len(nfes):
-        raise FlowmapError(f"--nfe lists a value twice ({nfes}); list each NFE once.")
+        raise FlowmapError(f"`nfe` lists a value twice ({nfes}); list each NFE once.")
     num_samples = DEFAULT_NUM_SAMPLES if num_samples is None else int(num_samples)
     if num_samples < 2:
         raise FlowmapError(
-            f"a Fréchet distance needs at least 2 samples, got --num-samples {num_samples}; use e.g. --num-samples {DEFAULT_NUM_SAMPLES}."
+            f"a Fréchet distance needs at least 2 samples, got `num_samples` {num_samples}; use e.g. `num_samples` {DEFAULT_NUM_SAMPLES}."
         )
     if metric not in ("fd", "mse"):
-        raise FlowmapError(f"unknown --metric {metric!r}; choose fd or mse.")
+        raise FlowmapError(f"unknown `metric` {metric!r}; choose fd or mse.")
     if metric == "mse" and reference not in ("teacher", "auto"):
         raise FlowmapError(
-            "--metric mse is the paired error to the teacher's samples; use it with --reference teacher."
+            "`metric` mse is the paired error to the teacher's samples; use it with `reference` teacher."
         )
-    ci = finite_float("--ci", ci, 0.0, 1.0, lo_open=True, hi_open=True)
+    ci = finite_float("`ci`", ci, 0.0, 1.0, lo_open=True, hi_open=True)
     if teacher_nfe < 1:
-        raise FlowmapError(f"--teacher-nfe must be a positive integer, got {teacher_nfe}.")
-    bootstrap = int_in_range("--bootstrap", bootstrap, 0, 100_000)
+        raise FlowmapError(f"`teacher_nfe` must be a positive integer, got {teacher_nfe}.")
+    bootstrap = int_in_range("`bootstrap`", bootstrap, 0, 100_000)
     if best_for_nfe is not None and best_for_nfe not in nfes:
-        raise FlowmapError(f"--best-for-nfe {best_for_nfe} is not among the searched NFEs {nfes}; add it to --nfe.")
+        raise FlowmapError(f"`best_for_nfe` {best_for_nfe} is not among the searched NFEs {nfes}; add it to `nfe`.")
     return SearchPlan(
         nfes=tuple(nfes),
         num_samples=num_samples,

@@ -210,5 +210,5 @@ def check_reference_dim(ref_stats, extractor, dim) -> None:
     """Reference statistics must have the extractor's feature dimension."""
     if ref_stats is not None and dim is not None and ref_stats.dim != dim:
         raise FlowmapError(
-            f"reference statistics {ref_stats.source} have dimension {ref_stats.dim} but {extractor.name} features have {dim}; recompute the reference with --features {extractor.name}."
+            f"reference statistics {ref_stats.source} have dimension {ref_stats.dim} but {extractor.name} features have {dim}; recompute the reference with `features` {extractor.name}."
         )
