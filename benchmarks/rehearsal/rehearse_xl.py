@@ -8,6 +8,13 @@ SD-VAE architecture (diffusers AutoencoderKL with sd-vae-ft-ema's configuration,
 cache), and score them. Writes benchmarks/results/rehearse-xl.json and .md.
 
     python benchmarks/rehearsal/rehearse_xl.py [--hidden 1152] [--blocks 28] [--work DIR]
+    python benchmarks/rehearsal/rehearse_xl.py --family rae --fid-python fid-venv/bin/python
+
+The scoring needs torch-fidelity's Inception, which needs torchvision, which PyPI ships only as a CUDA build that
+fails to import next to the CPU torch. `--fid-python` names the interpreter of a second environment that has
+`torch==2.14.1 torchvision==0.29.1 torch-fidelity` and this checkout (`pip install -e .`); the eval stage then runs
+`flowmap eval --metrics fid` there, with torch-fidelity's Inception-v3 at random weights saved to a local file (the
+real weights are a download). Without it the samples are scored with the `pixels` extractor.
 
 --hidden / --blocks shrink the model where the machine cannot hold the real one (the report says which size ran).
 """
@@ -33,6 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the repo's own random state dicts in 
 
 from dit_reference import make_sd  # noqa: E402
 from hubcache import add_repo, dir_files  # noqa: E402
+
+from flowmap_convert.finetuning.memory import AnonPeak  # noqa: E402
 
 FLOWMAP = [sys.executable, "-m", "flowmap_convert.cli"]
 # The fine-tuner through its Python API in a child process: the CLI always writes sample grids at export (2 x 20
@@ -160,36 +169,131 @@ WRAPPER = (  # oom_score_adj 1000: on a shared machine the kernel's OOM killer t
 )
 
 
-def stage(name: str, args: list[str], work: Path, env: dict, log, kill_after=None, api: dict | None = None) -> dict:
+def stage(
+    name: str, args: list[str], work: Path, env: dict, log, kill_after=None, api: dict | None = None, python=None
+) -> dict:
     """Run one flowmap command (or, with `api`, finetune() with those keywords) in a wrapper that reports its wall
-    time and peak RSS; optionally SIGKILL it once `kill_after` (a path) exists."""
+    time and peak RSS; optionally SIGKILL it once `kill_after` (a path) exists. `python`: another interpreter."""
     stat = work / f".{name.split()[0]}.json"
     if api is not None:
         args = ["-c", FINETUNE, json.dumps(api)]
         cmd = [sys.executable, "-c", WRAPPER, str(stat), sys.executable, *args]
         log.write(f"\n$ finetune({json.dumps(api)})\n")
     else:
-        cmd = [sys.executable, "-c", WRAPPER, str(stat), *FLOWMAP, *args]
+        cmd = [sys.executable, "-c", WRAPPER, str(stat), *([python, *FLOWMAP[1:]] if python else FLOWMAP), *args]
         log.write(f"\n$ flowmap {' '.join(args)}\n")
     log.flush()
     p = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=work, start_new_session=True)
     killed = False
-    if kill_after is not None:
-        while p.poll() is None and not Path(kill_after).exists():
-            time.sleep(0.5)
-        if p.poll() is None:  # SIGKILL the run itself (the wrapper's child), so the wrapper still reports its peak
-            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
-            for kid in kids:
-                os.kill(int(kid), signal.SIGKILL)
-            killed = bool(kids)
-    p.wait()
+    # the anonymous resident memory of the wrapper and the run (what they allocated; the peak RSS also counts the
+    # file-backed pages of libraries and of a memory-mapped checkpoint)
+    with AnonPeak(p.pid, interval=0.1, children=True) as anon:
+        if kill_after is not None:
+            while p.poll() is None and not Path(kill_after).exists():
+                time.sleep(0.5)
+            if p.poll() is None:  # SIGKILL the run itself (the wrapper's child), so the wrapper still reports its peak
+                kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+                for kid in kids:
+                    os.kill(int(kid), signal.SIGKILL)
+                killed = bool(kids)
+        p.wait()
     res = json.loads(stat.read_text())
+    res["peak_anon"] = anon.peak
     res["killed"] = killed
     res["stage"] = name
-    print(f"{name}: rc {res['rc']}, {res['wall_s']:.1f} s, peak RSS {fmt_bytes(res['peak_rss'])}", flush=True)
+    print(
+        f"{name}: rc {res['rc']}, {res['wall_s']:.1f} s, peak RSS {fmt_bytes(res['peak_rss'])}, "
+        f"anonymous {fmt_bytes(res['peak_anon'])}",
+        flush=True,
+    )
     if res["rc"] != 0 and not (killed and res["rc"] == -signal.SIGKILL):
         raise SystemExit(f"stage {name} failed (rc {res['rc']}); see {log.name}")
     return res
+
+
+INCEPTION_RANDOM = r"""
+import sys, torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+load = torch.nn.Module.load_state_dict
+torch.nn.Module.load_state_dict = lambda self, *a, **k: None  # build the network, keep its random initialisation
+real_load = torch.load
+torch.load = lambda *a, **k: {}
+try:
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=sys.argv[1] + ".none")
+finally:
+    torch.nn.Module.load_state_dict, torch.load = load, real_load
+torch.manual_seed(0)
+for m in net.modules():  # a fresh random initialisation, the same on every run
+    if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+        torch.nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+torch.save(net.state_dict(), sys.argv[1])
+print(sum(v.numel() for v in net.state_dict().values()))
+"""
+
+
+def inception_eval(python: str, work: Path, env: dict, log, imgs: np.ndarray, threads: list, checks: dict) -> dict:
+    """`flowmap eval --metrics fid` on the samples in the environment of `python` (torch-fidelity), with the
+    Inception-v3 at random weights in $FLOWMAP_CACHE and 8 uniform-noise PNGs as the reference."""
+    from PIL import Image
+
+    from flowmap_convert.extractors import INCEPTION_WEIGHTS
+
+    fid_cache = work / "fid-cache"
+    fid_cache.mkdir(exist_ok=True)
+    weights = fid_cache / INCEPTION_WEIGHTS
+    out = subprocess.run([python, "-c", INCEPTION_RANDOM, str(weights)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"could not build torch-fidelity's Inception with {python}: {out.stderr.strip()[-500:]}")
+    checks["inception_parameters"] = int(out.stdout.split()[-1])
+    ref = work / "fid-reference"
+    ref.mkdir(exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 256, (8, *imgs.shape[1:]), dtype=np.uint8)
+    for i, im in enumerate(noise):
+        Image.fromarray(im).save(ref / f"{i:03d}.png")
+    fid_env = dict(env, FLOWMAP_CACHE=str(fid_cache))
+    args = ["eval", "samples", "--reference", "fid-reference", "--metrics", "fid", "--device", "cpu"]
+    row = stage(
+        "eval (torch-fidelity Inception)", [*args, "--out", "eval", *threads], work, fid_env, log, python=python
+    )
+    res = json.loads(next((work / "eval").rglob("eval.json")).read_text())
+    checks["eval"] = res
+    fid = _find(res, "fid")
+    checks["eval_fid_finite"] = fid is not None and bool(np.isfinite(fid))
+    return {**row, "fid": fid}
+
+
+def _find(tree, key: str):
+    """The first value under `key` in a nested dict / list."""
+    if isinstance(tree, dict):
+        if key in tree and isinstance(tree[key], (int, float)):
+            return float(tree[key])
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for v in tree:
+            got = _find(v, key)
+            if got is not None:
+                return got
+    return None
+
+
+def pixels_eval(imgs: np.ndarray) -> dict:
+    """The samples scored with the `pixels` extractor against uniform noise (the eval plumbing, not quality)."""
+    t = time.perf_counter()
+    from flowmap_convert.extractors import get_extractor
+    from flowmap_convert.frechet import frechet_distance
+
+    feats = get_extractor("pixels").features(imgs)
+    ref = get_extractor("pixels").features(np.random.default_rng(0).integers(0, 256, imgs.shape, dtype=np.uint8))
+    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+    return {
+        "stage": "eval (pixels extractor, see notes)",
+        "rc": 0,
+        "wall_s": time.perf_counter() - t,
+        "peak_rss": None,
+        "fd": fd,
+    }
 
 
 def fmt_bytes(b) -> str:
@@ -207,6 +311,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rehearse-xl")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine 2 threads ran 50x slower)"
+    )
+    ap.add_argument(
+        "--fid-python",
+        default=None,
+        help="the python of an environment with torch-fidelity (see above): score with its Inception at random weights",
     )
     ap.add_argument("--skip", default="", help="comma-separated stages to leave out: search-depth, dry-run")
     ap.add_argument(
@@ -322,22 +431,13 @@ def main() -> None:
     imgs = np.load(npz)["arr_0"]
     checks["sample_shape"] = list(imgs.shape)
     checks["sample_ok"] = imgs.shape == (4, 256, 256, 3) and imgs.dtype == np.uint8
-    t = time.perf_counter()
-    from flowmap_convert.extractors import get_extractor
-    from flowmap_convert.frechet import frechet_distance
-
-    feats = get_extractor("pixels").features(imgs)
-    ref = get_extractor("pixels").features(np.random.default_rng(0).integers(0, 256, imgs.shape, dtype=np.uint8))
-    fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
-    rows.append(
-        {
-            "stage": "eval (pixels extractor, see notes)",
-            "rc": 0,
-            "wall_s": time.perf_counter() - t,
-            "peak_rss": None,
-            "fd": fd,
-        }
-    )
+    row = None
+    if a.fid_python:
+        try:
+            row = inception_eval(a.fid_python, work, env, log, imgs, T, checks)
+        except (SystemExit, OSError, ValueError, StopIteration) as e:  # the report still gets written, saying why
+            checks["inception_eval_error"] = str(e) or type(e).__name__
+    rows.append(row or pixels_eval(imgs))
     ck = torch.load(work / "ft/checkpoints/latest.pt", map_location="cpu", weights_only=True, mmap=True)
     checks["final_step"] = int(ck["step"])
     checks["exported"] = (work / "ft/model.safetensors").is_file() and (work / "ft/raw/model.safetensors").is_file()
@@ -348,6 +448,7 @@ def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
     """benchmarks/results/<out>.json and .md: per stage wall, peak RSS and bytes per parameter; the checks."""
     for r in rows:
         r["bytes_per_param"] = None if r["peak_rss"] is None else r["peak_rss"] / params
+        r["anon_bytes_per_param"] = None if r.get("peak_anon") is None else r["peak_anon"] / params
     model = (
         f"SiT-XL/2 layout, hidden {a.hidden}, {a.blocks} blocks, depth {a.depth}, REPA release format"
         if a.family == "repa"
@@ -372,12 +473,16 @@ def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
         "",
         f"`{report['command']}`",
         "",
-        "| stage | wall (s) | peak RSS | bytes/param |",
-        "|---|---|---|---|",
+        "| stage | wall (s) | peak RSS | bytes/param | peak anonymous | bytes/param |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         bpp = "-" if r["bytes_per_param"] is None else f"{r['bytes_per_param']:.1f}"
-        lines.append(f"| {r['stage']} | {r['wall_s']:.1f} | {fmt_bytes(r['peak_rss'])} | {bpp} |")
+        apc = "-" if r.get("anon_bytes_per_param") is None else f"{r['anon_bytes_per_param']:.1f}"
+        lines.append(
+            f"| {r['stage']} | {r['wall_s']:.1f} | {fmt_bytes(r['peak_rss'])} | {bpp} | "
+            f"{fmt_bytes(r.get('peak_anon'))} | {apc} |"
+        )
     dry = checks.get("dry_run")
     if dry:
         from flowmap_convert.finetuning.memory import format_breakdown
@@ -394,16 +499,25 @@ def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
             *format_breakdown(dry["memory"], p, dry["batch_size"], dry["device"]),
             "```",
         ]
-    if "sample_shape" in checks:
+    if "eval" in checks:
+        lines += [
+            "",
+            "eval: `flowmap eval --metrics fid` in a second environment (torch 2.14.1, torchvision 0.29.1, torch-fidelity)",
+            f"with torch-fidelity's Inception-v3 ({checks['inception_parameters']:,} parameters) at random weights",
+            "saved to a local file, 8 uniform-noise PNGs as the reference: the real network on real-size images, so",
+            "the FID checks the plumbing (299 px resize, 2048-d pool3 features, the Frechet distance), not quality.",
+        ]
+    elif "sample_shape" in checks:
         lines += [
             "",
             "eval: torch-fidelity is not installed here and torchvision fails to import with this CPU torch, so the",
             "Inception network could not be built; the 4 samples were scored with flowmap's `pixels` extractor (Frechet",
             "distance to 4 uniform-noise images), which checks the eval plumbing on real-size images, not quality.",
+            "(`--fid-python` runs the real Inception from a second environment.)",
         ]
     lines += [
         "",
-        f"checks: {json.dumps({k: v for k, v in checks.items() if k != 'dry_run'})}",
+        f"checks: {json.dumps({k: v for k, v in checks.items() if k not in ('dry_run', 'eval')})}",
     ]
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
