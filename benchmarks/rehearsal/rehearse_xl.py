@@ -13,8 +13,10 @@ cache), and score them. Writes benchmarks/results/rehearse-xl.json and .md.
 The scoring needs torch-fidelity's Inception, which needs torchvision, which PyPI ships only as a CUDA build that
 fails to import next to the CPU torch. `--fid-python` names the interpreter of a second environment that has
 `torch==2.14.1 torchvision==0.29.1 torch-fidelity` and this checkout (`pip install -e .`); the eval stage then runs
-`flowmap eval --metrics fid` there, with torch-fidelity's Inception-v3 at random weights saved to a local file (the
-real weights are a download). Without it the samples are scored with the `pixels` extractor.
+`flowmap eval --metrics is,pr` there (the Inception score from its logits, precision / recall from its 2048-d pool3
+features; FID needs at least 2048 samples, hours of XL sampling on a CPU), with torch-fidelity's Inception-v3 at
+random weights saved to a local file (the real weights are a download). Without it the samples are scored with the
+`pixels` extractor.
 
 --hidden / --blocks shrink the model where the machine cannot hold the real one (the report says which size ran).
 """
@@ -174,7 +176,7 @@ def stage(
 ) -> dict:
     """Run one flowmap command (or, with `api`, finetune() with those keywords) in a wrapper that reports its wall
     time and peak RSS; optionally SIGKILL it once `kill_after` (a path) exists. `python`: another interpreter."""
-    stat = work / f".{name.split()[0]}.json"
+    stat = work / f".{name.split()[0]}-{len(list(work.glob('.*.json')))}.json"
     if api is not None:
         args = ["-c", FINETUNE, json.dumps(api)]
         cmd = [sys.executable, "-c", WRAPPER, str(stat), sys.executable, *args]
@@ -234,7 +236,7 @@ print(sum(v.numel() for v in net.state_dict().values()))
 
 
 def inception_eval(python: str, work: Path, env: dict, log, imgs: np.ndarray, threads: list, checks: dict) -> dict:
-    """`flowmap eval --metrics fid` on the samples in the environment of `python` (torch-fidelity), with the
+    """`flowmap eval --metrics is,pr` on the samples in the environment of `python` (torch-fidelity), with the
     Inception-v3 at random weights in $FLOWMAP_CACHE and 8 uniform-noise PNGs as the reference."""
     from PIL import Image
 
@@ -253,15 +255,15 @@ def inception_eval(python: str, work: Path, env: dict, log, imgs: np.ndarray, th
     for i, im in enumerate(noise):
         Image.fromarray(im).save(ref / f"{i:03d}.png")
     fid_env = dict(env, FLOWMAP_CACHE=str(fid_cache))
-    args = ["eval", "samples", "--reference", "fid-reference", "--metrics", "fid", "--device", "cpu"]
+    args = ["eval", "samples", "--reference", "fid-reference", "--metrics", "is,pr", "--device", "cpu"]
     row = stage(
         "eval (torch-fidelity Inception)", [*args, "--out", "eval", *threads], work, fid_env, log, python=python
     )
     res = json.loads(next((work / "eval").rglob("eval.json")).read_text())
     checks["eval"] = res
-    fid = _find(res, "fid")
-    checks["eval_fid_finite"] = fid is not None and bool(np.isfinite(fid))
-    return {**row, "fid": fid}
+    got = {k: _find(res, k) for k in ("is", "precision", "recall")}
+    checks["eval_finite"] = all(v is not None and bool(np.isfinite(v)) for v in got.values())
+    return {**row, **got}
 
 
 def _find(tree, key: str):
@@ -502,10 +504,11 @@ def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
     if "eval" in checks:
         lines += [
             "",
-            "eval: `flowmap eval --metrics fid` in a second environment (torch 2.14.1, torchvision 0.29.1, torch-fidelity)",
-            f"with torch-fidelity's Inception-v3 ({checks['inception_parameters']:,} parameters) at random weights",
-            "saved to a local file, 8 uniform-noise PNGs as the reference: the real network on real-size images, so",
-            "the FID checks the plumbing (299 px resize, 2048-d pool3 features, the Frechet distance), not quality.",
+            "eval: `flowmap eval --metrics is,pr` in a second environment (torch 2.14.1, torchvision 0.29.1,",
+            f"torch-fidelity) with torch-fidelity's Inception-v3 ({checks['inception_parameters']:,} parameters) at",
+            "random weights saved to a local file, 8 uniform-noise PNGs as the reference: the real network on",
+            "real-size images (299 px resize, logits, 2048-d pool3 features), so the values check the plumbing, not",
+            "quality. FID is refused below 2048 samples (its 2048 x 2048 covariance), hours of XL sampling here.",
         ]
     elif "sample_shape" in checks:
         lines += [
