@@ -41,6 +41,12 @@ class LazyImport:
     def where(self) -> str:
         return f"{self.path}:{self.line}"
 
+    def targets(self) -> tuple[str, ...]:
+        """The modules it imports, as written: `from . import a, b` -> (".a", ".b"), `from .x import y` -> (".x",)."""
+        if self.names and not self.module.strip("."):
+            return tuple(self.module + name for name in self.names)
+        return (self.module,)
+
 
 def _modules(node: ast.Import | ast.ImportFrom) -> list[str]:
     if isinstance(node, ast.Import):
@@ -88,9 +94,7 @@ class _Finder(ast.NodeVisitor):
             return
         names = tuple(a.name for a in node.names) if isinstance(node, ast.ImportFrom) else ()
         for module in _modules(node):
-            self.found.append(
-                LazyImport(self.path, node.lineno, classify(module), module, names, ".".join(self.scope))
-            )
+            self.found.append(LazyImport(self.path, node.lineno, classify(module), module, names, ".".join(self.scope)))
 
     visit_Import = _record
     visit_ImportFrom = _record
@@ -105,6 +109,78 @@ def lazy_imports(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> lis
             finder = _Finder(rel)
             finder.visit(ast.parse(path.read_text(encoding="utf-8"), filename=rel))
             found.extend(finder.found)
+    return found
+
+
+MODULE_DIRS = {
+    "flowmap_convert": "flowmap_convert",
+    "flowmap_convert.adapters": "adapters",
+    "flowmap_convert.kernels": "kernels",
+}
+
+
+def module_paths(root: Path = ROOT) -> dict[str, Path]:
+    """{installed module name: file} for the package and the directories setuptools maps into it (package-dir)."""
+    out = {}
+    for package, directory in MODULE_DIRS.items():
+        for path in sorted((root / directory).rglob("*.py")):
+            parts = path.relative_to(root / directory).with_suffix("").parts
+            name = ".".join((package, *parts[:-1], *([] if parts[-1] == "__init__" else [parts[-1]])))
+            if package == "flowmap_convert" and parts[0] in ("adapters", "kernels"):
+                continue
+            out[name] = path
+    return out
+
+
+def module_level_imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """What importing `name` runs: its module-level imports (not those in def / class bodies), resolved to project
+    module names (the package itself, and its parents, included) or third-party top-level names."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}  # parents run first
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    out.add(a.name if a.name.split(".")[0] in PROJECT_ROOTS else a.name.split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{base}.{node.module}" if node.module else base
+                else:
+                    base = node.module or ""
+                if base.split(".")[0] not in PROJECT_ROOTS and not node.level:
+                    out.add(base.split(".")[0])
+                    continue
+                out.add(base)
+                out.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known)
+            else:
+                for field in ("body", "orelse", "finalbody", "handlers"):  # if / try / with at module level
+                    visit(getattr(node, field, []))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    out.discard(name)
+    return {m for m in out if m in known or m.split(".")[0] not in PROJECT_ROOTS}
+
+
+def third_party_pulled(module: str, root: Path = ROOT) -> set[str]:
+    """The third-party and standard-library top-level names that `import module` loads (module-level imports,
+    followed through the project's modules)."""
+    paths = module_paths(root)
+    known = set(paths)
+    seen, todo, found = set(), [module], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        for target in module_level_imports(m, paths[m], known):
+            if target in known:
+                todo.append(target)
+            else:
+                found.add(target)
     return found
 
 
