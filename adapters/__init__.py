@@ -18,7 +18,12 @@ import sys
 from pathlib import Path
 
 from .. import _version  # a module on disk in flowmap_convert/ (adapters/ lives beside it: package-dir mapping)
+from ..config import MAX_BLOCKS
 from ..errors import FlowmapError
+from ..io import ABSURD, check_tensor_dtypes, nonfinite_report, sha256_file
+from ..model import read_model_dir
+from ..outputs import is_model_dir
+from .checkpoint import WEIGHT_SUFFIXES, read_checkpoint
 from .interface import Family, FamilyAdapter, LoadOptions, Meta, StateDict
 
 __all__ = ["DETECTION_ORDER", "FAMILIES", "Family", "FamilyAdapter", "LoadOptions", "load_source", "register"]
@@ -60,8 +65,6 @@ def note(message: str) -> None:
 
 def builtin_models() -> list[str]:
     """Names of the builtin flow models (directories with a flowmap config.json; the digits classifier is not one)."""
-    from ..outputs import is_model_dir
-
     return sorted(d.name for d in BUILTIN_DIR.iterdir() if is_model_dir(d)) if BUILTIN_DIR.is_dir() else []
 
 
@@ -81,8 +84,6 @@ def builtin_path(name: str) -> Path:
 
 def check_key_indices(sd: dict, what: str) -> None:
     """Refuse keys whose numeric parts are implausible (`blocks.1000000000.x`) in one pass over the keys."""
-    from ..config import MAX_BLOCKS
-
     for key in sd:
         if not isinstance(key, str):
             raise FlowmapError(f"{what} has a non-string key {key!r}; it is not a checkpoint of model weights.")
@@ -95,8 +96,6 @@ def check_key_indices(sd: dict, what: str) -> None:
 
 def check_weights(model, what: str, allow_nonfinite: bool | None) -> None:
     """NaN / Inf weights: refused unless allowed (None: a warning only); absurd magnitudes: a warning."""
-    from ..io import ABSURD, nonfinite_report
-
     named = ((k[len("net.") :] if k.startswith("net.") else k, v) for k, v in model.state_dict().items())
     bad, huge = nonfinite_report(named)  # names as in the checkpoint (no `net.`)
     if bad:
@@ -170,12 +169,6 @@ def load_source(source: str, **options):
 
 
 def _load_source(source: str, options: LoadOptions):
-    from ..io import check_tensor_dtypes, sha256_file
-    from ..model import read_model_dir
-    from ..outputs import is_model_dir
-    from .checkpoint import WEIGHT_SUFFIXES, read_checkpoint
-    from .sources import check_sha256, resolve
-
     family = options.family
     res = resolve(
         str(source),
@@ -239,5 +232,7 @@ def _load_source(source: str, options: LoadOptions):
     return model, info
 
 
-# The built-in families register on import (their order here is not the detection order: DETECTION_ORDER is).
+# sources reads the builtin models and the registry above, and the built-in families register on import (their
+# order here is not the detection order: DETECTION_ORDER is): both are imported once this module's names exist.
 from . import dit, dmf, lightningdit, mcg_ddt, rae, repa, repae, sit  # noqa: E402,F401
+from .sources import check_sha256, resolve  # noqa: E402

@@ -17,7 +17,9 @@ import torch
 
 from ..config import SD_VAE_SCALE, LatentSpace, ModelConfig
 from ..errors import FlowmapError
+from ..layers import sincos_pos_embed_2d
 from . import register
+from .dit_keys import NOT_DIT, build_and_load, infer_dit_config
 from .interface import NO_OPTIONS, Family, LoadOptions, Meta, StateDict
 
 DIFFUSERS_PREFIX = "transformer_blocks."
@@ -44,8 +46,6 @@ def is_original_dit(sd: dict) -> bool:
         return False
     if any(k.startswith(("projectors.", "logvar_linear.")) or ".q_norm." in k for k in sd):
         return False
-    from .dit_keys import NOT_DIT
-
     if any(k in sd for k in NOT_DIT):  # LightningDiT / REPA-E keys (their own adapters)
         return False
     c, p = sd["x_embedder.proj.weight"].shape[1], sd["x_embedder.proj.weight"].shape[2]
@@ -128,8 +128,6 @@ def dit_config(sd: dict, options: LoadOptions, diffusers_config: dict | None = N
     """Architecture of a canonical-key DiT state dict: dit_keys.infer_dit_config (the one DiT inference), then
     the DiT specifics (DDPM epsilon convention, SD-VAE latents; diffusers: heads, classes and time shift from the
     transformer config)."""
-    from .dit_keys import infer_dit_config
-
     args, extra = {}, {}
     if diffusers_config is not None:
         if not options.num_heads and diffusers_config.get("num_attention_heads"):
@@ -160,8 +158,6 @@ def dit_config(sd: dict, options: LoadOptions, diffusers_config: dict | None = N
 
 def with_pos_embed(sd: dict, diffusers_config: dict | None) -> dict:
     """Diffusers weights lack `pos_embed`: a fixed sin-cos table of the config's sample_size (same formula, §1.4)."""
-    from ..layers import sincos_pos_embed_2d
-
     if "pos_embed" in sd or diffusers_config is None:
         return sd
     size = diffusers_config.get("sample_size")
@@ -186,8 +182,6 @@ def build_dit(
 
     `latent_repo`: (repo, subfolder) of the VAE when it is not stabilityai/sd-vae-ft-ema (a pipeline's own vae/).
     """
-    from .dit_keys import build_and_load
-
     sd = with_pos_embed(dict(sd), diffusers_config)
     cfg = dit_config(sd, options, diffusers_config)
     if latent_repo:

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
-from ..config import SD_VAE_SCALE, LatentSpace
+from ..config import MAX_BLOCKS, SD_VAE_SCALE, LatentSpace, ModelConfig
 from ..dit import SIZES, heads_for_hidden
 from ..errors import FlowmapError
+from ..io import check_keys_and_shapes, load_canonical_state_dict
+from ..model import FlowMap
+from ..validate import int_in_range
 from . import note
 from .interface import LoadOptions
 
@@ -48,8 +51,6 @@ def block_count(sd: dict, pattern: re.Pattern = BLOCK_RE, what: str = "blocks") 
 
     Indices must run 0..N-1 without gaps and N <= MAX_BLOCKS; anything else is a damaged or foreign file.
     """
-    from ..config import MAX_BLOCKS
-
     idx = set()
     for k in sd:
         m = pattern.match(k)
@@ -159,8 +160,6 @@ def infer_dit_config(
                 note(
                     f"hidden size {hidden} is not a standard DiT size: assuming {heads} heads of 64; pass --num-heads if that is wrong"
                 )
-    from ..validate import int_in_range
-
     heads = int_in_range("`num_heads`", heads, 1, 4096)
     if hidden < 1 or hidden % heads:
         raise FlowmapError(
@@ -263,10 +262,6 @@ def build_and_load(cfg_fields: dict[str, Any], sd: dict[str, torch.Tensor], what
     The module is built on the meta device and the checkpoint tensors are assigned into it, which skips the
     random initialisation (15 s for XL/2 on two cores) that the load would overwrite anyway.
     """
-    from ..config import ModelConfig
-    from ..io import check_keys_and_shapes, load_canonical_state_dict
-    from ..model import FlowMap
-
     cfg = ModelConfig(**cfg_fields)
     with torch.device("meta"), _no_weight_init():
         model = FlowMap(cfg)

@@ -23,8 +23,11 @@ from __future__ import annotations
 import math
 
 from ..config import LatentSpace
+from ..dit import heads_for_hidden
 from ..errors import FlowmapError
+from ..validate import int_in_range
 from . import register
+from .dit_keys import block_count, build_and_load
 from .interface import NO_OPTIONS, Family, LoadOptions
 
 VAVAE_REPO = "hustvl/vavae-imagenet256-f16d32-dinov2"
@@ -69,10 +72,6 @@ def has_base_keys(sd: dict) -> bool:
 
 def lightning_config(sd: dict, options: LoadOptions) -> dict:
     """ModelConfig fields from shapes and key presence."""
-    from ..dit import heads_for_hidden
-    from ..validate import int_in_range
-    from .dit_keys import block_count
-
     w = sd["x_embedder.proj.weight"]
     if w.dim() != 4 or w.shape[2] != w.shape[3]:
         raise FlowmapError(f"x_embedder.proj.weight has shape {tuple(w.shape)}, not [D, C, p, p]; the file is damaged.")
@@ -170,8 +169,6 @@ class LightningDiTFamily(Family):
 
     def build(self, sd, options):
         """Infer the architecture, attach VA-VAE latents and sampling defaults, load strictly."""
-        from .dit_keys import build_and_load
-
         options = options or NO_OPTIONS
         if "bn.running_mean" in sd:
             raise FlowmapError(

@@ -21,8 +21,10 @@ import re
 
 import torch
 
+from ..config import ModelConfig
 from ..errors import FlowmapError
 from . import note, register
+from .dit_keys import block_count, build_and_load, latent_for
 from .interface import NO_OPTIONS, Family, LoadOptions
 
 SD_CHANNELS = 4  # DDT trains on SD-VAE ft-ema latents (configs/*.yaml `in_channels: 4`)
@@ -112,9 +114,6 @@ def latent_side(options: LoadOptions) -> int:
 
 def ddt_config(sd: dict, options: LoadOptions):
     """ModelConfig from shapes (width, heads from the QK-norm, SwiGLU hidden, classes) and the options above."""
-    from ..config import ModelConfig
-    from .dit_keys import block_count, latent_for
-
     d, cpp = sd["s_embedder.proj.weight"].shape
     c = int(options.in_channels or SD_CHANNELS)
     p = math.isqrt(max(cpp // c, 1))
@@ -205,8 +204,6 @@ class DDTFamily(Family):
 
     def build(self, sd: dict, options: LoadOptions):
         import dataclasses
-
-        from .dit_keys import build_and_load
 
         if not is_mcg_ddt(sd):
             raise FlowmapError(

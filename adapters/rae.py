@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 
 from ..config import LatentSpace, ModelConfig
+from ..dit import heads_for_hidden
 from ..errors import FlowmapError
 from . import register
+from .dit_keys import block_count, build_and_load
 from .interface import NO_OPTIONS, Family, LoadOptions, StateDict
 
 RAE_REPO = "nyu-visionx/RAE-collections"
@@ -57,16 +59,12 @@ def is_ddt(sd: dict) -> bool:
 
 def ddt_config(sd: dict, options: LoadOptions, meanflow: bool) -> ModelConfig:
     """Architecture from shapes: widths from the embedders, heads from the RoPE tables, flags from key presence."""
-    from ..dit import heads_for_hidden
-
     ws = sd["s_embedder.proj.weight"]
     d_e, c, p = ws.shape[0], ws.shape[1], ws.shape[2]
     d_d = sd["x_embedder.proj.weight"].shape[0]
     if p != 1:
         raise FlowmapError(f"this DiT^DH has patch size {p}; flowmap supports RAE's released patch size 1.")
-    from .dit_keys import block_count  # indices contiguous from 0 and plausible, one pass
-
-    blocks = list(range(block_count(sd)))
+    blocks = list(range(block_count(sd)))  # indices contiguous from 0 and plausible, one pass
     width = lambda i: sd[f"blocks.{i}.adaLN_modulation.1.weight"].shape[1]  # noqa: E731
     if d_e != d_d:
         n_e = sum(1 for i in blocks if width(i) == d_e)
@@ -147,8 +145,6 @@ def ddt_config(sd: dict, options: LoadOptions, meanflow: bool) -> ModelConfig:
 def build_ddt(sd: dict, options: LoadOptions, meanflow: bool):
     """FlowMap over a DiT^DH state dict, loaded strictly (frozen W, pos_embed and RoPE buffers included)."""
     import dataclasses
-
-    from .dit_keys import build_and_load
 
     sd = unwrap(sd)
     cfg = ddt_config(sd, options, meanflow)

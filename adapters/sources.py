@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .. import adapters  # the package: its registry (DETECTION_ORDER, FAMILIES) at call time
 from ..downloads import (
     COMMIT_RE,
     TRUE,
@@ -44,7 +45,8 @@ from ..downloads import (
 from ..errors import FlowmapError
 from ..io import sha256_file
 from ..outputs import clean_stale, write_text_atomic
-from . import note
+from ..validate import finite_float
+from . import builtin_path, note
 from .checkpoint import WEIGHT_SUFFIXES
 
 ALIASES_FILE = Path(__file__).with_name("aliases.json")
@@ -97,8 +99,6 @@ def resolve(
     if not source:
         raise FlowmapError("no source given; pass a Hub repo id, an https:// URL, a local path or builtin:NAME.")
     if source.startswith("builtin:"):
-        from . import builtin_path
-
         _no_hub_options(source, revision, filename)
         return Resolved(builtin_path(source.split(":", 1)[1]), {"source": source}, name=source)
     if re.match(r"^[a-z][a-z0-9+.-]*://", source, re.I):
@@ -278,12 +278,10 @@ def resolve_hub(repo: str, revision: str | None, filename: str | None, sha256: s
 
 def _layout_patterns(files: list[str]) -> list[str] | None:
     """Download patterns for a directory-shaped repo: a flowmap export, or a layout a family claims."""
-    from . import DETECTION_ORDER, FAMILIES
-
     if "config.json" in files and "model.safetensors" in files:
         return ["config.json", "model.safetensors", "README.md"]
-    for name in DETECTION_ORDER:
-        patterns = FAMILIES[name].claims_layout(files) if name in FAMILIES else None
+    for name in adapters.DETECTION_ORDER:  # read at call time: the registry is the package's (tests extend it)
+        patterns = adapters.FAMILIES[name].claims_layout(files) if name in adapters.FAMILIES else None
         if patterns:
             return list(patterns)
     return None
@@ -313,8 +311,6 @@ def _http_allowed(allow_http: bool | None) -> bool:
 
 def max_download_bytes() -> int:
     """The download size cap: $FLOWMAP_MAX_DOWNLOAD_GB gigabytes (decimal), default DEFAULT_MAX_DOWNLOAD_GB."""
-    from ..validate import finite_float
-
     text = os.environ.get("FLOWMAP_MAX_DOWNLOAD_GB", "").strip()
     gb = finite_float("FLOWMAP_MAX_DOWNLOAD_GB", text, 0, 1e9, lo_open=True) if text else DEFAULT_MAX_DOWNLOAD_GB
     return max(1, int(gb * 1e9))

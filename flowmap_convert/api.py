@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .adapters import load_source
 from .config import check_depth, default_depth
 from .errors import FlowmapError
 
 
 def load(source: str, **options):
     """Load any supported source as a FlowMap in canonical convention (exported dir, Hub id, file, URL, builtin)."""
-    from .adapters import load_source
-
     model, _ = load_source(str(source), **options)
     return model.eval()
 
@@ -20,8 +19,6 @@ def convert(source: str, depth: int | None = None, **options):
 
     NaN / Inf weights are refused unless `allow_nonfinite=True` (`load` only warns about them).
     """
-    from .adapters import load_source
-
     options.setdefault("allow_nonfinite", False)
     model, info = load_source(str(source), depth=depth, **options)
     n = model.config.num_blocks

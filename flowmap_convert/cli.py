@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ._version import __version__
+from .card import describe_family
 from .cli_common import (
     FamilyOpt,
     FilenameOpt,
@@ -28,9 +30,12 @@ from .cli_common import (
     suggest_options,
     user_message,
 )
+from .config import MAX_BLOCKS
 from .errors import FlowmapError
-from .options import with_options
+from .options import from_cli, with_options
+from .outputs import check_output
 from .sample_options import SampleRun, SampleSettings
+from .validate import int_in_range
 from .vocabulary import default_out
 
 app = typer.Typer(
@@ -48,8 +53,6 @@ err_console = Console(stderr=True)
 def _print_version(value: bool) -> None:
     """--version: print the package version and exit."""
     if value:
-        from ._version import __version__
-
         console.print(f"flowmap-convert {__version__}", highlight=False)
         raise typer.Exit(0)
 
@@ -117,8 +120,6 @@ def check_out_dir(
     out: Path, kind: str = "model", *, force: bool = False, force_flag: str | None = None, sources=()
 ) -> Path:
     """Fail now, before a long download or conversion, if --out may not be written (rules: flowmap_convert.outputs)."""
-    from .outputs import check_output
-
     return check_output(out, kind, force=force, sources=sources, force_flag=force_flag)
 
 
@@ -187,11 +188,9 @@ def convert(
 
       flowmap convert https://example.org/model.safetensors --sha256 <hex> --depth 8
     """
+    # lazy: these pull torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .api import convert as convert_fn
-    from .card import describe_family
-    from .config import MAX_BLOCKS
     from .io import export
-    from .validate import int_in_range
 
     # every number and the output first: a bad value costs nothing and leaves nothing behind
     if depth is not None:
@@ -233,6 +232,7 @@ DEFAULT_SAMPLE_MODEL = "builtin:digits-dmf"
 def default_sample_model():
     """(model, name) for `flowmap sample` without a model: the fine-tuned 1-step builtin:digits-dmf when shipped,
     else builtin:digits-sit converted at its default depth."""
+    # lazy: these pull torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .api import convert, load
     from .digits import BUILTIN_DIR
 
@@ -281,9 +281,9 @@ def sample(
 
       torchrun --nproc_per_node 8 -m flowmap_convert.cli sample repa-dmf20 -n 50000 --npz --no-png
     """
+    # lazy: these pull torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .api import load
     from .export_samples import run_sampling
-    from .options import from_cli
     from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import default_num_samples
 
@@ -306,13 +306,12 @@ def sample(
     warning = velocity_warning(net, settings.nfe)
     if warning and main_rank:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    # lazy: these pull torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .export_samples import model_identity
 
     meta = {"model": name, "model_sha256": model_identity(net, model)}  # a resume continues only this model's run
     written = run_sampling(net, settings, n, out, meta=meta, png=not no_png, npz=npz, chunk_size=chunk)
     if written is not None:
-        from .cli_common import describe_model
-
         console.print(
             f"wrote {n} samples of {describe_model(name, net)} ({settings.sampler}, {settings.nfe} NFE) to {out}",
             highlight=False,

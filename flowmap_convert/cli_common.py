@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from .errors import FlowmapError
+from .validate import interval
 from .vocabulary import SHARED, for_cli
 
 
@@ -144,8 +145,6 @@ def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
         vals = ()
     if len(vals) != 2:
         raise FlowmapError(f"--guidance-interval takes LO,HI (two comma-separated numbers, e.g. 0,0.7), got {text!r}.")
-    from .validate import interval
-
     return interval("--guidance-interval", *vals)
 
 

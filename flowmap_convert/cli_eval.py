@@ -24,6 +24,7 @@ from .cli_common import (
     shared_option,
 )
 from .errors import FlowmapError
+from .validate import int_in_range
 from .vocabulary import default_out
 
 # cli.py imports this module to register the command, so nothing here imports cli.py.
@@ -84,10 +85,10 @@ def eval_cmd(
 
       flowmap eval repa-dmf20 --nfe 1 --cfg-scale 1.5 --guidance-interval 0,0.7
     """
+    # lazy: these pull torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .evaluate import evaluate, table
     from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import MAX_SAMPLES, SampleSettings
-    from .validate import int_in_range
 
     nfes = parse_int_list(nfe, "--nfe")
     if not nfes:

@@ -12,9 +12,11 @@ import typer
 
 from .cli_common import DeviceOpt, ThreadsOpt, describe_model, model_argument, shared_option
 from .errors import FlowmapError
+from .finetuning import BUILTIN, finetune
 from .finetuning.recipe import Recipe
+from .finetuning.recipes import table
 from .options import check, from_cli, option, register, with_options
-from .vocabulary import default_out
+from .vocabulary import default_out, for_cli
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,6 @@ def _flag_console():
     """A rich Console for the fine-tuner's notes that shows backticked parameters as their flags (vocabulary.for_cli)."""
     from rich.console import Console
 
-    from .vocabulary import for_cli
-
     class Flagged(Console):
         def print(self, *objects, **kw):
             super().print(*(for_cli(o) if isinstance(o, str) else o for o in objects), **kw)
@@ -102,9 +102,8 @@ def finetune_cmd(
 
       torchrun --nproc_per_node 2 -m flowmap_convert.cli finetune digits-d4 --steps 100 --out ft-ddp
     """
-    from .finetuning import BUILTIN, finetune
+    # lazy: pulls torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .finetuning.memory import format_breakdown
-    from .finetuning.recipes import table
 
     FlagConsole = _flag_console()
 
@@ -209,6 +208,7 @@ def encode_cmd(
         model, images = legacy_model, Path(model)
     if images is None:
         raise FlowmapError(f"missing the image folder; run `flowmap encode {model} IMAGES` (MODEL first, then IMAGES).")
+    # lazy: pulls torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .encode import encode_folder
     from .runtime import choose_threads, resolve_device, set_threads
 

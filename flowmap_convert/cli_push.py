@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .cli_common import describe_model, shared_option
+from .hub import push
 
 
 def push_cmd(
@@ -46,8 +47,8 @@ def push_cmd(
     """
     from rich.console import Console
 
+    # lazy: adapters pull torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .adapters import note
-    from .hub import push
 
     def show(lines):
         note(f"uploading {len(lines)} files to {repo_id}: " + "; ".join(lines))

@@ -173,6 +173,7 @@ def search_depth_cmd(
 
       flowmap search-depth my-model --reference teacher --metric mse --halving
     """
+    # lazy: pulls torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .search import search_depth
 
     if depths is not None and depth_range is not None:
@@ -185,6 +186,7 @@ def search_depth_cmd(
     nfe_list = parse_int_list(nfe, "--nfe")
     if not nfe_list:
         raise FlowmapError("--nfe needs at least one value, e.g. --nfe 1,4.")
+    # lazy: pulls torch, and `flowmap --help` starts without it (docs/architecture.md)
     from .runtime import choose_threads, resolve_device, set_threads
     from .sampling import SampleSettings, parse_classes
 

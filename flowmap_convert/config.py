@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget import check_model
 from .errors import FlowmapError
 
 LATENT_KINDS = ("identity", "sd-vae", "rae", "ldm-vae")  # ldm-vae: VA-VAE / E2E-VAE (decoders.LDMVAEDecoder)
@@ -127,8 +128,6 @@ class ModelConfig:
         for name, (lo, hi) in INT_RANGES.items():
             _int_field(name, getattr(self, name), lo, hi, where)
         _float_field("mlp_ratio", self.mlp_ratio, where, positive=True)
-        from .budget import check_model
-
         check_model(self, _where(where))  # sizes multiplied out against the memory here, before anything is built
         if self.hidden_size % self.num_heads:
             raise FlowmapError(

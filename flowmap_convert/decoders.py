@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LatentSpace
+from .dit import heads_for_hidden
+from .downloads import hub_cache_dir, hub_download, hub_files, is_offline
 from .errors import FlowmapError
+from .io import check_keys_and_shapes
+from .kernels import attention
+from .ldm_vae import AutoencoderKL
 
 
 class IdentityDecoder:
@@ -42,8 +47,6 @@ class SDVAEDecoder:
         sub = latent.extra.get("subfolder")  # diffusers pipelines keep the VAE in `vae/`
         kwargs = {"subfolder": sub} if sub else {}
         if not Path(repo).is_dir():  # a Hub id: the same cache and offline switch as every other download
-            from .downloads import hub_cache_dir, is_offline
-
             kwargs.update(cache_dir=str(hub_cache_dir()), local_files_only=is_offline())
         try:
             self.vae = AutoencoderKL.from_pretrained(repo, **kwargs).to(device).eval()
@@ -98,8 +101,6 @@ def resolve_file(repo: str, filename: str, revision: str | None = None) -> Path:
                 f"{local} does not exist; put the RAE file there or set the model's latent repo to a directory that has it."
             )
         return local
-    from .downloads import hub_download
-
     return hub_download(repo, filename, revision)  # cache + HF_HUB_OFFLINE read now; failures are FlowmapErrors
 
 
@@ -135,8 +136,6 @@ class ViTMAELayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import attention
-
         b, n, d = x.shape
         h = self.layernorm_before(x)
         a = self.attention.attention
@@ -172,9 +171,6 @@ class RAEPixelDecoder(nn.Module):
     @classmethod
     def from_state_dict(cls, sd: dict, heads: int | None, eps: float, what: str) -> RAEPixelDecoder:
         """Architecture from shapes (heads from the standard ViT tables unless given); strict load."""
-        from .dit import heads_for_hidden
-        from .io import check_keys_and_shapes
-
         try:
             dim, in_dim = sd["decoder_embed.weight"].shape
             layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers."))
@@ -315,8 +311,6 @@ def pick_vae_file(repo: str) -> str:
     if Path(repo).is_dir():
         files = sorted(str(p.relative_to(repo)) for p in Path(repo).rglob("*") if p.is_file())
     else:
-        from .downloads import hub_files
-
         files, _ = hub_files(repo, None)
     picked = sorted(f for f in files if VAE_FILE_RE.search(f) and not NOT_VAE_RE.search(f))
     if len(picked) != 1:
@@ -340,8 +334,6 @@ class LDMVAEDecoder:
     """LDM AutoencoderKL latents (VA-VAE, E2E-VAE) with per-channel normalisation z = (z_vae - mean) / std."""
 
     def __init__(self, latent: LatentSpace, device="cpu"):
-        from .ldm_vae import AutoencoderKL
-
         ex, c = latent.extra, latent.channels
         if not latent.repo:
             raise FlowmapError("this model names no VAE in its latent space; set latent.repo in config.json.")

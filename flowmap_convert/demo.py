@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .api import convert, load
+from .config import default_depth
 from .errors import FlowmapError
 from .outputs import atomic_file
+from .sampling import sample
 
 
 def labelled_grid(rows: list[tuple[str, np.ndarray]], columns: int, cell: int = 48, pad: int = 4) -> Image.Image:
@@ -53,10 +56,6 @@ def labelled_grid(rows: list[tuple[str, np.ndarray]], columns: int, cell: int = 
 
 def compare(out: Path, per_class: int = 2, seed: int = 0) -> Path:
     """Sample the four rows and write the labelled grid to `out`."""
-    from .api import convert, load
-    from .config import default_depth
-    from .sampling import sample
-
     classes = list(range(10))
     n = 10 * per_class
     base = load("builtin:digits-sit")

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FlowmapError
+from .frechet import feature_stats, frechet_distance
+from .io import sha256_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 CLASSIFIER_DIR = BUILTIN_DIR / "digits-classifier"
@@ -193,15 +195,11 @@ def digits_features(
 
 
 def _weights_sha(directory: Path) -> str:
-    from .io import sha256_file
-
     return sha256_file(directory / "model.safetensors")
 
 
 def compute_reference_stats(directory: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the classifier features of all 1797 real digits (needs scikit-learn)."""
-    from .frechet import feature_stats
-
     images, _ = load_digits_tensor("all")
     return feature_stats(digits_features(images, classifier=load_classifier(directory)))
 
@@ -228,16 +226,12 @@ def write_reference_stats(directory: str | Path) -> Path:
 
 def digits_fd(images, reference: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Fréchet distance of the images' classifier features to the reference (default: all real digits)."""
-    from .frechet import feature_stats, frechet_distance
-
     mu, sigma = reference if reference is not None else reference_stats()
     return frechet_distance(*feature_stats(digits_features(images)), mu, sigma)
 
 
 def evaluate_digits(images, labels) -> dict:
     """{"fd": digits FD against all real digits, "acc": share classified as their conditioning label, "n": count}."""
-    from .frechet import feature_stats, frechet_distance
-
     labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
     feats, logits = digits_features(images, return_logits=True)
     if len(labels) != len(feats):

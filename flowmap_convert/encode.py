@@ -26,9 +26,15 @@ from pathlib import Path
 
 import torch
 
+from .api import load
+from .decoders import get_decoder
 from .errors import FlowmapError
 from .export_samples import dist_context, partial_dir
+from .finetuning.data import list_image_folder, load_images
 from .outputs import atomic_dir, atomic_file, check_output, write_error
+from .progress import Progress
+from .runtime import resolve_device
+from .validate import int_in_range
 from .vocabulary import register_flags
 
 register_flags({"shard_size": "--shard-size"})  # `batch_size` and `device` are shared concepts already
@@ -98,8 +104,6 @@ def _open_partial(part: Path, run: dict, rank: int, world: int) -> None:
 
 def _encoder(latent, device):
     """(encode(images) -> rows, rows name): posterior moments for SD-VAE, the latents themselves otherwise."""
-    from .decoders import get_decoder
-
     enc = get_decoder(latent, device)
     if latent.kind == "sd-vae":
         return enc.moments, "moments"
@@ -123,11 +127,6 @@ def encode_folder(
     Returns `out` on global rank 0 and None on the other ranks. `latent` (a LatentSpace) skips loading `model`;
     `on_shard(k)` is called after shard k is on disk (tests use it to stop a run half-way).
     """
-    from .finetuning.data import list_image_folder, load_images
-    from .progress import Progress
-    from .runtime import resolve_device
-    from .validate import int_in_range
-
     images_dir, out = Path(images_dir), Path(out)
     int_in_range("`shard_size`", shard_size, 1, 10**9)
     int_in_range("`batch_size`", batch_size, 1, 10**6)
@@ -138,8 +137,6 @@ def encode_folder(
     dev = resolve_device(device)
     model_sha256 = None
     if latent is None:
-        from .api import load
-
         net = load(model)
         latent, model_sha256 = net.config.latent, (net.config.provenance or {}).get("sha256")
         del net

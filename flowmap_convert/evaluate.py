@@ -15,8 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .api import load
+from .budget import check, check_npz
+from .digits import digits_features
 from .errors import FlowmapError
-from .outputs import check_workdir
+from .export_samples import dist_context, run_sampling
+from .extractors import auto_features, cache_dir, get_extractor
+from .frechet import feature_stats, frechet_distance
+from .images import read_image
+from .io import sha256_file
+from .metrics import dataset_reference, inception_score, load_reference, precision_recall
+from .outputs import atomic_file, check_workdir, mark_output, output_lock, write_error
+from .plots import Series, draw_panel, save_png
 from .sampling import SampleSettings
 
 METRICS = ("fid", "is", "pr", "fd_dinov2", "digits")
@@ -34,9 +44,6 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.name != "grid.png")
         if not files:
             raise FlowmapError(f"{path} holds no .png images; pass a folder of PNGs or an .npz with arr_0.")
-        from .budget import check
-        from .images import read_image
-
         first = None
         images = []
         for p in files:
@@ -53,8 +60,6 @@ def read_images(path) -> tuple[np.ndarray, np.ndarray | None, str]:
         labels = _sidecar_labels(path, len(images))
         return np.stack(images), labels, f"{path} ({len(images)} PNGs)"
     if path.suffix in (".npz", ".npy") and path.is_file():
-        from .budget import check_npz
-
         check_npz(path)  # headers first: object arrays and sizes beyond the file or the memory are refused
         try:
             if path.suffix == ".npy":
@@ -109,8 +114,6 @@ def _sidecar_labels(directory: Path, n: int) -> np.ndarray | None:
 
 def _content_hash(path: Path) -> str:
     """sha256 of a file, or of a folder's PNG names and bytes (keys the reference-statistics cache)."""
-    from .io import sha256_file
-
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
@@ -137,8 +140,6 @@ class Reference:
                     f"reference {self.path} does not exist; pass an ADM .npz, a stats .npz or a PNG folder."
                 )
             if self.path.is_file():
-                from .budget import check_npz
-
                 keys = set(check_npz(self.path, f"reference {self.path}"))  # headers only: nothing allocated yet
                 self.stats_only = {"mu", "sigma"} <= keys and "arr_0" not in keys
                 if not self.stats_only and "arr_0" not in keys:
@@ -167,13 +168,9 @@ class Reference:
             )
 
     def _cached_shape(self):
-        from .extractors import cache_dir
-
         meta = cache_dir() / "reference" / f"{self._hash[:16]}.shape.json"
         if meta.is_file():
             return json.loads(meta.read_text())
-        from .outputs import atomic_file
-
         shape = list(self.images().shape[1:])
         with atomic_file(meta) as tmp:
             tmp.write_text(json.dumps(shape))
@@ -181,11 +178,6 @@ class Reference:
 
     def features(self, extractor) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(features or None for stats-only references, mu, sigma) under `extractor`; cached by content hash."""
-        from .extractors import cache_dir
-        from .frechet import feature_stats
-        from .metrics import dataset_reference, load_reference
-        from .outputs import atomic_file
-
         if self.kind == "dataset":
             ref = dataset_reference(extractor)
             return None, ref.mu, ref.sigma
@@ -236,10 +228,6 @@ def _need(n: int, dim: int, what: str, more: str | None = None) -> None:
 
 def score(images, labels, metrics: list[str], reference: Reference, device="cpu", extractors=None) -> dict:
     """Every requested metric for one set of images (the extractors are built once and shared via `extractors`)."""
-    from .extractors import get_extractor
-    from .frechet import feature_stats, frechet_distance
-    from .metrics import inception_score, precision_recall
-
     extractors = {} if extractors is None else extractors
 
     def ext(name):
@@ -279,8 +267,6 @@ def score(images, labels, metrics: list[str], reference: Reference, device="cpu"
         feats = dg.features(images)
         out["digits_fd"] = frechet_distance(*feature_stats(feats), mu, sigma)
         if labels is not None and reference.kind == "dataset":
-            from .digits import digits_features
-
             _, lg = digits_features(images, return_logits=True)
             out["digits_acc"] = float((lg.argmax(-1).numpy() == np.asarray(labels)).mean())
     return out
@@ -288,8 +274,6 @@ def score(images, labels, metrics: list[str], reference: Reference, device="cpu"
 
 def prepare_extractors(metrics: list[str], extractors: dict, device) -> None:
     """Build the extractors the metrics need (weights missing offline fail here, before any sampling)."""
-    from .extractors import get_extractor
-
     need = {"fid": "inception", "is": "inception", "pr": "inception", "fd_dinov2": "dinov2", "digits": "digits"}
     for m in metrics:
         if need[m] not in extractors:
@@ -368,16 +352,12 @@ def evaluate(
         return _evaluate(
             target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
         )
-    from .export_samples import dist_context
-    from .outputs import mark_output, output_lock
 
     def started():  # every input checked: marked before any work, so an evaluation stopped half-way is ours to rerun
         if dist_context()[0] == 0:
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                from .outputs import write_error
-
                 raise write_error(out, e) from None
             mark_output(out, "eval", files=[], update=True)
         if user_start is not None:
@@ -393,8 +373,6 @@ def evaluate(
 def _evaluate(
     target, nfe, num_samples, ref, metrics, settings, out, progress, chunk_size, on_start, t_all, load_options
 ):
-    from .export_samples import run_sampling
-
     results = []
     extractors: dict = {}
     path = Path(str(target))
@@ -417,9 +395,6 @@ def _evaluate(
         results.append(row)
         report.update(model_sha256=None, settings=None)
     else:
-        from .api import load
-        from .extractors import auto_features
-
         if out is None:
             raise FlowmapError("evaluating a model needs `out` (where its samples are written and reused).")
         model = load(str(target), **load_options)
@@ -459,13 +434,9 @@ def _evaluate(
             row["eval_seconds"] = round(time.perf_counter() - t1, 3)
             results.append(row)
     report.update(metrics=names, results=results, wall_seconds=round(time.perf_counter() - t_all, 2))
-    from .export_samples import dist_context
-
     if dist_context()[0] != 0:
         return report  # under torchrun the other ranks only sample; rank 0 scores and writes
     if out is not None:
-        from .outputs import atomic_file, mark_output
-
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "eval", files=[], update=True)
         if not is_samples:
@@ -501,8 +472,6 @@ def table(report: dict) -> str:
 def plot_eval(report: dict, path) -> Path:
     """One panel per metric against NFE (log y axis when a metric spans more than 10x)."""
     from PIL import Image, ImageDraw, ImageFont
-
-    from .plots import Series, draw_panel, save_png
 
     rows = [r for r in report["results"] if r["nfe"] is not None]
     cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows)]

@@ -27,7 +27,8 @@ from PIL import Image
 
 from .errors import FlowmapError
 from .outputs import atomic_dir, atomic_file, content_hash, output_lock, write_error
-from .sampling import UINT8_FORMULA, SampleSettings
+from .progress import Progress
+from .sampling import UINT8_FORMULA, Sampler, SampleSettings
 
 DEFAULT_CHUNK = 1000
 GRID_MAX_IMAGES = 1024
@@ -259,9 +260,6 @@ def _chunk_ok(path: Path, expected: int) -> bool:
 def _run_sampling(
     model, settings, num_samples, out, rank, world, meta, png, npz, chunk_size, progress, decoder, on_chunk
 ):
-    from .progress import Progress
-    from .sampling import Sampler
-
     sampler = Sampler(model, settings, decoder)
     labels = sampler.labels(num_samples)
     part = partial_dir(out)

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import digits
 from .errors import FlowmapError
+from .outputs import atomic_file
+from .progress import Progress
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's conversion of the TF FID graph
 FID_INSTALL = "pip install torch==2.14.1 torchvision==0.29.1 torch-fidelity"
@@ -27,8 +30,6 @@ def cache_dir() -> Path:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        from .errors import FlowmapError
-
         what = "FLOWMAP_CACHE" if os.environ.get("FLOWMAP_CACHE") else "the cache"
         raise FlowmapError(f"{what} {path} is (or lies under) a file, {probe}; point FLOWMAP_CACHE at a directory.")
     return path
@@ -88,12 +89,6 @@ class DigitsFeatures:
     name = "digits"
 
     def __init__(self, device="cpu"):
-        try:
-            from . import digits
-        except ImportError as e:
-            raise FlowmapError(
-                f"the digits feature extractor is not available in this install ({e}); use `features` pixels or `features` inception."
-            ) from None
         self._digits = digits
         self.dim = int(digits.digits_features(np.zeros((1, 16, 16, 1), np.uint8)).shape[1])  # known before sampling
 
@@ -148,8 +143,6 @@ def fetch_inception_weights() -> Path:
         return local
     if offline():
         raise missing_weights_error("offline")
-    from .outputs import atomic_file
-
     dest = cache_dir() / INCEPTION_WEIGHTS
     with atomic_file(dest) as tmp:  # a failed write of the cache is a write error; a failed download is not
         try:
@@ -204,8 +197,6 @@ class InceptionFeatures:
     def features_and_logits(self, images) -> tuple[np.ndarray, np.ndarray]:
         """(N, 2048) pool3 features and (N, classes) logits in float64 (grayscale repeated to RGB)."""
         import torch
-
-        from .progress import Progress
 
         a = _check_images(images)
         feats, logits = [], []

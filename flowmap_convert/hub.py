@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .card import model_card
+from .config import ModelConfig
+from .downloads import is_network_error
 from .errors import FlowmapError
 from .outputs import CARD_NAME, CONFIG_NAME, MARKER_NAME, changed_files, is_model_dir, read_marker
 
@@ -152,9 +155,6 @@ def upload_plan(directory: Path, include=()) -> PushPlan:
 
 def card_for_push(directory: Path, repo_id: str, plan: PushPlan | None = None) -> str:
     """The README.md to upload: flowmap's card with the repo id in its sampling command, or the user's own card."""
-    from .card import model_card
-    from .config import ModelConfig
-
     directory = Path(directory)
     plan = plan or upload_plan(directory)
     existing = directory / CARD_NAME
@@ -172,8 +172,6 @@ def card_for_push(directory: Path, repo_id: str, plan: PushPlan | None = None) -
 def _hub_failure(exc: BaseException, repo_id: str, endpoint: str) -> FlowmapError:
     """A huggingface_hub / network exception as one sentence naming the fix."""
     from huggingface_hub import errors as he
-
-    from .downloads import is_network_error
 
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)

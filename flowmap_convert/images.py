@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .budget import check
 from .errors import FlowmapError
 
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -37,8 +38,6 @@ def open_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             w, h = img.size
-            from .budget import check
-
             check(float(w) * h * 4, f"image {path} ({w}x{h} pixels)", "remove it or pass smaller images")
             img.load()
     except FlowmapError:

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .card import model_card
 from .config import ModelConfig
 from .errors import FlowmapError
 from .outputs import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, atomic_dir, current_umask
@@ -164,8 +165,6 @@ def write_model_dir(
         raise OSError(errno.EIO, str(e).splitlines()[0] if str(e) else "write failed") from None
     sort_metadata(directory / WEIGHTS_NAME)
     (directory / WEIGHTS_NAME).chmod(0o666 & ~current_umask())  # the safetensors writer creates 0600 files
-    from .card import model_card
-
     (directory / CARD_NAME).write_text(card if card is not None else model_card(model.config))
     for name, data in (extra_files or {}).items():
         (directory / name).write_bytes(data)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FlowmapError
+from .io import check_keys_and_shapes
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -175,8 +176,6 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_state_dict(cls, sd: dict, what: str, with_encoder: bool = True) -> AutoencoderKL:
         """Architecture from the keys, then a strict load of the autoencoder's own tensors (losses etc. dropped)."""
-        from .io import check_keys_and_shapes
-
         own = ("decoder.", "post_quant_conv.") + (("encoder.", "quant_conv.") if with_encoder else ())
         sd = {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(own)}
         try:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .budget import check_npz
 from .errors import FlowmapError
 from .extractors import EXTRACTORS, auto_features, cache_dir, get_extractor, register_extractor  # noqa: F401
 from .frechet import _FrechetTo, _psd_sqrt, feature_stats, frechet_distance  # noqa: F401  (re-exported)
+from .outputs import atomic_file
 
 
 def check_sample_count(n: int, dim: int, warn: Callable[[str], None] | None = None) -> None:
@@ -195,8 +197,6 @@ class ReferenceStats:
 
 def save_reference(path, mu, sigma) -> Path:
     """Write `mu`/`sigma` to an .npz atomically (ADM reference-batch key names)."""
-    from .outputs import atomic_file  # io imports torch; metrics stays numpy-only at import
-
     path = Path(path)
     with atomic_file(path, suffix=".npz") as tmp:
         np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
@@ -215,8 +215,6 @@ def load_reference(path, extractor=None) -> ReferenceStats:
             f"reference file {path} does not exist; pass a .npz with mu/sigma (or arr_0 images), 'dataset' or 'teacher'."
         )
     try:
-        from .budget import check_npz
-
         check_npz(path, f"reference {path}")  # object arrays and impossible sizes refused before loading
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)

@@ -9,28 +9,24 @@ from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .config import ModelConfig, check_depth
+from .ddpm import default_schedule, eps_to_velocity, snr_matched_input
+from .ddt import MCGDDT, DiTDH
+from .dit import DiT
 from .errors import FlowmapError
 from .io import load_canonical_state_dict, read_model_files, write_model_dir
 from .layers import timestep_embedding
+from .lightningdit import LightningDiT
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     """Instantiate the network named by cfg.arch (registry keyed by family name)."""
     if cfg.arch == "dit":
-        from .dit import DiT
-
         return DiT(cfg)
     if cfg.arch == "ddt":
-        from .ddt import DiTDH  # RAE DiT^DH
-
-        return DiTDH(cfg)
+        return DiTDH(cfg)  # RAE DiT^DH
     if cfg.arch == "mcg-ddt":
-        from .ddt import MCGDDT  # MCG-NJU's DDT
-
-        return MCGDDT(cfg)
+        return MCGDDT(cfg)  # MCG-NJU's DDT
     if cfg.arch == "lightningdit":
-        from .lightningdit import LightningDiT
-
         return LightningDiT(cfg)
     raise FlowmapError(
         f"unknown architecture {cfg.arch!r} in config.json; this flowmap knows 'dit', 'ddt', 'mcg-ddt' and 'lightningdit'."
@@ -108,8 +104,6 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         """Canonical t -> the time the source network was trained with (fp32; the DDPM step for epsilon sources)."""
         conv = self.config.time_convention
         if conv == "ddpm-eps":
-            from .ddpm import default_schedule
-
             return default_schedule().ddpm_time(t).float()  # float64 inversion, cast at the end
         if conv == "reversed":
             return (1.0 - t).float()  # original SiT: t=1 is data
@@ -124,8 +118,6 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
             return FlowState(x, t, None)  # decode runs the whole network
         x_src = x
         if self.config.time_convention == "ddpm-eps":
-            from .ddpm import snr_matched_input
-
             x_src = snr_matched_input(x, t)  # x_ddpm = x_t / sqrt((1-t)^2 + t^2)
         return FlowState(x, t, self.net.encode(x_src, self.source_time(t), y, self.depth))
 
@@ -143,8 +135,6 @@ class FlowMap(nn.Module, ModelHubMixin, library_name="flowmap-convert", tags=["f
         out = raw[:, : self.config.in_channels]  # learn_sigma heads: ch[C:2C] is the variance, dropped
         conv = self.config.time_convention
         if conv == "ddpm-eps":
-            from .ddpm import default_schedule, eps_to_velocity
-
             return eps_to_velocity(out, x, t, default_schedule()).to(x.dtype)  # eps -> v at the state (x_t, t)
         if conv == "reversed":
             return -out  # SiT predicts x0 - eps

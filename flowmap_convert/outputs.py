@@ -43,6 +43,7 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._version import __version__
 from .errors import FlowmapError
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
@@ -222,8 +223,6 @@ def mark_output(
     `growing` lists files flowmap keeps rewriting in place (metrics.jsonl): listed, with no hash. `update` keeps
     what an existing marker of the same kind lists and records the new files over it.
     """
-    from ._version import __version__
-
     _check_kind(kind)
     directory = Path(directory)
     names = sorted(files) if files is not None else _files_under(directory)

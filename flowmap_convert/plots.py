@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .outputs import atomic_file
+
 PALETTE = [
     (31, 119, 180),
     (255, 127, 14),
@@ -121,8 +123,6 @@ def draw_panel(g, font, box, series: list[Series], title: str, xlabel: str, xs: 
 
 def save_png(img, path) -> Path:
     """Write a PIL image atomically."""
-    from .outputs import atomic_file
-
     path = Path(path)
     with atomic_file(path, suffix=".png") as tmp:
         img.save(tmp, format="PNG")

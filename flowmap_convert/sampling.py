@@ -11,7 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .decoders import get_decoder
 from .errors import FlowmapError
+from .progress import Progress
+from .runtime import resolve_device
 from .sample_options import (  # noqa: F401  (re-exported: sampling.SampleSettings is the public name)
     MAX_BATCH,
     MAX_CFG,
@@ -146,9 +149,6 @@ class Sampler:
     """A model bound to resolved settings: draws any set of sample indices (same images however they are split)."""
 
     def __init__(self, model, settings: SampleSettings, decoder=None):
-        from .decoders import get_decoder
-        from .runtime import resolve_device
-
         self.settings = settings.resolve(model)
         self.device = resolve_device(settings.device) if settings.device is not None else None
         if self.device is None:
@@ -221,8 +221,6 @@ def sample(
     run = Sampler(model, settings, decoder)
     labels = run.labels(n)
     if progress:
-        from .progress import Progress
-
         with Progress(n, "sample", "images") as bar:
             out = run.draw(range(n), labels, on_batch=bar.advance, return_latents=return_latents)
     else:

@@ -80,6 +80,7 @@ def get_default_backend() -> str:
 def triton_available() -> bool:
     """Whether the Triton kernel module imports (triton is installed)."""
     try:
+        # lazy: triton_jvp imports triton (optional; TRITON_INTERPRET is read when it is first imported)
         from . import triton_jvp  # noqa: F401
     except ImportError:
         return False
@@ -88,6 +89,7 @@ def triton_available() -> bool:
 
 def _interpreting() -> bool:
     """Whether triton runs in its CPU interpreter in this process (fixed when triton is first imported)."""
+    # lazy: triton_jvp imports triton (optional; TRITON_INTERPRET is read when it is first imported)
     from .triton_jvp import interpreting
 
     return interpreting()
@@ -306,6 +308,7 @@ class FusedAttentionJVP(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, tq, tk, tv, scale, stash):
+        # lazy: triton_jvp imports triton (optional; TRITON_INTERPRET is read when it is first imported)
         from .triton_jvp import attention_fwd_jvp
 
         with torch.no_grad(), torch._C._ExcludeDispatchKeyGuard(_FUNCTORCH_KEYS):
@@ -362,6 +365,7 @@ def attention(
     if not triton_available():
         raise RuntimeError("attention backend 'triton' needs the triton package; install it or use backend='math'.")
     if not q.is_cuda and not _interpreting():
+        # lazy: triton_jvp imports triton (optional; TRITON_INTERPRET is read when it is first imported)
         from .triton_jvp import check_triton_usable
 
         check_triton_usable(q.device)  # raises, naming TRITON_INTERPRET

@@ -136,7 +136,7 @@ def test_adm_centre_crop_halves_resizes_the_short_side_and_cuts_the_centre():
 
 
 def test_encode_streams_one_batch_at_a_time_and_resumes_after_a_kill(vae_model, tmp_path, monkeypatch):
-    import flowmap_convert.finetuning.data as data
+    import flowmap_convert.encode as encode_mod
     from flowmap_convert.encode import encode_folder
     from flowmap_convert.errors import FlowmapError
 
@@ -144,8 +144,8 @@ def test_encode_streams_one_batch_at_a_time_and_resumes_after_a_kill(vae_model, 
     encode_folder(root / "imgs", str(root / "m"), tmp_path / "ref", shard_size=2, batch_size=2, progress=False)
 
     seen = []
-    real = data.load_images
-    monkeypatch.setattr(data, "load_images", lambda f, s, c: seen.append(len(f)) or real(f, s, c))
+    real = encode_mod.load_images  # finetuning.data's reader, as encode imports it
+    monkeypatch.setattr(encode_mod, "load_images", lambda f, s, c: seen.append(len(f)) or real(f, s, c))
 
     def killed(k):
         if k == 1:

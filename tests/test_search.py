@@ -18,13 +18,17 @@ SMALL = dict(features="pixels", reference="teacher", teacher_nfe=2, bootstrap=20
 @pytest.fixture
 def no_dataset(monkeypatch):
     """Any attempt to touch a dataset or the digits module fails the test."""
+    import flowmap_convert.digits as digits
     import flowmap_convert.metrics as metrics
+    import flowmap_convert.search as search_pkg
 
     def boom(*a, **k):
         raise AssertionError("the teacher reference must not read a dataset")
 
     monkeypatch.setattr(metrics, "dataset_reference", boom)
-    monkeypatch.setitem(sys.modules, "flowmap_convert.digits", None)
+    monkeypatch.setattr(search_pkg, "dataset_reference", boom)  # the search package's own binding of it
+    for name in ("_raw_digits", "load_classifier", "reference_stats"):  # the digits data, classifier, statistics
+        monkeypatch.setattr(digits, name, boom)
 
 
 def test_teacher_probe_needs_no_dataset(tiny_model, no_dataset, tmp_path):

@@ -9,8 +9,12 @@ from pathlib import Path
 
 from ..errors import FlowmapError
 from ..outputs import check_workdir
+from ..validate import int_in_range
+from . import recipes as rc
+from . import runrecord as rr
 from .recipe import Recipe
 from .recipes import RECIPES
+from .runrecord import RECORD
 
 __all__ = ["finetune", "Recipe", "RECIPES", "check_run_dir"]
 
@@ -63,10 +67,8 @@ def finetune(
     """
     import copy
 
+    # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
     from ..runtime import resolve_device, set_threads
-    from ..validate import int_in_range
-    from . import recipes as rc
-    from . import runrecord as rr
 
     if model_or_source is None and not resume:
         model_or_source = BUILTIN
@@ -91,6 +93,7 @@ def finetune(
         int_in_range("`threads`", threads, 1, 4096)
     int_in_range("`dry_run_steps`", dry_run_steps, 1, 10_000)
     if workers is not None:
+        # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
         from .loader import MAX_WORKERS
 
         int_in_range("`workers`", workers, 0, 8 * MAX_WORKERS)
@@ -121,11 +124,13 @@ def finetune(
         typed = {"model": source_name(model_or_source), "data": source_name(data), "teacher": given.get("teacher")}
         rr.check_same_sources(record, {**typed, "recipe": named.name if named else None})
 
+    # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
     from ..model import FlowMap
 
     if isinstance(model_or_source, FlowMap):
         model = model_or_source
     else:
+        # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
         from ..api import load
 
         model = load(str(model_or_source))
@@ -149,6 +154,7 @@ def finetune(
         ]
         done = any(finished(stage_dir(out, k, len(resolved), r.stage)) for k, r in enumerate(resolved))
         if active or not done:  # a missing or corrupted checkpoint is refused before any training
+            # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
             from .checkpoint import load_verified
 
             load_verified((active[-1] if active else out) / "checkpoints")
@@ -161,6 +167,7 @@ def finetune(
 
             print(msg, file=sys.stderr)
 
+    # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
     from .objectives import NEEDS_TEACHER
     from .trainer import Trainer
     from .trainer import dry_run as run_dry
@@ -168,6 +175,7 @@ def finetune(
     teacher = None
     if any(r.recipe.objective in NEEDS_TEACHER for r in resolved):
         if teacher_src:  # --teacher names another flow model
+            # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
             from ..api import load
 
             teacher = load(str(teacher_src))
@@ -190,6 +198,7 @@ def finetune(
     for k, res in enumerate(resolved):
         where = stage_dir(out, k, n, res.stage)
         if not dry_run and k < n - 1 and finished(where):
+            # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
             from ..api import load
 
             current = load(str(where))
@@ -240,6 +249,7 @@ def source_label(x) -> str:
 
 def checkpoint_in(run: Path) -> bool:
     """True when `run`/checkpoints holds a checkpoint."""
+    # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
     from .checkpoint import any_checkpoint
 
     return any_checkpoint(Path(run) / "checkpoints")
@@ -268,11 +278,12 @@ def check_run_dir(out, resume: bool) -> Path:
         raise FlowmapError(f"`out` {out}: {probe} is not writable; choose another `out`.")
     if resume and not out.is_dir():
         raise FlowmapError(f"`resume`: {out} does not exist; drop `resume` to start a new run.")
+    # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
     from .trainer import check_exported_files
 
     check_exported_files(out)  # a card the user edited here is refused now, not after the whole run
+    # lazy: pulls torch; the CLI imports this package at start-up (docs/architecture.md)
     from .checkpoint import any_checkpoint
-    from .runrecord import RECORD
 
     if not resume and (any_checkpoint(out / "checkpoints") or (out / RECORD).exists()):
         raise FlowmapError(

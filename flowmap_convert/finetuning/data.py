@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..budget import check
 from ..config import SD_VAE_SCALE  # REPA / DMF: z = (mean + std * eps) * SD_VAE_SCALE
+from ..decoders import get_decoder
+from ..digits import builtin_dataset
 from ..errors import FlowmapError
+from ..images import read_image
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SHARD_EXTS = (".safetensors", ".npz")
@@ -284,9 +288,6 @@ def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
     line), and the result's size is checked against the memory first (flowmap_convert.budget)."""
     from PIL import Image
 
-    from ..budget import check
-    from ..images import read_image
-
     check(  # the float32 result, plus one image being resized (PIL) and its float copy
         4.0 * len(files) * channels * size * size + 9.0 * channels * size * size,
         f"{len(files):,} images of {size}x{size}x{channels} (latent.image_size {size})",
@@ -303,8 +304,6 @@ def load_images(files: list[Path], size: int, channels: int) -> torch.Tensor:
 
 def encode_images(images: torch.Tensor, latent, device="cpu", batch_size: int = 64) -> torch.Tensor:
     """Images in [-1, 1] -> latents with the model's latent encoder (identity for pixel models)."""
-    from ..decoders import get_decoder
-
     enc = get_decoder(latent, device)
     outs = []
     with torch.no_grad():
@@ -324,12 +323,6 @@ def read_image_folder(path: Path, latent, device="cpu") -> LatentDataset:
 
 def builtin_data(name: str, latent, device="cpu") -> LatentDataset:
     """`builtin:digits` (pixels in [-1, 1]; encoded when the model lives in a latent space)."""
-    try:
-        from ..digits import builtin_dataset
-    except ImportError:
-        raise FlowmapError(
-            f"{name} needs flowmap_convert.digits, which this installation lacks; pass `data` PATH instead."
-        ) from None
     images, labels = builtin_dataset(name)
     x = images if latent is None or latent.kind == "identity" else encode_images(images, latent, device)
     return LatentDataset(x.float(), labels, name=name)

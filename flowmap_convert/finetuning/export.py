@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..card import model_card
+from ..export_samples import make_grid, to_pil
+from ..io import write_model_dir
+from ..sampling import sample
+
 
 def write_sample_grid(model, path: Path, device, nfe: int = 1) -> Path:
     """One sample per class (up to 10 classes x 2 rows), nfe and 2 nfe steps, as a PNG grid."""
     from PIL import Image
-
-    from ..export_samples import make_grid, to_pil
-    from ..sampling import sample
 
     k = min(10, model.config.num_classes)
     rows = [sample(model, nfe=n, classes=list(range(k)), num_samples=k, seed=0, device=device) for n in (nfe, 2 * nfe)]
@@ -75,9 +77,6 @@ def export_run(model, ema, training: dict, out: Path, device, grid: bool, write:
 
 def export_into(model, directory: Path, device, grid: bool) -> None:
     """Write a model dir to a temp sibling, then move its files into `directory` one by one (checkpoints stay)."""
-    from ..card import model_card
-    from ..io import write_model_dir
-
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=directory))
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import default_depth
 from ..errors import FlowmapError
 from .recipe import Recipe
 
@@ -189,8 +190,6 @@ ARCH_NAMES = {"dit": "DiT", "lightningdit": "LightningDiT", "mcg-ddt": "DDT"}
 def model_values(config) -> dict[str, tuple[Any, str]]:
     """Fields the model itself fixes over any recipe (below the options typed): DDT's split is its own boundary."""
     if config.arch == "mcg-ddt":
-        from ..config import default_depth
-
         return {"depth": (default_depth(config), "the model: DDT's encoder / decoder boundary")}
     return {}
 

@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..api import convert, load
 from ..config import default_depth
 from ..errors import FlowmapError
+from ..layers import RMSNorm
+from ..model import FlowMap
 from .common import Calls
 from .recipe import Recipe
 
@@ -31,17 +34,11 @@ def depth_origin(cfg, recipe: Recipe) -> str:
 def prepare_model(model_or_source, recipe: Recipe):
     """(model, depth origin): a decoupled FlowMap ready to train, converted from a source if needed, with a
     log-variance head for the adaptive loss."""
-    from ..model import FlowMap
-
     if isinstance(model_or_source, FlowMap):
         model = model_or_source
     elif recipe.depth is not None:
-        from ..api import convert
-
         model = convert(str(model_or_source), depth=recipe.depth)
     else:  # loaded as it is, so that the split below (and its origin) follows config.default_depth
-        from ..api import load
-
         model = load(str(model_or_source))
     origin = depth_origin(model.config, recipe)
     if model.config.conditioning == "velocity":
@@ -65,8 +62,6 @@ def add_qk_norm(model) -> None:
 
     Added at fine-tune time, as DMF does at 512 px; the config says qk_norm "rms" so the export reloads it.
     """
-    from ..layers import RMSNorm
-
     if model.config.qk_norm == "rms":
         return
     if model.config.qk_norm != "none" or model.config.arch != "dit":

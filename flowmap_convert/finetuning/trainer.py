@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..budget import check_batch
 from ..errors import FlowmapError
 from ..outputs import changed_files, mark_output, open_append, output_lock
 from ..progress import Progress, format_seconds
@@ -35,7 +36,7 @@ from .common import Calls, Context
 from .data import EpochSampler, check_dataset, load_dataset
 from .distributed import LossModule, check_replicas, make_accelerator, mean_over_ranks, sync_context, wrap
 from .ema import EMA
-from .export import export_run, training_record
+from .export import export_run, training_record, write_sample_grid
 from .loader import BatchStream, default_workers
 from .memory import frozen_teacher
 from .objectives import NEEDS_TEACHER, OBJECTIVE_FNS
@@ -136,8 +137,6 @@ class Trainer:
         model, self.depth_origin = prepare_model(model_or_source, recipe)
         if recipe.time_shift is None:  # MF-RAE's shift from the latent shape (recipe.latent_shift)
             self.recipe = recipe = recipe.replace(time_shift=latent_shift(model.config))
-        from ..budget import check_batch
-
         # a lower bound (one activation per block), multiplied out before anything of the batch's size exists
         check_batch(model.config, recipe.batch_size, "a fine-tuning batch", 1.0)
         self.model = model.to(self.device)
@@ -475,8 +474,6 @@ class Trainer:
                         self.save_checkpoint()
                         last_save = time.perf_counter()
                     if rec.sample_every and self.step % rec.sample_every == 0 and self.main:
-                        from .export import write_sample_grid
-
                         path = self.out / "samples" / f"step-{self.step:07d}.png"
                         with torch.no_grad():  # the EMA weights, no copy of them (ema.EMA.model_view)
                             write_sample_grid(self.ema.model_view(self.model), path, self.device)

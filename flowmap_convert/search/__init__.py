@@ -12,12 +12,31 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..api import load
+from ..decoders import get_decoder
 from ..errors import FlowmapError
+from ..extractors import get_extractor
+from ..metrics import check_sample_count, dataset_reference, load_reference
+from ..model import FlowMap
 from ..outputs import check_output, check_workdir, mark_output
+from ..runtime import resolve_device
 from ..sampling import SampleSettings
 from .plan import DEFAULT_NUM_SAMPLES, DEFAULT_TEACHER_NFE, SearchPlan, default_depths, make_plan
 from .plot import plot_search
-from .probe import FlowmapWarning, Probe, ProbeSettings, velocity_model
+from .probe import (
+    Draw,
+    FlowmapWarning,
+    Probe,
+    ProbeSettings,
+    check_reference_dim,
+    run_probes,
+    source_id,
+    velocity_model,
+    warn,
+    write_json,
+)
+from .report import build_report
+from .report import write_best as export_best
 
 __all__ = [
     "DEFAULT_NUM_SAMPLES",
@@ -71,8 +90,6 @@ def search_depth(
     a per-result cache (re-running with the same settings reuses it). `on_start()` is called once every input has
     been checked, just before the first probe (the CLI prints its notes there).
     """
-    from ..runtime import resolve_device
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
     plan = make_plan(
         nfe, num_samples, metric, reference, features, teacher_nfe, bootstrap, ci, halving, min_halving_samples,
@@ -93,14 +110,9 @@ def search_depth(
     model, source_name = _load(source, source_options)
     plan = plan.with_depths(depths, model.config.num_blocks)
     probe, ref_kind = _probe_for(model, source_name, plan, settings, out)
-    from .probe import run_probes
-
     if on_start is not None:
         on_start()
     results, halving_log = run_probes(probe, progress)
-    from .report import build_report
-    from .report import write_best as export_best
-
     timing = (time.perf_counter() - t_start, time.process_time() - cpu_start)
     report = build_report(plan, probe, results, halving_log, source_name, ref_kind, timing)
     out = Path(out) if out is not None else None
@@ -112,8 +124,6 @@ def search_depth(
     if write_best is not None:
         report["written"]["best_model"] = str(export_best(model, report, write_best))
     if out is not None:
-        from .probe import write_json
-
         write_json(out / "search.json", report)
     return report
 
@@ -130,13 +140,9 @@ def check_outputs(out, write_best, source) -> None:
 
 def _load(source, source_options):
     """(model, name) for a FlowMap or anything `load` accepts; MeanFlow models have no depth to search."""
-    from ..model import FlowMap
-
     if isinstance(source, FlowMap):
         model, name = source.eval(), source.config.provenance.get("source", "<in-memory model>")
     else:
-        from ..api import load
-
         model = load(str(source), **{k: v for k, v in source_options.items() if v is not None})
         name = str(source)
     if model.config.conditioning == "meanflow":
@@ -148,11 +154,6 @@ def _load(source, source_options):
 
 def _probe_for(model, source_name, plan: SearchPlan, settings: SampleSettings, out) -> tuple[Probe, str]:
     """Extractor, reference and cache for this model: the Probe that measures every cell."""
-    from ..decoders import get_decoder
-    from ..extractors import get_extractor
-    from ..metrics import check_sample_count, dataset_reference, load_reference
-    from .probe import Draw, check_reference_dim, source_id, warn
-
     settings.resolve(model)  # sampler / guidance / classes against this model, before any work
     extractor = get_extractor(plan.features, model.config, device=settings.device)
     lat = model.config.latent

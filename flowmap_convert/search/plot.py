@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plots import Series, draw_panel, save_png
+from ..plots import PALETTE, Series, draw_panel, save_png
 
 
 def plot_search(report: dict, path) -> Path:
@@ -39,8 +39,6 @@ def plot_search(report: dict, path) -> Path:
     )
     draw_panel(g, font, (80, 64, W - 170, H - 50), series, "", "split depth", list(report["depths"]))
     for k, s in enumerate(series):
-        from ..plots import PALETTE
-
         col = PALETTE[k % len(PALETTE)]
         g.line([W - 158, 74 + 18 * k, W - 138, 74 + 18 * k], fill=col, width=3)
         g.text((W - 132, 68 + 18 * k), s.label, fill="black", font=font)

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FlowmapError
+from ..metrics import bootstrap_fd, bootstrap_mean, paired_mse
 from ..outputs import atomic_file
-from ..sampling import SampleSettings
+from ..progress import Progress
+from ..sampling import Sampler, SampleSettings
 from .plan import SearchPlan, survivors
 
 
@@ -88,8 +90,6 @@ class Draw:
 
     def __call__(self, model, nfe: int, n: int, sampler: str | None = None):
         """uint8 NHWC images and float latents."""
-        from ..sampling import Sampler
-
         s = replace(self.settings, nfe=nfe, sampler=sampler or self.settings.sampler)
         run = Sampler(model, s, self.decoder)
         images, latents = run.draw(range(n), run.labels(n), return_latents=True)
@@ -151,8 +151,6 @@ class Probe:
 
     def measure(self, depth: int, n_fe: int, n: int) -> dict:
         """Sample the flow map split at `depth` with `n_fe` evaluations and measure it against the reference."""
-        from ..metrics import bootstrap_fd, bootstrap_mean, paired_mse
-
         st = self.settings
         t0 = time.perf_counter()
         images, latents = self.draw(self.model.with_depth(depth), n_fe, n)
@@ -176,8 +174,6 @@ class Probe:
 
 def run_probes(probe: Probe, progress: bool = False) -> tuple[list[dict], list[dict]]:
     """Every planned cell (with successive halving when planned): (all result rows, halving log)."""
-    from ..progress import Progress
-
     plan = probe.plan
     rounds = plan.rounds
     total = plan.evaluations + (1 if probe.ref_stats is None else 0)

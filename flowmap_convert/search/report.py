@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io import export
 from .plan import SearchPlan
 
 
@@ -77,8 +78,6 @@ def search_provenance(report: dict) -> dict:
 
 def write_best(model, report: dict, out) -> Path:
     """Export the model converted at the best depth, with the search recorded in its provenance."""
-    from ..io import export
-
     best_model = model.with_depth(report["best_depth"])
     prov = dict(model.config.provenance)
     prov["search"] = search_provenance(report)
