@@ -1,5 +1,6 @@
 """The digits benchmark in one command (`make bench-digits`): base, conversion, fine-tuning, from scratch, model
-guidance, MF-RAE, samplers and seeds on `builtin:digits-sit`, with noise floors, in at most 90 minutes on 2 CPU cores.
+guidance, MF-RAE, samplers and seeds on `builtin:digits-sit`, with noise floors, in at most 2 h 15 min on 2 CPU cores
+(BUDGET_MIN; row 6, three seeds of three MF-RAE chains against DMF, is a third of it).
 
 Every unit of work (a fine-tune, a base training, one evaluation set, a noise floor) is a *job* whose settings are
 hashed into a key; its result is cached as JSON under the work dir (`<work>/jobs/<key>.json`, models under
@@ -29,6 +30,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ REPO = HERE.parent.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # evaluate_base.py / train_base.py live beside this file
 
+BUDGET_MIN = 135  # the full plan's estimate on 2 workers stays below this (tests/test_bench_digits.py)
 BASE = "builtin:digits-sit"
 CTM_GAMMA = 0.3  # CTM re-noising strength of row 7 (gamma 0 would make CTM identical to Euler)
 ROW_TITLES = {
@@ -49,7 +52,7 @@ ROW_TITLES = {
     3: "DMF fine-tuning: all parameters vs decoder only, and run length",
     4: "Conversion vs training from scratch",
     5: "Model guidance on an under-trained and on the converged base",
-    6: "MF-RAE recipe (CMT -> MFD -> MFT) vs DMF at equal wall time; JVP vs finite differences",
+    6: "MF-RAE recipe (CMT, then MFD, MFT or MFD -> MFT) vs DMF at equal wall time, 3 seeds; JVP vs finite differences",
     7: "Samplers on the headline fine-tune (all parameters, best depth, headline length)",
     8: "Fine-tune seeds of the headline rows",
     9: "The shipped 1-step model, builtin:digits-dmf, in this run",
@@ -66,7 +69,7 @@ COST = {
     "decoder_factor": 0.65,  # decoder-only step relative to all parameters
     "fd_factor": 1.07,  # finite-difference derivative relative to JVP
     "mg_factor": 1.37,  # model guidance adds a teacher forward pass
-    "objective_factor": {"dmf": 1.0, "cmt": 1.94, "mfd": 0.96, "mft": 0.54, "fm": 0.4},
+    "objective_factor": {"dmf": 1.0, "cmt": 1.0, "mfd": 1.33, "mft": 1.63, "fm": 0.4},  # MF-RAE: its recipe
     "base_step_b64": 0.65,  # s per base flow-matching step at batch 64 (train_base.py: 1.53 steps/s)
     "eval_nfe_2000": 3.0,  # s per NFE for 2000 samples
     "features_2000": 3.0,  # s of classifier features + FD for 2000 samples
@@ -102,7 +105,11 @@ class Profile:
     mg: float = 0.6
     mg_steps: int = 300
     deriv_steps: int = 300  # JVP vs FD
-    mfrae_steps: tuple[int, int, int] = (150, 300, 800)  # CMT, MFD, MFT: the estimated wall of DMF at headline_steps
+    # MF-RAE at DMF's headline wall (1000 DMF steps), measured side by side at one thread: a CMT step (4 trajectories
+    # x 8 pairs) costs 1.0 DMF step, an MFD step 1.42 and an MFT step 1.74 (finite differences), so after CMT 150 the
+    # 850 DMF steps left buy MFD 600, or MFT 490, or the paper's MFD -> MFT at its 2:1 ratio of iterations, 400 -> 160
+    mfrae_cmt: int = 150
+    mfrae_chains: tuple = ((("mfd", 600),), (("mft", 490),), (("mfd", 400), ("mft", 160)))
     seeds: tuple[int, ...] = (11, 12, 13)
     sampler_nfe: tuple[int, ...] = (1, 2, 4)
     checkpoint_every: int = 250
@@ -129,7 +136,8 @@ PROFILES = {
         under_steps=3,
         mg_steps=2,
         deriv_steps=2,
-        mfrae_steps=(1, 1, 1),
+        mfrae_cmt=1,
+        mfrae_chains=((("mfd", 1),), (("mfd", 1), ("mft", 1))),
         seeds=(11, 12),
         sampler_nfe=(1,),
         checkpoint_every=0,
@@ -339,20 +347,34 @@ def build_plan(p: Profile) -> Plan:
             k = plan.finetune(init, p.mg_steps, mg=mg)
             for nfe in p.ft_nfe:
                 plan.evaluate(f"DMF mg {mg}, {init_name}, depth {d}, {p.mg_steps} steps", ft_model(k), nfe)
-    # 6: MF-RAE (CMT -> MFD -> MFT, each from the previous export) vs DMF at equal wall; JVP vs FD
+    # 6: MF-RAE vs DMF at equal wall, three seeds: CMT, then MFD alone, MFT alone, or MFD -> MFT (each stage from the
+    # previous export); the paper (Sec. 4.3, Tab. 2) finds MFD converging faster than MFT. Then JVP vs FD.
     plan.group(6)
-    prev = conv
-    for objective, steps in zip(("cmt", "mfd", "mft"), p.mfrae_steps):
-        loss, derivative, extra = mfrae_stage(objective, p)
-        prev = ft_model(plan.finetune(prev, steps, objective=objective, loss=loss, derivative=derivative, extra=extra))
-        if objective == "mfd":  # MF-RAE Sec. 4.3: MFD converges faster than MFT; the chain is scored at both ends
+    for seed in p.seeds:
+        loss, derivative, extra = mfrae_stage("cmt", p)
+        cmt = ft_model(
+            plan.finetune(conv, p.mfrae_cmt, objective="cmt", loss=loss, derivative=derivative, extra=extra, seed=seed)
+        )
+        for chain in p.mfrae_chains:
+            prev, label = cmt, f"MF-RAE cmt {p.mfrae_cmt}"
+            for objective, steps in chain:
+                loss, derivative, extra = mfrae_stage(objective, p)
+                prev = ft_model(
+                    plan.finetune(
+                        prev, steps, objective=objective, loss=loss, derivative=derivative, extra=extra, seed=seed
+                    )
+                )
+                label += f" -> {objective} {steps}"
             for nfe in p.ft_nfe:
-                plan.evaluate(f"MF-RAE cmt {p.mfrae_steps[0]} -> mfd {steps}", prev, nfe)
-        if objective == "mft":
-            for nfe in p.ft_nfe:
-                plan.evaluate(f"MF-RAE cmt {p.mfrae_steps[0]} -> mfd {p.mfrae_steps[1]} -> mft {steps}", prev, nfe)
-    for nfe in p.ft_nfe:
-        plan.evaluate(f"DMF all, depth {d}, {p.headline_steps} steps (converted)", ft_model(headline), nfe)
+                plan.evaluate(f"{label}, seed {seed}", prev, nfe, series=label if seed == p.seeds[0] else "")
+        k = plan.finetune(conv, p.headline_steps, seed=seed)
+        for nfe in p.ft_nfe:
+            plan.evaluate(
+                f"DMF all, depth {d}, {p.headline_steps} steps (converted), seed {seed}",
+                ft_model(k),
+                nfe,
+                series=f"DMF all, depth {d}, {p.headline_steps} steps (converted)" if seed == p.seeds[0] else "",
+            )
     for deriv in ("jvp", "fd"):
         k = plan.finetune(conv, p.deriv_steps, derivative=deriv)
         for nfe in p.ft_nfe:
@@ -927,14 +949,19 @@ def findings(res: dict, p: Profile) -> dict[int, list[str]]:
                 )
     out[5] = lines
     lines = []
-    for nfe in p.ft_nfe:
-        mr = fd(lambda r, n=nfe: r["row"] == 6 and r["nfe"] == n and r["setting"].startswith("MF-RAE"))
-        dm = fd(lambda r, n=nfe: r["row"] == 6 and r["nfe"] == n and "(converted)" in r["setting"])
-        if mr and dm:
-            lines.append(
-                f"NFE {nfe}: MF-RAE FD {mr['fd']:.2f} (train wall {mr['train_wall_s']:.0f} s) vs DMF {dm['fd']:.2f} "
-                f"(train wall {dm['train_wall_s']:.0f} s)."
-            )
+    for nfe in p.ft_nfe:  # each MF-RAE chain and DMF over the seeds: FD mean +- std, and the mean train wall
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["row"] == 6 and r["nfe"] == nfe and r["fd"] is not None and ", seed " in r["setting"]:
+                groups.setdefault(r["setting"].rsplit(", seed ", 1)[0], []).append(r)
+        parts = []
+        for name, rs in groups.items():
+            v = [r["fd"] for r in rs]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            wall = statistics.mean(r["train_wall_s"] or 0.0 for r in rs)
+            parts.append(f"{name} FD {statistics.mean(v):.2f} +- {sd:.2f} ({len(v)} seeds, train wall {wall:.0f} s)")
+        if parts:
+            lines.append(f"NFE {nfe}: " + "; ".join(parts) + ".")
         jv = fd(lambda r, n=nfe: r["row"] == 6 and r["nfe"] == n and r["setting"].endswith("derivative jvp"))
         fdr = fd(lambda r, n=nfe: r["row"] == 6 and r["nfe"] == n and r["setting"].endswith("derivative fd"))
         if jv and fdr:
@@ -1040,7 +1067,7 @@ def plot(path: Path, res: dict) -> None:
     """FD (log scale) against NFE (log2) for every model series; matplotlib if installed, else PIL."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in res["rows"]:
-        if r["fd"] is not None and r["row"] != 7:
+        if r["fd"] is not None and r["row"] != 7 and r["series"]:  # "" : a further seed of a plotted series
             name = r["series"]
             series.setdefault(name, [])
             if (r["nfe"], r["fd"]) not in series[name]:
