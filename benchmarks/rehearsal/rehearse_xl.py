@@ -315,6 +315,12 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine 2 threads ran 50x slower)"
     )
     ap.add_argument(
+        "--train",
+        default="all",
+        choices=["all", "decoder"],
+        help="what the fine-tune trains (decoder: the blocks after the split; the rest frozen and shared)",
+    )
+    ap.add_argument(
         "--fid-python",
         default=None,
         help="the python of an environment with torch-fidelity (see above): score with its Inception at random weights",
@@ -360,6 +366,7 @@ def main() -> None:
         ft_dry = dict(
             model="xl-dmf",
             data="data",
+            train=a.train,
             batch_size=2,
             steps=3,
             mg_scale=0.6,
@@ -408,6 +415,7 @@ def main() -> None:
     ft = dict(
         model="xl-dmf",
         data="data",
+        train=a.train,
         steps=3,
         batch_size=2,
         checkpoint_every=1,
@@ -456,6 +464,7 @@ def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
         if a.family == "repa"
         else f"RAE DiT^DH layout, encoder {a.blocks} x {a.hidden}, decoder 2 x {a.dec_hidden}, ViT-XL pixel decoder"
     )
+    model += f"; fine-tune --train {a.train}"
     report = {
         "model": model,
         "parameters": params,
