@@ -15,6 +15,7 @@ import sys
 import pytest
 import reference_models as R
 import torch
+from dit_reference import dit_block_sd, dit_stem_sd
 from flowmap_convert.adapters import FAMILIES, choose_family
 from flowmap_convert.adapters.interface import LoadOptions
 
@@ -29,20 +30,7 @@ def lightning_sd(seed=0, patch=1, rope=True, swiglu=True, rmsnorm=True, qk=False
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
     grid = SIDE // patch
     out = C * (2 if learn_sigma else 1)
-    sd = {
-        "x_embedder.proj.weight": r(D, C, patch, patch),
-        "x_embedder.proj.bias": r(D),
-        "t_embedder.mlp.0.weight": r(D, 256),
-        "t_embedder.mlp.0.bias": r(D),
-        "t_embedder.mlp.2.weight": r(D, D),
-        "t_embedder.mlp.2.bias": r(D),
-        "y_embedder.embedding_table.weight": r(K + 1, D),
-        "pos_embed": torch.from_numpy(R.sincos_2d(D, grid)).float()[None],
-        "final_layer.linear.weight": r(patch * patch * out, D),
-        "final_layer.linear.bias": r(patch * patch * out),
-        "final_layer.adaLN_modulation.1.weight": r(2 * D, D),
-        "final_layer.adaLN_modulation.1.bias": r(2 * D),
-    }
+    sd = dit_stem_sd(r, D, C, patch, out, K, pos_embed=lambda: torch.from_numpy(R.sincos_2d(D, grid)).float()[None])
     if rmsnorm:
         sd["final_layer.norm_final.weight"] = 1 + r(D)
     if rope:
@@ -50,16 +38,7 @@ def lightning_sd(seed=0, patch=1, rope=True, swiglu=True, rmsnorm=True, qk=False
     hid = int(4 * D)
     for i in range(N):
         p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "attn.qkv.weight": r(3 * D, D),
-                p + "attn.qkv.bias": r(3 * D),
-                p + "attn.proj.weight": r(D, D),
-                p + "attn.proj.bias": r(D),
-                p + "adaLN_modulation.1.weight": r((4 if wo_shift else 6) * D, D),
-                p + "adaLN_modulation.1.bias": r((4 if wo_shift else 6) * D),
-            }
-        )
+        sd.update(dit_block_sd(r, p, D, modulations=4 if wo_shift else 6))
         if rmsnorm:
             sd[p + "norm1.weight"], sd[p + "norm2.weight"] = 1 + r(D), 1 + r(D)
         if swiglu:
@@ -82,38 +61,11 @@ def repa_sit_sd(seed=0, channels=4, side=4, patch=1, bn=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
     grid = side // patch
-    sd = {
-        "x_embedder.proj.weight": r(D, channels, patch, patch),
-        "x_embedder.proj.bias": r(D),
-        "t_embedder.mlp.0.weight": r(D, 256),
-        "t_embedder.mlp.0.bias": r(D),
-        "t_embedder.mlp.2.weight": r(D, D),
-        "t_embedder.mlp.2.bias": r(D),
-        "y_embedder.embedding_table.weight": r(K + 1, D),
-        "pos_embed": torch.from_numpy(R.sincos_2d(D, grid)).float()[None],
-        "final_layer.linear.weight": r(patch * patch * channels, D),
-        "final_layer.linear.bias": r(patch * patch * channels),
-        "final_layer.adaLN_modulation.1.weight": r(2 * D, D),
-        "final_layer.adaLN_modulation.1.bias": r(2 * D),
-        "projectors.0.0.weight": r(16, D),
-        "projectors.0.0.bias": r(16),
-    }
+    pos = lambda: torch.from_numpy(R.sincos_2d(D, grid)).float()[None]  # noqa: E731
+    sd = dit_stem_sd(r, D, channels, patch, channels, K, pos)
+    sd["projectors.0.0.weight"], sd["projectors.0.0.bias"] = r(16, D), r(16)
     for i in range(N):
-        p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "attn.qkv.weight": r(3 * D, D),
-                p + "attn.qkv.bias": r(3 * D),
-                p + "attn.proj.weight": r(D, D),
-                p + "attn.proj.bias": r(D),
-                p + "mlp.fc1.weight": r(4 * D, D),
-                p + "mlp.fc1.bias": r(4 * D),
-                p + "mlp.fc2.weight": r(D, 4 * D),
-                p + "mlp.fc2.bias": r(D),
-                p + "adaLN_modulation.1.weight": r(6 * D, D),
-                p + "adaLN_modulation.1.bias": r(6 * D),
-            }
-        )
+        sd.update(dit_block_sd(r, f"blocks.{i}.", D, mlp_hidden=4 * D))
     if bn:
         sd["bn.running_mean"] = torch.randn(channels, generator=g)
         sd["bn.running_var"] = torch.rand(channels, generator=g) * 3 + 0.2
