@@ -81,3 +81,14 @@ def tiny_vae():
         norm_num_groups=4,
         sample_size=16,
     ).eval()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache at tmp_path/hub, read offline (HF_HUB_CACHE, HF_HUB_OFFLINE) by this process and by
+    CLI subprocesses: gives (cache, the environment to hand those subprocesses)."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache, dict(os.environ)

@@ -350,26 +350,11 @@ def test_ldm_vae_scale_bias_stats_and_inline_stats(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ aliases, offline
-def _cli(args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache, dict(os.environ)
-
-
 def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path, offline_hub):
     import json
 
     import numpy as np
-    from hubcache import add_repo, torch_bytes
+    from hubcache import add_repo, run_cli, torch_bytes
 
     cache, env = offline_hub
     sd = lightning_sd(seed=7)
@@ -389,12 +374,12 @@ def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path
         },
     )
     out = tmp_path / "ldit"
-    r = _cli(["convert", "hustvl/LightningDiT", "--out", str(out)], env)
+    r = run_cli(["convert", "hustvl/LightningDiT", "--out", str(out)], env)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["arch"] == "lightningdit" and cfg["depth"] == 2 and cfg["latent"]["kind"] == "ldm-vae"
     assert cfg["provenance"]["family"] == "lightningdit" and cfg["sampling"]["shift"] == pytest.approx(1 / 0.3)
-    r = _cli(
+    r = run_cli(
         ["sample", str(out), "--nfe", "1", "-n", "2", "--classes", "1,2", "--npz", "--out", str(tmp_path / "s")], env
     )
     assert r.returncode == 0, r.stderr
