@@ -58,6 +58,17 @@ def randomize(model, seed: int = 0, std: float = 0.05):
     return model
 
 
+def random_xty(channels: int, side: int, classes: int, seed: int = 1, b: int = 3):
+    """Network inputs (x ~ N(0, I) of (b, channels, side, side), t uniform in (0.01, 0.99), labels 0, 7 and the null
+    label `classes`), the first b of them, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, channels, side, side, generator=g),
+        torch.rand(b, generator=g) * 0.98 + 0.01,
+        torch.tensor([0, 7, classes])[:b],
+    )
+
+
 @pytest.fixture
 def tiny_model():
     from flowmap_convert.model import FlowMap

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import random_xty
 from flowmap_convert.adapters import FAMILIES, choose_family, load_source
 from flowmap_convert.adapters.interface import LoadOptions
 from hubcache import add_repo, torch_bytes
@@ -23,12 +24,7 @@ OPTS = LoadOptions(encoder_depth=NE, input_size=SIDE)
 
 
 def inputs(seed=1, b=3):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(b, C, SIDE, SIDE, generator=g),
-        torch.rand(b, generator=g) * 0.98 + 0.01,
-        torch.tensor([0, 7, K])[:b],
-    )
+    return random_xty(C, SIDE, K, seed, b)
 
 
 def official_u(sd, x, t, y, r=None, ne=NE, heads=HEADS):

@@ -15,6 +15,7 @@ import sys
 import pytest
 import reference_models as R
 import torch
+from conftest import random_xty
 from dit_reference import dit_block_sd, dit_stem_sd
 from flowmap_convert.adapters import FAMILIES, choose_family
 from flowmap_convert.adapters.interface import LoadOptions
@@ -154,12 +155,7 @@ def ldm_vae_sd(seed=0, z=4, widths=(32, 64), attn_last=True):
 
 
 def inputs(seed=1, b=3, channels=C, side=SIDE):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(b, channels, side, side, generator=g),
-        torch.rand(b, generator=g) * 0.98 + 0.01,
-        torch.tensor([0, 7, K])[:b],
-    )
+    return random_xty(channels, side, K, seed, b)
 
 
 def flowmap_sample(source: str, nfe: int, **options):
