@@ -43,8 +43,9 @@ def dir_files(root: Path, prefix: str = "") -> dict[str, bytes]:
     return {prefix + str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def run_cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m flowmap_convert.cli ARGS` in a subprocess with `env` (an offline cache's), output captured."""
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m flowmap_convert.cli ARGS` in a subprocess with `env` (an offline cache's; None: this process's),
+    output captured."""
     return subprocess.run(
         [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
     )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import reference_models as R
@@ -19,6 +17,7 @@ from conftest import random_xty
 from dit_reference import dit_block_sd, dit_stem_sd
 from flowmap_convert.adapters import FAMILIES, choose_family
 from flowmap_convert.adapters.interface import LoadOptions
+from hubcache import add_repo, run_cli, torch_bytes
 
 from flowmap_convert.errors import FlowmapError
 
@@ -219,14 +218,7 @@ def test_lightningdit_convert_cli_then_official_sampler(tmp_path):
     src = tmp_path / "lightningdit-xl-imagenet256-800ep.pt"
     torch.save({"ema": sd, "model": sd}, src)
     out = tmp_path / "fm"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "flowmap_convert.cli", "convert", str(src), "--out", str(out), "--depth", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    run = run_cli(["convert", str(src), "--out", str(out), "--depth", "2"], {**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
     assert "family lightningdit" in run.stderr
     model = read_model_dir(out)
@@ -350,7 +342,6 @@ def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path
     import json
 
     import numpy as np
-    from hubcache import add_repo, run_cli, torch_bytes
 
     cache, env = offline_hub
     sd = lightning_sd(seed=7)
@@ -393,7 +384,6 @@ def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path
 
 def test_repae_alias_picks_the_checkpoint_and_the_e2e_vae_offline(tmp_path, offline_hub):
     from flowmap_convert.adapters import load_source
-    from hubcache import add_repo, torch_bytes
 
     from flowmap_convert.sampling import sample
 
