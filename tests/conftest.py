@@ -77,6 +77,14 @@ def tiny_model():
     return randomize(FlowMap(tiny_config())).eval()
 
 
+@pytest.fixture
+def tiny_dir(tiny_model, tmp_path):
+    """tiny_model exported to tmp_path/tiny (its path as a string, as a command line takes it)."""
+    from flowmap_convert.io import export
+
+    return str(export(tiny_model, tmp_path / "tiny"))
+
+
 def tiny_vae():
     """A tiny random diffusers AutoencoderKL (4 latent channels, downsampling 2) for SD-VAE tests."""
     diffusers = pytest.importorskip("diffusers")
