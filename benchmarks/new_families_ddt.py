@@ -27,52 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the repo's own random state dicts
+from mcg_ddt_reference import random_ddt_sd  # noqa: E402
+
 REPO = "MCG-NJU/DDT-XL-22en6de-R256"
 COMMIT = "0" * 40
 
 
 def random_ddt_xl(seed: int = 0) -> dict:
     """A DDT-XL/2 22en6de state dict with the official keys and shapes (random N(0, 0.02) values, norms at 1)."""
-    g = torch.Generator().manual_seed(seed)
-    d, cpp, hd, ff, classes = 1152, 16, 72, 3072, 1000
-
-    def r(*shape):
-        return torch.empty(*shape).normal_(0, 0.02, generator=g)
-
-    sd = {
-        "x_embedder.proj.weight": r(d, cpp),
-        "x_embedder.proj.bias": r(d),
-        "s_embedder.proj.weight": r(d, cpp),
-        "s_embedder.proj.bias": r(d),
-        "t_embedder.mlp.0.weight": r(d, 256),
-        "t_embedder.mlp.0.bias": r(d),
-        "t_embedder.mlp.2.weight": r(d, d),
-        "t_embedder.mlp.2.bias": r(d),
-        "y_embedder.embedding_table.weight": r(classes + 1, d),
-        "final_layer.linear.weight": r(cpp, d),
-        "final_layer.linear.bias": r(cpp),
-        "final_layer.adaLN_modulation.0.weight": r(2 * d, d),
-        "final_layer.adaLN_modulation.0.bias": r(2 * d),
-    }
-    for i in range(28):
-        p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "norm1.weight": torch.ones(d),
-                p + "norm2.weight": torch.ones(d),
-                p + "attn.qkv.weight": r(3 * d, d),
-                p + "attn.q_norm.weight": torch.ones(hd),
-                p + "attn.k_norm.weight": torch.ones(hd),
-                p + "attn.proj.weight": r(d, d),
-                p + "attn.proj.bias": r(d),
-                p + "mlp.w1.weight": r(ff, d),
-                p + "mlp.w3.weight": r(ff, d),
-                p + "mlp.w2.weight": r(d, ff),
-                p + "adaLN_modulation.0.weight": r(6 * d, d),
-                p + "adaLN_modulation.0.bias": r(6 * d),
-            }
-        )
-    return sd
+    return random_ddt_sd(1152, 16, 28, channels=4, patch=2, classes=1000, seed=seed, std=0.02, unit_norms=True)
 
 
 def put_file(cache: Path, repo: str, rel: str, src: Path) -> None:

@@ -58,12 +58,31 @@ def randomize(model, seed: int = 0, std: float = 0.05):
     return model
 
 
+def random_xty(channels: int, side: int, classes: int, seed: int = 1, b: int = 3):
+    """Network inputs (x ~ N(0, I) of (b, channels, side, side), t uniform in (0.01, 0.99), labels 0, 7 and the null
+    label `classes`), the first b of them, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, channels, side, side, generator=g),
+        torch.rand(b, generator=g) * 0.98 + 0.01,
+        torch.tensor([0, 7, classes])[:b],
+    )
+
+
 @pytest.fixture
 def tiny_model():
     from flowmap_convert.model import FlowMap
 
     torch.manual_seed(0)
     return randomize(FlowMap(tiny_config())).eval()
+
+
+@pytest.fixture
+def tiny_dir(tiny_model, tmp_path):
+    """tiny_model exported to tmp_path/tiny (its path as a string, as a command line takes it)."""
+    from flowmap_convert.io import export
+
+    return str(export(tiny_model, tmp_path / "tiny"))
 
 
 def tiny_vae():
@@ -81,3 +100,14 @@ def tiny_vae():
         norm_num_groups=4,
         sample_size=16,
     ).eval()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache at tmp_path/hub, read offline (HF_HUB_CACHE, HF_HUB_OFFLINE) by this process and by
+    CLI subprocesses: gives (cache, the environment to hand those subprocesses)."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache, dict(os.environ)

@@ -92,6 +92,44 @@ def ref_logvar(sd, t, r):
     return _lin(sd, "logvar_linear", feats).reshape(-1, 1, 1, 1)
 
 
+def dit_stem_sd(r, d, channels, patch, out_channels, classes, pos_embed) -> dict:
+    """The DiT layout's keys outside the blocks (docs/checkpoints.md): patch embedder, timestep MLP, class table with
+    its null row, pos_embed and the adaLN head. `r(*shape)` draws one random tensor; `pos_embed()` gives the (1, T, d)
+    table and is called in its place in the key order, so a random one is drawn between the class table and the head.
+    """
+    return {
+        "x_embedder.proj.weight": r(d, channels, patch, patch),
+        "x_embedder.proj.bias": r(d),
+        "t_embedder.mlp.0.weight": r(d, 256),
+        "t_embedder.mlp.0.bias": r(d),
+        "t_embedder.mlp.2.weight": r(d, d),
+        "t_embedder.mlp.2.bias": r(d),
+        "y_embedder.embedding_table.weight": r(classes + 1, d),
+        "pos_embed": pos_embed(),
+        "final_layer.linear.weight": r(patch * patch * out_channels, d),
+        "final_layer.linear.bias": r(patch * patch * out_channels),
+        "final_layer.adaLN_modulation.1.weight": r(2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": r(2 * d),
+    }
+
+
+def dit_block_sd(r, p, d, mlp_hidden=None, modulations=6) -> dict:
+    """One block's attention and adaLN keys under prefix `p`, with the GELU MLP (fc1, fc2) when `mlp_hidden` is given;
+    `modulations` is the adaLN's chunk count (6, or 4 without the shifts)."""
+    sd = {
+        p + "attn.qkv.weight": r(3 * d, d),
+        p + "attn.qkv.bias": r(3 * d),
+        p + "attn.proj.weight": r(d, d),
+        p + "attn.proj.bias": r(d),
+    }
+    if mlp_hidden:
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = r(mlp_hidden, d), r(mlp_hidden)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = r(d, mlp_hidden), r(d)
+    sd[p + "adaLN_modulation.1.weight"] = r(modulations * d, d)
+    sd[p + "adaLN_modulation.1.bias"] = r(modulations * d)
+    return sd
+
+
 def make_sd(
     hidden=64,
     blocks=4,
@@ -113,36 +151,10 @@ def make_sd(
         return torch.randn(*shape, generator=g) * std
 
     d, c_out, t = hidden, channels * (2 if learn_sigma else 1), (size // patch) ** 2
-    sd = {
-        "x_embedder.proj.weight": r(d, channels, patch, patch),
-        "x_embedder.proj.bias": r(d),
-        "t_embedder.mlp.0.weight": r(d, 256),
-        "t_embedder.mlp.0.bias": r(d),
-        "t_embedder.mlp.2.weight": r(d, d),
-        "t_embedder.mlp.2.bias": r(d),
-        "y_embedder.embedding_table.weight": r(classes + 1, d),
-        "pos_embed": r(1, t, d),
-        "final_layer.linear.weight": r(patch * patch * c_out, d),
-        "final_layer.linear.bias": r(patch * patch * c_out),
-        "final_layer.adaLN_modulation.1.weight": r(2 * d, d),
-        "final_layer.adaLN_modulation.1.bias": r(2 * d),
-    }
+    sd = dit_stem_sd(r, d, channels, patch, c_out, classes, pos_embed=lambda: r(1, t, d))
     for i in range(blocks):
         p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "attn.qkv.weight": r(3 * d, d),
-                p + "attn.qkv.bias": r(3 * d),
-                p + "attn.proj.weight": r(d, d),
-                p + "attn.proj.bias": r(d),
-                p + "mlp.fc1.weight": r(4 * d, d),
-                p + "mlp.fc1.bias": r(4 * d),
-                p + "mlp.fc2.weight": r(d, 4 * d),
-                p + "mlp.fc2.bias": r(d),
-                p + "adaLN_modulation.1.weight": r(6 * d, d),
-                p + "adaLN_modulation.1.bias": r(6 * d),
-            }
-        )
+        sd.update(dit_block_sd(r, p, d, mlp_hidden=4 * d))
         hd = d // 4  # the tests build qk-norm models with 4 heads
         if qk == "layernorm":
             for n in ("q_norm", "k_norm"):

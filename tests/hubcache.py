@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -39,3 +41,11 @@ def dir_files(root: Path, prefix: str = "") -> dict[str, bytes]:
     """Every file under `root` as {prefix + relative path: bytes} (to mirror a saved diffusers folder)."""
     root = Path(root)
     return {prefix + str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m flowmap_convert.cli ARGS` in a subprocess with `env` (an offline cache's; None: this process's),
+    output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )

@@ -21,10 +21,18 @@ def random_ddt_sd(
     patch: int = 2,
     classes: int = 10,
     seed: int = 0,
+    std: float = 0.1,
+    unit_norms: bool = False,
 ) -> dict:
-    """A tiny DDT state dict with exactly the official key set and shapes, random values everywhere (no zero init)."""
+    """A DDT state dict with exactly the official key set and shapes, random values everywhere (no zero init).
+
+    Tiny by default; `std` scales every random N(0, 1) draw (0.1 keeps a tiny model's outputs O(1), so fp32 rounding
+    stays ~1e-7; a real-size model wants a release-like 0.02), and `unit_norms` sets the RMSNorm weights to 1 instead
+    of 1 + noise.
+    """
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731  (outputs O(1): fp32 rounding stays ~1e-7)
+    r = lambda *s: torch.randn(*s, generator=g) * std  # noqa: E731
+    norm = (lambda n: torch.ones(n)) if unit_norms else (lambda n: 1 + r(n))
     d, cpp, hd = hidden, channels * patch * patch, hidden // heads
     ff = int(2 * int(d * 4.0) / 3)
     sd = {
@@ -46,11 +54,11 @@ def random_ddt_sd(
         p = f"blocks.{i}."
         sd.update(
             {
-                p + "norm1.weight": 1 + r(d),
-                p + "norm2.weight": 1 + r(d),
+                p + "norm1.weight": norm(d),
+                p + "norm2.weight": norm(d),
                 p + "attn.qkv.weight": r(3 * d, d),
-                p + "attn.q_norm.weight": 1 + r(hd),
-                p + "attn.k_norm.weight": 1 + r(hd),
+                p + "attn.q_norm.weight": norm(hd),
+                p + "attn.k_norm.weight": norm(hd),
                 p + "attn.proj.weight": r(d, d),
                 p + "attn.proj.bias": r(d),
                 p + "mlp.w1.weight": r(ff, d),

@@ -339,18 +339,25 @@ def _pix_attn(x, sd, pre):
     return x + _conv(o, sd, pre + "proj_out")
 
 
+def _level(h, sd, pre):
+    """One resolution level of the LDM Encoder / Decoder: its ResnetBlocks in order, each followed by its AttnBlock
+    where the level has attention."""
+    j = 0
+    while f"{pre}block.{j}.conv1.weight" in sd:
+        h = _res(h, sd, f"{pre}block.{j}.")
+        if f"{pre}attn.{j}.q.weight" in sd:
+            h = _pix_attn(h, sd, f"{pre}attn.{j}.")
+        j += 1
+    return h
+
+
 def ldm_decode(sd, z):
     """LDM AutoencoderKL.decode(z): post_quant_conv, Decoder (mid, levels from the deepest, upsample nearest x2)."""
     h = _conv(_conv(z, sd, "post_quant_conv"), sd, "decoder.conv_in")
     h = _res(_pix_attn(_res(h, sd, "decoder.mid.block_1."), sd, "decoder.mid.attn_1."), sd, "decoder.mid.block_2.")
     levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
     for lv in reversed(range(levels)):
-        j = 0
-        while f"decoder.up.{lv}.block.{j}.conv1.weight" in sd:
-            h = _res(h, sd, f"decoder.up.{lv}.block.{j}.")
-            if f"decoder.up.{lv}.attn.{j}.q.weight" in sd:
-                h = _pix_attn(h, sd, f"decoder.up.{lv}.attn.{j}.")
-            j += 1
+        h = _level(h, sd, f"decoder.up.{lv}.")
         if lv != 0:
             h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.up.{lv}.upsample.conv")
     return _conv(F.silu(_gn(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
@@ -361,12 +368,7 @@ def ldm_encode_mean(sd, x):
     h = _conv(x, sd, "encoder.conv_in")
     levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
     for lv in range(levels):
-        j = 0
-        while f"encoder.down.{lv}.block.{j}.conv1.weight" in sd:
-            h = _res(h, sd, f"encoder.down.{lv}.block.{j}.")
-            if f"encoder.down.{lv}.attn.{j}.q.weight" in sd:
-                h = _pix_attn(h, sd, f"encoder.down.{lv}.attn.{j}.")
-            j += 1
+        h = _level(h, sd, f"encoder.down.{lv}.")
         if lv != levels - 1:
             h = _conv(F.pad(h, (0, 1, 0, 1)), sd, f"encoder.down.{lv}.downsample.conv", stride=2, pad=0)
     h = _res(_pix_attn(_res(h, sd, "encoder.mid.block_1."), sd, "encoder.mid.attn_1."), sd, "encoder.mid.block_2.")

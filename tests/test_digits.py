@@ -133,43 +133,13 @@ def test_converted_builtin_r_equals_t_after_reload(depth, tmp_path):
 def test_demo_commands_run(tmp_path):
     """What `make demo` runs: convert the builtin at depth 5, then sample 4 NFE (fewer samples here)."""
     import json
-    import subprocess
-    import sys
+
+    from hubcache import run_cli
 
     out = tmp_path / "digits-dmf5"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flowmap_convert.cli",
-            "convert",
-            "builtin:digits-sit",
-            "--depth",
-            "5",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_cli(["convert", "builtin:digits-sit", "--depth", "5", "--out", str(out)])
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flowmap_convert.cli",
-            "sample",
-            str(out),
-            "--nfe",
-            "4",
-            "--num-samples",
-            "10",
-            "--out",
-            str(tmp_path / "s"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = run_cli(["sample", str(out), "--nfe", "4", "--num-samples", "10", "--out", str(tmp_path / "s")])
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert meta["shape"] == [10, 16, 16, 1] and (tmp_path / "s" / "grid.png").is_file()

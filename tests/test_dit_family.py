@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, tiny_vae
+from dit_reference import make_sd
 from flowmap_convert.adapters import FAMILIES, LoadOptions
 from flowmap_convert.adapters.dit import (
     DiTFamily,
@@ -28,38 +29,7 @@ TOL = 1e-5  # fp32, absolute (docs/conventions.md: the r = t invariant)
 
 def random_dit_sd(c=4, d=32, n=3, p=2, grid=4, rows=11, seed=0) -> dict:
     """A tiny original-layout DiT state dict with learn_sigma (2C outputs) and random values everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
-    sd = {
-        "x_embedder.proj.weight": r(d, c, p, p),
-        "x_embedder.proj.bias": r(d),
-        "t_embedder.mlp.0.weight": r(d, 256),
-        "t_embedder.mlp.0.bias": r(d),
-        "t_embedder.mlp.2.weight": r(d, d),
-        "t_embedder.mlp.2.bias": r(d),
-        "y_embedder.embedding_table.weight": r(rows, d),
-        "pos_embed": r(1, grid * grid, d),
-        "final_layer.linear.weight": r(p * p * 2 * c, d),
-        "final_layer.linear.bias": r(p * p * 2 * c),
-        "final_layer.adaLN_modulation.1.weight": r(2 * d, d),
-        "final_layer.adaLN_modulation.1.bias": r(2 * d),
-    }
-    for i in range(n):
-        sd.update(
-            {
-                f"blocks.{i}.attn.qkv.weight": r(3 * d, d),
-                f"blocks.{i}.attn.qkv.bias": r(3 * d),
-                f"blocks.{i}.attn.proj.weight": r(d, d),
-                f"blocks.{i}.attn.proj.bias": r(d),
-                f"blocks.{i}.mlp.fc1.weight": r(4 * d, d),
-                f"blocks.{i}.mlp.fc1.bias": r(4 * d),
-                f"blocks.{i}.mlp.fc2.weight": r(d, 4 * d),
-                f"blocks.{i}.mlp.fc2.bias": r(d),
-                f"blocks.{i}.adaLN_modulation.1.weight": r(6 * d, d),
-                f"blocks.{i}.adaLN_modulation.1.bias": r(6 * d),
-            }
-        )
-    return sd
+    return make_sd(d, n, c, p, size=grid * p, classes=rows - 1, learn_sigma=True, seed=seed, std=0.1)
 
 
 def reference_velocity(eps: torch.Tensor, x_s: torch.Tensor, s: float) -> torch.Tensor:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_vae
 from flowmap_convert.adapters import load_source
-from hubcache import add_repo, dir_files, torch_bytes
+from hubcache import add_repo, dir_files, run_cli, torch_bytes
 from test_decoders import rae_decoder_sd, rae_stats
 from test_dit_family import random_dit_sd
 from test_rae_family import ddt_state_dict
@@ -23,25 +20,9 @@ RAE_STATS = "stats/dinov2/wReg_base/imagenet1k/stat.pt"
 SIDE16 = 16  # the 256-px latent side, so RAE's real decoder/stats paths are the ones picked
 
 
-def cli(args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """HF_HUB_CACHE at a temp dir, offline, for this process and for CLI subprocesses."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache, dict(os.environ)
-
-
 @pytest.mark.e2e
-def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
-    cache, env = offline
+def test_rae_collections_convert_and_sample_offline(tmp_path, offline_hub):
+    cache, env = offline_hub
     sd = ddt_state_dict(seed=11, side=SIDE16)
     dec_sd = rae_decoder_sd(seed=12, patches=SIDE16 * SIDE16)
     stats = {
@@ -60,7 +41,7 @@ def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
     model, info = load_source("nyu-visionx/RAE-collections", filename=RAE_STAGE2)
     assert info["family"] == "rae" and info["weights"] == "ema" and model.config.latent.extra["decoder"] == RAE_DECODER
     out = tmp_path / "rae-dmf"
-    r = cli(["convert", "bytetriper/RAE", "--out", str(out)], env)  # the alias names the same Hub file
+    r = run_cli(["convert", "bytetriper/RAE", "--out", str(out)], env)  # the alias names the same Hub file
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert (
@@ -68,7 +49,7 @@ def test_rae_collections_convert_and_sample_offline(tmp_path, offline):
         and cfg["depth"] == 3
         and cfg["sampling"]["shift"] == pytest.approx((8 * 256 / 4096) ** 0.5)
     )
-    r = cli(
+    r = run_cli(
         ["sample", str(out), "--nfe", "2", "-n", "2", "--classes", "1,2", "--npz", "--out", str(tmp_path / "s")], env
     )
     assert r.returncode == 0, r.stderr
@@ -96,12 +77,12 @@ def put_diffusers_dit(cache, tmp_path):
     )
 
 
-def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline):
+def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline_hub):
     from flowmap_convert.api import convert, load
     from flowmap_convert.io import export
     from flowmap_convert.sampling import sample
 
-    cache, _ = offline
+    cache, _ = offline_hub
     put_diffusers_dit(cache, tmp_path)
     model, info = load_source("facebook/DiT-XL-2-256")
     assert (
@@ -118,21 +99,23 @@ def test_diffusers_dit_repo_converts_and_samples_offline(tmp_path, offline):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_diffusers_dit_repo_cli_offline(tmp_path, offline):
-    cache, env = offline
+def test_diffusers_dit_repo_cli_offline(tmp_path, offline_hub):
+    cache, env = offline_hub
     put_diffusers_dit(cache, tmp_path)
     out = tmp_path / "dit-dmf"
-    r = cli(["convert", "facebook/DiT-XL-2-256", "--depth", "1", "--out", str(out)], env)
+    r = run_cli(["convert", "facebook/DiT-XL-2-256", "--depth", "1", "--out", str(out)], env)
     assert r.returncode == 0, r.stderr
-    r = cli(["sample", str(out), "--nfe", "2", "-n", "2", "--classes", "3", "--npz", "--out", str(tmp_path / "s")], env)
+    r = run_cli(
+        ["sample", str(out), "--nfe", "2", "-n", "2", "--classes", "3", "--npz", "--out", str(tmp_path / "s")], env
+    )
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
 
 
-def test_original_dit_file_samples_through_the_cached_sd_vae(tmp_path, offline):
+def test_original_dit_file_samples_through_the_cached_sd_vae(tmp_path, offline_hub):
     from flowmap_convert.sampling import sample
 
-    cache, _ = offline
+    cache, _ = offline_hub
     vae_dir = tmp_path / "vae"
     tiny_vae().save_pretrained(vae_dir)
     add_repo(cache, "stabilityai/sd-vae-ft-ema", dir_files(vae_dir))
@@ -144,10 +127,10 @@ def test_original_dit_file_samples_through_the_cached_sd_vae(tmp_path, offline):
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 
-def test_mf_rae_file_samples_in_one_step(tmp_path, offline):
+def test_mf_rae_file_samples_in_one_step(tmp_path, offline_hub):
     from flowmap_convert.sampling import sample
 
-    cache, _ = offline
+    cache, _ = offline_hub
     # MF-RAE: a local file (their weights live on Google Drive), its own meanflow conditioning, RAE decoder files
     add_repo(
         cache,

@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import random_xty
 from flowmap_convert.adapters import FAMILIES, choose_family, load_source
 from flowmap_convert.adapters.interface import LoadOptions
-from hubcache import add_repo, torch_bytes
+from hubcache import add_repo, run_cli, torch_bytes
 from mcg_ddt_reference import ddt_forward, euler_sample, random_ddt_sd
 
 from flowmap_convert.errors import FlowmapError
@@ -23,12 +22,7 @@ OPTS = LoadOptions(encoder_depth=NE, input_size=SIDE)
 
 
 def inputs(seed=1, b=3):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(b, C, SIDE, SIDE, generator=g),
-        torch.rand(b, generator=g) * 0.98 + 0.01,
-        torch.tensor([0, 7, K])[:b],
-    )
+    return random_xty(C, SIDE, K, seed, b)
 
 
 def official_u(sd, x, t, y, r=None, ne=NE, heads=HEADS):
@@ -115,14 +109,7 @@ def test_cli_convert_then_u_equals_the_official_velocity(tmp_path):
     src = tmp_path / "ddt-3en2de-r64.pt"  # the name gives N_e = 3 and 64 px (8x8 latents)
     torch.save(sd, src)
     out = tmp_path / "ddt-fm"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "flowmap_convert.cli", "convert", str(src), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    run = run_cli(["convert", str(src), "--out", str(out)], {**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
     assert "3 encoder + 2 decoder blocks (from the name 3en2de)" in run.stderr
     cfg = json.loads((out / "config.json").read_text())

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import reference_models as R
 import torch
+from conftest import random_xty
+from dit_reference import dit_block_sd, dit_stem_sd
 from flowmap_convert.adapters import FAMILIES, choose_family
 from flowmap_convert.adapters.interface import LoadOptions
+from hubcache import add_repo, run_cli, torch_bytes
 
 from flowmap_convert.errors import FlowmapError
 
@@ -29,20 +30,7 @@ def lightning_sd(seed=0, patch=1, rope=True, swiglu=True, rmsnorm=True, qk=False
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
     grid = SIDE // patch
     out = C * (2 if learn_sigma else 1)
-    sd = {
-        "x_embedder.proj.weight": r(D, C, patch, patch),
-        "x_embedder.proj.bias": r(D),
-        "t_embedder.mlp.0.weight": r(D, 256),
-        "t_embedder.mlp.0.bias": r(D),
-        "t_embedder.mlp.2.weight": r(D, D),
-        "t_embedder.mlp.2.bias": r(D),
-        "y_embedder.embedding_table.weight": r(K + 1, D),
-        "pos_embed": torch.from_numpy(R.sincos_2d(D, grid)).float()[None],
-        "final_layer.linear.weight": r(patch * patch * out, D),
-        "final_layer.linear.bias": r(patch * patch * out),
-        "final_layer.adaLN_modulation.1.weight": r(2 * D, D),
-        "final_layer.adaLN_modulation.1.bias": r(2 * D),
-    }
+    sd = dit_stem_sd(r, D, C, patch, out, K, pos_embed=lambda: torch.from_numpy(R.sincos_2d(D, grid)).float()[None])
     if rmsnorm:
         sd["final_layer.norm_final.weight"] = 1 + r(D)
     if rope:
@@ -50,16 +38,7 @@ def lightning_sd(seed=0, patch=1, rope=True, swiglu=True, rmsnorm=True, qk=False
     hid = int(4 * D)
     for i in range(N):
         p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "attn.qkv.weight": r(3 * D, D),
-                p + "attn.qkv.bias": r(3 * D),
-                p + "attn.proj.weight": r(D, D),
-                p + "attn.proj.bias": r(D),
-                p + "adaLN_modulation.1.weight": r((4 if wo_shift else 6) * D, D),
-                p + "adaLN_modulation.1.bias": r((4 if wo_shift else 6) * D),
-            }
-        )
+        sd.update(dit_block_sd(r, p, D, modulations=4 if wo_shift else 6))
         if rmsnorm:
             sd[p + "norm1.weight"], sd[p + "norm2.weight"] = 1 + r(D), 1 + r(D)
         if swiglu:
@@ -82,38 +61,11 @@ def repa_sit_sd(seed=0, channels=4, side=4, patch=1, bn=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.15  # noqa: E731
     grid = side // patch
-    sd = {
-        "x_embedder.proj.weight": r(D, channels, patch, patch),
-        "x_embedder.proj.bias": r(D),
-        "t_embedder.mlp.0.weight": r(D, 256),
-        "t_embedder.mlp.0.bias": r(D),
-        "t_embedder.mlp.2.weight": r(D, D),
-        "t_embedder.mlp.2.bias": r(D),
-        "y_embedder.embedding_table.weight": r(K + 1, D),
-        "pos_embed": torch.from_numpy(R.sincos_2d(D, grid)).float()[None],
-        "final_layer.linear.weight": r(patch * patch * channels, D),
-        "final_layer.linear.bias": r(patch * patch * channels),
-        "final_layer.adaLN_modulation.1.weight": r(2 * D, D),
-        "final_layer.adaLN_modulation.1.bias": r(2 * D),
-        "projectors.0.0.weight": r(16, D),
-        "projectors.0.0.bias": r(16),
-    }
+    pos = lambda: torch.from_numpy(R.sincos_2d(D, grid)).float()[None]  # noqa: E731
+    sd = dit_stem_sd(r, D, channels, patch, channels, K, pos)
+    sd["projectors.0.0.weight"], sd["projectors.0.0.bias"] = r(16, D), r(16)
     for i in range(N):
-        p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "attn.qkv.weight": r(3 * D, D),
-                p + "attn.qkv.bias": r(3 * D),
-                p + "attn.proj.weight": r(D, D),
-                p + "attn.proj.bias": r(D),
-                p + "mlp.fc1.weight": r(4 * D, D),
-                p + "mlp.fc1.bias": r(4 * D),
-                p + "mlp.fc2.weight": r(D, 4 * D),
-                p + "mlp.fc2.bias": r(D),
-                p + "adaLN_modulation.1.weight": r(6 * D, D),
-                p + "adaLN_modulation.1.bias": r(6 * D),
-            }
-        )
+        sd.update(dit_block_sd(r, f"blocks.{i}.", D, mlp_hidden=4 * D))
     if bn:
         sd["bn.running_mean"] = torch.randn(channels, generator=g)
         sd["bn.running_var"] = torch.rand(channels, generator=g) * 3 + 0.2
@@ -202,12 +154,7 @@ def ldm_vae_sd(seed=0, z=4, widths=(32, 64), attn_last=True):
 
 
 def inputs(seed=1, b=3, channels=C, side=SIDE):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(b, channels, side, side, generator=g),
-        torch.rand(b, generator=g) * 0.98 + 0.01,
-        torch.tensor([0, 7, K])[:b],
-    )
+    return random_xty(channels, side, K, seed, b)
 
 
 def flowmap_sample(source: str, nfe: int, **options):
@@ -271,14 +218,7 @@ def test_lightningdit_convert_cli_then_official_sampler(tmp_path):
     src = tmp_path / "lightningdit-xl-imagenet256-800ep.pt"
     torch.save({"ema": sd, "model": sd}, src)
     out = tmp_path / "fm"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "flowmap_convert.cli", "convert", str(src), "--out", str(out), "--depth", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    run = run_cli(["convert", str(src), "--out", str(out), "--depth", "2"], {**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
     assert "family lightningdit" in run.stderr
     model = read_model_dir(out)
@@ -398,26 +338,10 @@ def test_ldm_vae_scale_bias_stats_and_inline_stats(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ aliases, offline
-def _cli(args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "flowmap_convert.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache, dict(os.environ)
-
-
 def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path, offline_hub):
     import json
 
     import numpy as np
-    from hubcache import add_repo, torch_bytes
 
     cache, env = offline_hub
     sd = lightning_sd(seed=7)
@@ -437,12 +361,12 @@ def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path
         },
     )
     out = tmp_path / "ldit"
-    r = _cli(["convert", "hustvl/LightningDiT", "--out", str(out)], env)
+    r = run_cli(["convert", "hustvl/LightningDiT", "--out", str(out)], env)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["arch"] == "lightningdit" and cfg["depth"] == 2 and cfg["latent"]["kind"] == "ldm-vae"
     assert cfg["provenance"]["family"] == "lightningdit" and cfg["sampling"]["shift"] == pytest.approx(1 / 0.3)
-    r = _cli(
+    r = run_cli(
         ["sample", str(out), "--nfe", "1", "-n", "2", "--classes", "1,2", "--npz", "--out", str(tmp_path / "s")], env
     )
     assert r.returncode == 0, r.stderr
@@ -460,7 +384,6 @@ def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path
 
 def test_repae_alias_picks_the_checkpoint_and_the_e2e_vae_offline(tmp_path, offline_hub):
     from flowmap_convert.adapters import load_source
-    from hubcache import add_repo, torch_bytes
 
     from flowmap_convert.sampling import sample
 

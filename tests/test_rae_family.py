@@ -8,6 +8,7 @@ import pytest
 import reference_models as R
 import torch
 import torch.nn.functional as F
+from conftest import random_xty
 from flowmap_convert.adapters import FAMILIES
 from reference_models import ddt_forward, rope_tables
 
@@ -75,12 +76,7 @@ def ddt_state_dict(meanflow: bool = False, seed: int = 0, qk_norm: bool = False,
 
 
 def inputs(seed=1, b=3):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(b, C, SIDE, SIDE, generator=g),
-        torch.rand(b, generator=g) * 0.98 + 0.01,
-        torch.tensor([0, 7, K])[:b],
-    )
+    return random_xty(C, SIDE, K, seed, b)
 
 
 def test_rope_tables_match_the_released_shapes():

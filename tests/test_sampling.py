@@ -19,13 +19,6 @@ from flowmap_convert.export_samples import grid_columns, partial_dir, run_sampli
 from flowmap_convert.sampling import SampleSettings, sample
 
 
-@pytest.fixture
-def tiny_dir(tiny_model, tmp_path):
-    from flowmap_convert.io import export
-
-    return str(export(tiny_model, tmp_path / "tiny"))
-
-
 def run_cli(*args):
     r = CliRunner().invoke(app, list(args))
     return r.exit_code, r.stderr

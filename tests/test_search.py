@@ -124,13 +124,6 @@ def cli(*args, cwd):
     )
 
 
-@pytest.fixture
-def tiny_dir(tiny_model, tmp_path):
-    from flowmap_convert.io import export
-
-    return str(export(tiny_model, tmp_path / "tiny"))
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",

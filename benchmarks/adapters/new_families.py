@@ -30,39 +30,32 @@ XL = {"hidden_size": 1152, "num_blocks": 28, "num_heads": 16, "mlp_ratio": 4.0, 
 VAE_F16D32 = {"base": 128, "widths": [128, 128, 256, 256, 512], "blocks": 2, "attn": [False] * 4 + [True], "z": 32}
 VAE_F8D4 = {"base": 128, "widths": [128, 256, 512, 512], "blocks": 2, "attn": [False] * 4, "z": 4}
 
+
+def release(arch: str, input_size: int, in_channels: int, patch_size: int, vae: dict, name: str) -> dict:
+    """One row: a LightningDiT (reversed time; RMSNorm, SwiGLU, RoPE) or a REPA-E SiT (canonical time, latent BatchNorm)."""
+    lightning = arch == "lightningdit"
+    return dict(
+        arch=arch,
+        input_size=input_size,
+        in_channels=in_channels,
+        patch_size=patch_size,
+        time_convention="reversed" if lightning else "canonical",
+        extra={"rmsnorm": True, "swiglu": True, "rope": True, "wo_shift": False} if lightning else {},
+        vae=vae,
+        bn=not lightning,
+        name=name,
+    )
+
+
 MODELS = {
-    "LightningDiT-XL/1 (hustvl/lightningdit-xl-imagenet256-800ep) + VA-VAE f16d32": dict(
-        arch="lightningdit",
-        input_size=16,
-        in_channels=32,
-        patch_size=1,
-        time_convention="reversed",
-        extra={"rmsnorm": True, "swiglu": True, "rope": True, "wo_shift": False},
-        vae=VAE_F16D32,
-        bn=False,
-        name="lightningdit-xl-imagenet256-800ep.pt",
+    "LightningDiT-XL/1 (hustvl/lightningdit-xl-imagenet256-800ep) + VA-VAE f16d32": release(
+        "lightningdit", 16, 32, 1, VAE_F16D32, "lightningdit-xl-imagenet256-800ep.pt"
     ),
-    "REPA-E SiT-XL/1 (REPA-E/sit-ldm-e2e-vavae) + E2E-VAVAE f16d32": dict(
-        arch="dit",
-        input_size=16,
-        in_channels=32,
-        patch_size=1,
-        time_convention="canonical",
-        extra={},
-        vae=VAE_F16D32,
-        bn=True,
-        name="sit-ldm-e2e-vavae-4000000.pt",
+    "REPA-E SiT-XL/1 (REPA-E/sit-ldm-e2e-vavae) + E2E-VAVAE f16d32": release(
+        "dit", 16, 32, 1, VAE_F16D32, "sit-ldm-e2e-vavae-4000000.pt"
     ),
-    "REPA-E SiT-XL/2 (REPA-E/sit-repae-sdvae) + E2E-SDVAE f8d4": dict(
-        arch="dit",
-        input_size=32,
-        in_channels=4,
-        patch_size=2,
-        time_convention="canonical",
-        extra={},
-        vae=VAE_F8D4,
-        bn=True,
-        name="sit-repae-sdvae-0400000.pt",
+    "REPA-E SiT-XL/2 (REPA-E/sit-repae-sdvae) + E2E-SDVAE f8d4": release(
+        "dit", 32, 4, 2, VAE_F8D4, "sit-repae-sdvae-0400000.pt"
     ),
 }
 

@@ -96,13 +96,20 @@ def case(item, name, before, args, setup=None, env=None, limit_fsize=None, check
     shutil.rmtree(work, ignore_errors=True)
 
 
-def model_copy(dest: Path, name="digits-sit"):
-    shutil.copytree(BUILTIN / name, dest)
-    subprocess.run(  # as `flowmap convert` leaves it: with its marker
-        [sys.executable, "-m", "flowmap_convert.cli", "convert", "builtin:" + name, "--out", str(dest), "--force"],
+def setup_cli(args, cwd=None):
+    """`flowmap ARGS` as a case's setup step, the way the user ran it before (one thread, output dropped)."""
+    subprocess.run(
+        [sys.executable, "-m", "flowmap_convert.cli", *map(str, args)],
+        cwd=cwd,
         capture_output=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    ) if name == "digits-sit" else None
+    )
+
+
+def model_copy(dest: Path, name="digits-sit"):
+    shutil.copytree(BUILTIN / name, dest)
+    if name == "digits-sit":  # as `flowmap convert` leaves it: with its marker
+        setup_cli(["convert", "builtin:" + name, "--out", dest, "--force"])
     return dest
 
 
@@ -163,22 +170,7 @@ def main():
     )
 
     def run_dir(work, user):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flowmap_convert.cli",
-                "finetune",
-                "--steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--out",
-                str(work / "R"),
-            ],
-            capture_output=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        setup_cli(["finetune", "--steps", "2", "--batch-size", "4", "--out", work / "R"])
         (work / "R" / "README.md").write_text("# my card\n")
 
     def run_readme(work, code, out, err):
@@ -240,22 +232,7 @@ def main():
             " meta={'model': 'M', 'model_sha256': model_identity(m, 'M')})\nexcept KeyboardInterrupt:\n    pass\n"
         )
         subprocess.run([sys.executable, "-c", code], cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flowmap_convert.cli",
-                "convert",
-                "builtin:digits-sit",
-                "--depth",
-                "2",
-                "--out",
-                "M",
-            ],
-            cwd=work,
-            capture_output=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        setup_cli(["convert", "builtin:digits-sit", "--depth", "2", "--out", "M"], cwd=work)
 
     case(
         5,
