@@ -110,6 +110,7 @@ class Profile:
     # 850 DMF steps left buy MFD 600, or MFT 490, or the paper's MFD -> MFT at its 2:1 ratio of iterations, 400 -> 160
     mfrae_cmt: int = 150
     mfrae_chains: tuple = ((("mfd", 600),), (("mft", 490),), (("mfd", 400), ("mft", 160)))
+    mfrae_chain_seeds: tuple = (3, 3, 1)  # seeds per chain: MFD alone (the recipe) and MFT alone on all three
     seeds: tuple[int, ...] = (11, 12, 13)
     sampler_nfe: tuple[int, ...] = (1, 2, 4)
     checkpoint_every: int = 250
@@ -138,6 +139,7 @@ PROFILES = {
         deriv_steps=2,
         mfrae_cmt=1,
         mfrae_chains=((("mfd", 1),), (("mfd", 1), ("mft", 1))),
+        mfrae_chain_seeds=(2, 1),
         seeds=(11, 12),
         sampler_nfe=(1,),
         checkpoint_every=0,
@@ -355,7 +357,9 @@ def build_plan(p: Profile) -> Plan:
         cmt = ft_model(
             plan.finetune(conv, p.mfrae_cmt, objective="cmt", loss=loss, derivative=derivative, extra=extra, seed=seed)
         )
-        for chain in p.mfrae_chains:
+        for chain, n_seeds in zip(p.mfrae_chains, p.mfrae_chain_seeds):
+            if seed not in p.seeds[:n_seeds]:
+                continue
             prev, label = cmt, f"MF-RAE cmt {p.mfrae_cmt}"
             for objective, steps in chain:
                 loss, derivative, extra = mfrae_stage(objective, p)
