@@ -1,6 +1,6 @@
 """The digits benchmark in one command (`make bench-digits`): base, conversion, fine-tuning, from scratch, model
-guidance, MF-RAE, samplers and seeds on `builtin:digits-sit`, with noise floors, in at most 2 h 15 min on 2 CPU cores
-(BUDGET_MIN; row 6, three seeds of three MF-RAE chains against DMF, is a third of it).
+guidance, MF-RAE, samplers and seeds on `builtin:digits-sit`, with noise floors, in at most 2 hours on 2 CPU cores
+(BUDGET_MIN; the estimate was 90 minutes before row 6 grew to MF-RAE chains over three seeds).
 
 Every unit of work (a fine-tune, a base training, one evaluation set, a noise floor) is a *job* whose settings are
 hashed into a key; its result is cached as JSON under the work dir (`<work>/jobs/<key>.json`, models under
@@ -42,7 +42,7 @@ REPO = HERE.parent.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # evaluate_base.py / train_base.py live beside this file
 
-BUDGET_MIN = 135  # the full plan's estimate on 2 workers stays below this (tests/test_bench_digits.py)
+BUDGET_MIN = 120  # the full plan's estimate on 2 workers stays below this (tests/test_bench_digits.py)
 BASE = "builtin:digits-sit"
 CTM_GAMMA = 0.3  # CTM re-noising strength of row 7 (gamma 0 would make CTM identical to Euler)
 ROW_TITLES = {
