@@ -321,6 +321,12 @@ def main() -> None:
         help="what the fine-tune trains (decoder: the blocks after the split; the rest frozen and shared)",
     )
     ap.add_argument(
+        "--stages",
+        default=None,
+        help="MF-RAE stages to run (e.g. mfd; default: the recipe's). A CMT step at the recipe's 64 pairs per "
+        "trajectory is 128 student rows at batch 2: its activations alone outgrow a 24 GB machine at XL",
+    )
+    ap.add_argument(
         "--fid-python",
         default=None,
         help="the python of an environment with torch-fidelity (see above): score with its Inception at random weights",
@@ -367,6 +373,7 @@ def main() -> None:
             model="xl-dmf",
             data="data",
             train=a.train,
+            **({"stages": a.stages} if a.stages else {}),
             batch_size=2,
             steps=3,
             mg_scale=0.6,
@@ -416,6 +423,7 @@ def main() -> None:
         model="xl-dmf",
         data="data",
         train=a.train,
+        **({"stages": a.stages} if a.stages else {}),
         steps=3,
         batch_size=2,
         checkpoint_every=1,
@@ -464,7 +472,7 @@ def write_report(a, params: int, rows: list, checks: dict, t0: float) -> None:
         if a.family == "repa"
         else f"RAE DiT^DH layout, encoder {a.blocks} x {a.hidden}, decoder 2 x {a.dec_hidden}, ViT-XL pixel decoder"
     )
-    model += f"; fine-tune --train {a.train}"
+    model += f"; fine-tune --train {a.train}" + (f", stages {a.stages}" if a.stages else "")
     report = {
         "model": model,
         "parameters": params,
