@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # whole fine-tuning runs in child processes (about a minute): not the unit suite
+
 CHILD = Path(__file__).with_name("memory_budget_child.py")
 TOLERANCE = 1.3  # measured here: 1.15 for --train all, 1.09 for decoder-only MFD, 1.17 for a resume
 
