@@ -168,6 +168,23 @@ def release(tree, path: Path) -> None:
         _drop_pages(t, ranges)
 
 
+def load_into(module: torch.nn.Module, saved: dict, path: Path) -> None:
+    """`module.load_state_dict(saved)` that writes only the tensors whose values changed, then drops the mapped
+    pages of `saved`. A frozen weight equal to the saved one is left alone: when it is still the source's memory-mapped
+    file (an export loaded lazily), a write would turn it into an anonymous copy of itself (docs/memory.md)."""
+    own = module.state_dict(keep_vars=True)
+    if set(own) != set(saved) or any(own[k].shape != saved[k].shape for k in own):
+        module.load_state_dict(saved)  # strict: its error names the missing, unexpected or misshapen keys
+    else:
+        with torch.no_grad():
+            for k, t in own.items():
+                v = saved[k]
+                if t.dtype == v.dtype and t.device == v.device and torch.equal(t, v):
+                    continue
+                t.copy_(v)
+    release(saved, path)
+
+
 def to_memory(tree, path: Path):
     """`tree` with each tensor copied into the process's own memory and its mapped pages dropped, one tensor at a
     time (the optimizer adopts its state tensors as they are, so they must not point into the mapping)."""

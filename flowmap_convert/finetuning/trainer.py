@@ -298,8 +298,7 @@ class Trainer:
             )
         # each part is copied into the run's own tensors and its mapped pages dropped before the next is read, so
         # the resume holds one copy of the states, as the run it continues did (docs/memory.md)
-        self.model.load_state_dict(s["model"])
-        checkpoint.release(s["model"], self.ckpt_path)
+        checkpoint.load_into(self.model, s["model"], self.ckpt_path)
         self.ema.load_state_dict(s["ema"])
         checkpoint.release(s["ema"], self.ckpt_path)
         self.opt.load_state_dict(checkpoint.to_memory(s["optimizer"], self.ckpt_path))
