@@ -111,3 +111,11 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache, dict(os.environ)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every `slow` test is also `e2e`, so `-m "not e2e"` (the unit suite) leaves the slow ones out as the default
+    `-m "not slow"` does, whatever a test file remembers to mark."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)

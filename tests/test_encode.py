@@ -74,6 +74,7 @@ def tree_bytes(path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_two_gloo_processes_encode_the_bytes_one_process_writes(vae_model, tmp_path):
     root, _, _ = vae_model
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

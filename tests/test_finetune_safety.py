@@ -314,6 +314,7 @@ def test_a_killed_checkpoint_save_leaves_nothing_forever(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latest.pt", users.name])
 
 
+@pytest.mark.e2e
 def test_sigint_writes_a_checkpoint_at_the_next_step_and_says_where(base):
     """Ctrl-C (or SIGTERM) during the default 500-step cadence: a checkpoint at the next step, --resume continues."""
     import signal

@@ -104,6 +104,7 @@ def test_the_default_split_is_ddts_boundary_and_its_decoder_sees_r():
         assert (deeper - u).abs().max().item() > 1e-4
 
 
+@pytest.mark.e2e
 def test_cli_convert_then_u_equals_the_official_velocity(tmp_path):
     sd = random_ddt_sd(HID, HEADS, NB, C, P, K, seed=5)
     src = tmp_path / "ddt-3en2de-r64.pt"  # the name gives N_e = 3 and 64 px (8x8 latents)

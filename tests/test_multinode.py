@@ -92,6 +92,7 @@ def files_of(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
 
+@pytest.mark.e2e
 def test_two_nodes_fine_tune_like_one_process_with_the_same_global_batch(base):
     """Fast form: the reference is 1 process x 2 accumulated micro-batches, which tests/test_finetune_ddp.py and the
     slow test below tie to 1 node x 2 processes."""

@@ -210,6 +210,7 @@ def test_lightningdit_velocity_equals_the_official_forward_at_every_depth(varian
         assert (split - model.with_depth(2)(x, t, t, y)).abs().max().item() > 1e-3
 
 
+@pytest.mark.e2e
 def test_lightningdit_convert_cli_then_official_sampler(tmp_path):
     """`flowmap convert` of a file, then flowmap's Euler equals transport's ODE sampler (shift 0.3) with the same noise."""
     from flowmap_convert.model import read_model_dir
@@ -338,6 +339,7 @@ def test_ldm_vae_scale_bias_stats_and_inline_stats(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ aliases, offline
+@pytest.mark.e2e
 def test_lightningdit_alias_converts_and_samples_through_va_vae_offline(tmp_path, offline_hub):
     import json
 
