@@ -14,13 +14,21 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 MB = 2**20
 
 
-def rss_file() -> int:
-    """File-backed resident bytes of this process (RssFile)."""
+def status_bytes(field: str) -> int:
+    """One memory line of /proc/self/status in bytes (RssFile: file-backed resident, RssAnon: anonymous)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssFile:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile line")
+    raise AssertionError(f"no {field} line")
+
+
+def rss_file() -> int:
+    return status_bytes("RssFile")
+
+
+def rss_anon() -> int:
+    return status_bytes("RssAnon")
 
 
 def state(seed: int) -> dict:
@@ -76,14 +84,6 @@ def test_release_never_touches_memory_outside_the_mapping(tmp_path):
     assert torch.equal(own, ref)
     checkpoint.release({"x": own}, tmp_path / "elsewhere.pt")  # no mapping of that file: nothing to drop
     assert torch.equal(own, ref)
-
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon line")
 
 
 def test_resuming_leaves_a_file_backed_frozen_weight_file_backed(tmp_path):
