@@ -23,8 +23,14 @@ from flowmap_convert.vocabulary import PARAM_FLAGS, for_cli  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- the counter
-def test_no_library_error_names_a_flag():
-    found = house_counts.flagged()
+@pytest.fixture(scope="module")
+def library_messages():
+    """Every error message of the package, read once for the tests below (a parse of every library module)."""
+    return house_counts.messages()
+
+
+def test_no_library_error_names_a_flag(library_messages):
+    found = [m for m in library_messages if m.flags]  # house_counts.flagged() over the package
     assert not found, "library errors naming a flag (name the parameter in backticks instead):\n" + "\n".join(
         f"{m.path}:{m.line}: {m.text}" for m in found
     )
@@ -99,10 +105,10 @@ def cli_options() -> dict[str, set[str]]:
     return out
 
 
-def test_every_backticked_parameter_in_library_errors_maps_to_a_flag_of_the_cli():
+def test_every_backticked_parameter_in_library_errors_maps_to_a_flag_of_the_cli(library_messages):
     options = cli_options()  # building the commands imports every declaration that registers flags
     all_flags = set().union(*options.values())
-    used = {name for m in house_counts.messages() for name in m.backticked}
+    used = {name for m in library_messages for name in m.backticked}
     named_options = used & set(options)
     assert {"family", "nfe", "trust_pickle", "resume", "out", "num_heads"} <= named_options  # the sweep's names
     for name in sorted(named_options):
