@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BOOT = ROOT / "benchmarks" / "checkout"
 
@@ -24,6 +26,7 @@ def test_checkout_mapping_is_pyprojects_package_dir():
     assert dirs and boot.PACKAGE_DIR == {k: v for k, v in dirs.items() if k != v}
 
 
+@pytest.mark.e2e  # starts a Python child process
 def test_a_child_imports_the_kernels_from_the_checkout(tmp_path):
     code = (
         "import sys, flowmap_convert.kernels as k, flowmap_convert.adapters as a; "

@@ -93,6 +93,7 @@ def test_docs_give_the_same_list():
     assert rows == {path: (tuple(sorted(t)), why) for path, (t, why) in ALLOWED.items()}
 
 
+@pytest.mark.e2e  # starts a Python child process
 def test_what_each_listed_import_defers_is_heavy():
     """The CLI and fine-tuning entries defer modules that pull torch; the triton entry, the module importing triton."""
     for path, (targets, why) in ALLOWED.items():

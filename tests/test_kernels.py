@@ -261,6 +261,7 @@ def test_triton_backend_plain_forward_is_sdpa(monkeypatch):
     assert "Fused" not in type(got.grad_fn).__name__
 
 
+@pytest.mark.e2e  # starts a Python child process
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_without_cuda_or_interpreter_is_a_clear_error():
     """Forcing triton on CPU tensors in a process where triton is not interpreting names the fix."""
@@ -407,6 +408,7 @@ def test_use_backend_is_scoped_and_describe_names_the_implementations():
     )
 
 
+@pytest.mark.e2e  # starts a Python child process
 def test_default_backend_from_environment():
     """FLOWMAP_ATTENTION sets the default at import; a bad value fails loudly (one subprocess for both)."""
     code = (

@@ -356,6 +356,7 @@ def test_redirect_from_https_to_http_is_refused():
     assert _NoDowngrade().redirect_request(req, None, 302, "Found", {}, "https://cdn.example.org/m.pt") is not None
 
 
+@pytest.mark.e2e  # starts a Python child process
 def test_sigterm_during_a_download_removes_the_part_file(http_base, tmp_path):
     code = f"from flowmap_convert.adapters.sources import fetch_url\nfetch_url({http_base + '/slow/m.pt'!r})\n"
     env = {**os.environ, "FLOWMAP_CACHE": str(tmp_path / "cache"), "FLOWMAP_ALLOW_HTTP": "1"}
