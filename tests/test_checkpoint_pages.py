@@ -8,27 +8,25 @@ import pytest
 import torch
 
 from flowmap_convert.finetuning import checkpoint
+from flowmap_convert.finetuning.memory import status_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
 MB = 2**20
 
 
-def status_bytes(field: str) -> int:
-    """One memory line of /proc/self/status in bytes (RssFile: file-backed resident, RssAnon: anonymous)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} line")
-
-
 def rss_file() -> int:
-    return status_bytes("RssFile")
+    """File-backed resident bytes of this process."""
+    v = status_bytes("RssFile")
+    assert v is not None, "no RssFile line in /proc/self/status"
+    return v
 
 
 def rss_anon() -> int:
-    return status_bytes("RssAnon")
+    """Anonymous resident bytes of this process."""
+    v = status_bytes("RssAnon")
+    assert v is not None, "no RssAnon line in /proc/self/status"
+    return v
 
 
 def state(seed: int) -> dict:

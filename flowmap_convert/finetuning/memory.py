@@ -53,17 +53,22 @@ def current_bytes(device: torch.device) -> int:
         return 0
 
 
-def anon_bytes(pid: int | str = "self") -> int | None:
-    """Anonymous resident bytes of a process (RssAnon in /proc/PID/status): what it allocated, without the
-    file-backed pages of its libraries and mapped files that a peak RSS also counts; None where there is no /proc."""
+def status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """One memory line of /proc/PID/status in bytes (RssAnon, RssFile, VmHWM, ...); None where there is none."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def anon_bytes(pid: int | str = "self") -> int | None:
+    """Anonymous resident bytes of a process (RssAnon): what it allocated, without the file-backed pages of its
+    libraries and mapped files that a peak RSS also counts; None where there is no /proc."""
+    return status_bytes("RssAnon", pid)
 
 
 class AnonPeak:
